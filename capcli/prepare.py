@@ -1,0 +1,368 @@
+"""Build the canonical layout (:mod:`capcli.layout`) from the common captioning dataset formats.
+
+Kinds of source:
+
+- ``coco``: COCO captions annotation files (``captions_train2014.json`` style), read with pycocotools;
+  optionally a Karpathy split file (``dataset_coco.json``) that decides train/val/test/restval.
+- ``karpathy``: a Karpathy split file alone (``dataset_flickr8k.json`` / ``dataset_coco.json`` shape),
+  whose ``sentences`` carry the captions.
+- ``flickr8k``: ``Flickr8k.token.txt`` with ``Flickr_8k.{train,dev,test}Images.txt``.
+- ``csv``: ``image,caption`` rows (optionally a ``split`` column) with a folder of images.
+- ``coco-splits``: a COCO captions file plus a JSON mapping split name -> file names
+  (the layout of ``shared/data/flickr8k``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import paths
+from .errors import DatasetError, UsageError
+from .layout import Dataset, ImageRecord, validate
+from .progress import NULL, Progress
+
+KINDS = ("auto", "coco", "karpathy", "flickr8k", "csv", "coco-splits")
+_SPLIT_ALIASES = {"train": "train", "val": "val", "dev": "val", "valid": "val", "validation": "val",
+                  "test": "test", "restval": "restval"}
+
+
+@dataclass
+class PrepareReport:
+    """What prepare kept and skipped, for the CLI to print."""
+
+    kind: str
+    out: Path | None = None
+    images: int = 0
+    captions: int = 0
+    splits: dict[str, int] = field(default_factory=dict)
+    missing_images: int = 0
+    empty_captions: int = 0
+    images_without_captions: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+# ---- readers: each returns (image_root, list of (file, split, captions)) --------------------------
+
+Entry = tuple[str, str, list[str], int | None]  # file, split, captions, source id
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: malformed JSON ({e})") from e
+
+
+def _load_coco(path: Path):
+    """Load a COCO captions file with pycocotools, turning its failures into DatasetError."""
+    from pycocotools.coco import COCO
+
+    doc = _read_json(path)
+    if not isinstance(doc, dict) or "images" not in doc or "annotations" not in doc:
+        raise DatasetError(f"{path}: not a COCO captions file (needs 'images' and 'annotations')")
+    coco = COCO()
+    try:
+        coco.dataset = doc
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            coco.createIndex()
+    except (KeyError, TypeError) as e:
+        raise DatasetError(f"{path}: malformed COCO file (missing {e})") from e
+    ids = [img["id"] for img in doc["images"]]
+    if len(ids) != len(set(ids)):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise DatasetError(f"{path}: duplicate image id {dup}")
+    return coco
+
+
+def _coco_entries(coco, split: str, prefix: str = "") -> list[Entry]:
+    out = []
+    for img_id in sorted(coco.imgs):
+        img = coco.imgs[img_id]
+        caps = [a.get("caption", "") for a in coco.imgToAnns.get(img_id, [])]
+        out.append((prefix + img["file_name"], split, caps, int(img_id)))
+    return out
+
+
+def _split_of_coco_file(path: Path) -> str:
+    name = path.name.lower()
+    for key, split in (("train", "train"), ("val", "val"), ("test", "test")):
+        if key in name:
+            return split
+    return "train"
+
+
+def _karpathy_images(path: Path) -> list[dict]:
+    doc = _read_json(path)
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise DatasetError(f"{path}: not a Karpathy split file (needs an 'images' list)")
+    for img in doc["images"]:
+        if not isinstance(img, dict) or "filename" not in img or "split" not in img:
+            raise DatasetError(f"{path}: malformed Karpathy entry (needs 'filename' and 'split')")
+    return doc["images"]
+
+
+def read_coco(annotations: list[Path], images: Path, karpathy: Path | None, report: PrepareReport):
+    """COCO annotation files; image files under ``images/<train2014|val2014|...>/`` or ``images/``."""
+    entries: list[Entry] = []
+    for ann in annotations:
+        coco = _load_coco(ann)
+        sub = ann.stem.split("_")[-1]  # captions_train2014 -> train2014
+        prefix = f"{sub}/" if (images / sub).is_dir() else ""
+        entries += _coco_entries(coco, _split_of_coco_file(ann), prefix)
+    if karpathy is None:
+        report.notes.append("no Karpathy split file: using the official train/val split of the annotation files")
+        return images, entries
+    by_name = {Path(f).name: (f, caps, i) for f, _, caps, i in entries}
+    out: list[Entry] = []
+    unknown = 0
+    for img in _karpathy_images(karpathy):
+        hit = by_name.get(img["filename"])
+        if hit is None:
+            unknown += 1
+            continue
+        out.append((hit[0], _norm_split(img["split"], karpathy), hit[1], hit[2]))
+    if unknown:
+        report.notes.append(f"{unknown} images of the Karpathy split are not in the annotation files: skipped")
+    return images, out
+
+
+def read_karpathy(path: Path, images: Path) -> tuple[Path, list[Entry]]:
+    entries = []
+    for img in _karpathy_images(path):
+        file = f"{img['filepath']}/{img['filename']}" if img.get("filepath") else img["filename"]
+        caps = [s.get("raw") or " ".join(s.get("tokens", [])) for s in img.get("sentences", [])]
+        src_id = img.get("cocoid", img.get("imgid"))
+        entries.append((file, _norm_split(img["split"], path), caps, int(src_id) if src_id is not None else None))
+    return images, entries
+
+
+def read_flickr8k(folder: Path, images: Path | None) -> tuple[Path, list[Entry]]:
+    """Flickr8k's text release: ``Flickr8k.token.txt`` and the three split lists."""
+    text = _find(folder, "Flickr8k.token.txt")
+    if text is None:
+        raise DatasetError(f"{folder}: no Flickr8k.token.txt found")
+    caps: dict[str, list[str]] = {}
+    for n, line in enumerate(text.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        key, sep, caption = line.partition("\t")
+        if not sep or "#" not in key:
+            raise DatasetError(f"{text}:{n}: expected 'image.jpg#N<TAB>caption'")
+        caps.setdefault(key.rsplit("#", 1)[0], []).append(caption)
+    split_of: dict[str, str] = {}
+    for split, fname in (("train", "Flickr_8k.trainImages.txt"), ("val", "Flickr_8k.devImages.txt"),
+                         ("test", "Flickr_8k.testImages.txt")):
+        f = _find(folder, fname)
+        if f is None:
+            raise DatasetError(f"{folder}: no {fname} found")
+        for name in f.read_text().split():
+            split_of[name] = split
+    if images is None:
+        images = _find_dir(folder, ("Flicker8k_Dataset", "Flickr8k_Dataset", "images")) or folder
+    entries = [(f, split_of.get(f, "restval"), c, None) for f, c in caps.items()]
+    return images, entries
+
+
+def read_csv(path: Path, images: Path | None, report: PrepareReport) -> tuple[Path, list[Entry]]:
+    """``image,caption[,split]`` rows; without a split column 5% go to val and 5% to test, by file-name hash."""
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            cols = [c.strip().lower() for c in (reader.fieldnames or [])]
+            if "image" not in cols or "caption" not in cols:
+                raise DatasetError(f"{path}: CSV needs a header with 'image' and 'caption' columns")
+            rows = [{k.strip().lower(): (v or "") for k, v in r.items() if k is not None} for r in reader]
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such file") from None
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: malformed CSV ({e})") from e
+    has_split = "split" in cols
+    if not has_split:
+        report.notes.append("no 'split' column: 90% train, 5% val, 5% test by a hash of the file name")
+    caps: dict[str, list[str]] = {}
+    split_of: dict[str, str] = {}
+    for n, row in enumerate(rows, 2):
+        image = row["image"].strip()
+        if not image:
+            raise DatasetError(f"{path}:{n}: empty 'image' value")
+        caps.setdefault(image, []).append(row["caption"])
+        split = _norm_split(row["split"], path) if has_split and row.get("split") else _hash_split(image)
+        split_of[image] = split
+    return images or path.parent, [(f, split_of[f], c, None) for f, c in caps.items()]
+
+
+def read_coco_splits(captions: Path, splits: Path, images: Path | None) -> tuple[Path, list[Entry]]:
+    """A COCO captions file plus ``{"train": [file, ...], "val": [...], ...}``."""
+    coco = _load_coco(captions)
+    doc = _read_json(splits)
+    if not isinstance(doc, dict):
+        raise DatasetError(f"{splits}: expected a JSON object of split name -> list of file names")
+    split_of: dict[str, str] = {}
+    for name, files in doc.items():
+        if not isinstance(files, list):
+            continue  # e.g. {"dataset": "flickr8k"}
+        split = _norm_split(name, splits)
+        for f in files:
+            split_of[str(f)] = split
+    entries = [(f, split_of[f], c, i) for f, _, c, i in _coco_entries(coco, "") if f in split_of]
+    if images is None:
+        images = _find_dir(captions.parent, ("images", "Images")) or captions.parent
+    return images, entries
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+def _norm_split(name: str, where: Path) -> str:
+    split = _SPLIT_ALIASES.get(str(name).strip().lower())
+    if split is None:
+        raise DatasetError(f"{where}: unknown split name {name!r}")
+    return split
+
+
+def _hash_split(name: str) -> str:
+    h = int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) % 100
+    return "val" if h < 5 else "test" if h < 10 else "train"
+
+
+def _find(folder: Path, name: str) -> Path | None:
+    if (folder / name).is_file():
+        return folder / name
+    return next(iter(sorted(folder.rglob(name))), None)
+
+
+def _find_dir(folder: Path, names: tuple[str, ...]) -> Path | None:
+    for n in names:
+        if (folder / n).is_dir():
+            return folder / n
+    return None
+
+
+def detect_kind(source: Path) -> str:
+    """Guess the kind of a source path (see module docstring)."""
+    if source.is_dir():
+        if (source / "captions.json").is_file() and (source / "splits.json").is_file():
+            return "coco-splits"
+        if _find(source, "Flickr8k.token.txt"):
+            return "flickr8k"
+        if list(source.glob("annotations/captions_*.json")) or list(source.glob("captions_*.json")):
+            return "coco"
+        if list(source.glob("dataset_*.json")):
+            return "karpathy"
+        raise DatasetError(f"{source}: cannot tell the dataset kind; pass --kind")
+    if source.suffix.lower() == ".csv":
+        return "csv"
+    if source.suffix.lower() == ".json":
+        doc = _read_json(source)
+        if isinstance(doc, dict) and "annotations" in doc:
+            return "coco"
+        if isinstance(doc, dict) and isinstance(doc.get("images"), list):
+            return "karpathy"
+        raise DatasetError(f"{source}: neither a COCO captions file nor a Karpathy split file")
+    if not source.exists():
+        raise DatasetError(f"{source}: no such file or folder")
+    raise DatasetError(f"{source}: cannot tell the dataset kind; pass --kind")
+
+
+def prepare(
+    source: str | Path,
+    *,
+    kind: str = "auto",
+    images: str | Path | None = None,
+    splits: str | Path | None = None,
+    karpathy: str | Path | None = None,
+    name: str | None = None,
+    out: str | Path | None = None,
+    progress: Progress = NULL,
+) -> tuple[Dataset, PrepareReport]:
+    """Read ``source`` and write the canonical layout to ``out`` (default: the data root's datasets/NAME)."""
+    source = Path(source)
+    if kind not in KINDS:
+        raise UsageError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
+    if not source.exists():
+        raise DatasetError(f"{source}: no such file or folder")
+    kind = detect_kind(source) if kind == "auto" else kind
+    report = PrepareReport(kind=kind)
+    img_dir = Path(images) if images else None
+    if kind == "coco":
+        anns = sorted(source.glob("annotations/captions_*.json")) + sorted(source.glob("captions_*.json")) \
+            if source.is_dir() else [source]
+        if not anns:
+            raise DatasetError(f"{source}: no captions_*.json annotation files")
+        if karpathy is None and source.is_dir():
+            karpathy = next(iter(sorted(source.glob("dataset_coco.json"))), None)
+        root = img_dir or (source if source.is_dir() else source.parent.parent)
+        image_root, entries = read_coco(anns, root, Path(karpathy) if karpathy else None, report)
+    elif kind == "karpathy":
+        kfile = source if source.is_file() else next(iter(sorted(source.glob("dataset_*.json"))))
+        image_root, entries = read_karpathy(kfile, img_dir or kfile.parent)
+    elif kind == "flickr8k":
+        image_root, entries = read_flickr8k(source if source.is_dir() else source.parent, img_dir)
+    elif kind == "csv":
+        image_root, entries = read_csv(source, img_dir, report)
+    else:  # coco-splits
+        caps = source / "captions.json" if source.is_dir() else source
+        split_file = Path(splits) if splits else caps.parent / "splits.json"
+        image_root, entries = read_coco_splits(caps, split_file, img_dir)
+    if not image_root.is_dir():
+        raise DatasetError(f"image folder {image_root} does not exist; pass --images")
+
+    progress.start("checking images", total=len(entries))
+    records: list[ImageRecord] = []
+    seen_files: set[str] = set()
+    use_source_ids = all(e[3] is not None for e in entries) and len({e[3] for e in entries}) == len(entries)
+    for file, split, caps, src_id in entries:
+        progress.advance()
+        if file in seen_files:
+            raise DatasetError(f"duplicate image {file} in {source}")
+        seen_files.add(file)
+        if not (image_root / file).is_file():
+            report.missing_images += 1
+            continue
+        kept = [c.strip() for c in caps if c and c.strip()]
+        report.empty_captions += len(caps) - len(kept)
+        if not kept:
+            report.images_without_captions += 1
+            continue
+        image_id = src_id if use_source_ids and src_id is not None else len(records) + 1
+        records.append(ImageRecord(image_id, file, split, kept))
+    progress.done()
+    if not records:
+        if report.missing_images:
+            raise DatasetError(
+                f"none of the {report.missing_images} images listed in {source} exist under {image_root}; "
+                "pass --images"
+            )
+        raise DatasetError(f"{source}: no images with captions")
+    if report.missing_images:
+        progress.warn(f"{report.missing_images} listed images are missing under {image_root}: skipped")
+    if report.empty_captions:
+        progress.warn(f"{report.empty_captions} empty captions skipped")
+    if report.images_without_captions:
+        progress.warn(f"{report.images_without_captions} images without any caption skipped")
+    validate(records, check_files=False, image_root=image_root)
+
+    ds_name = name or _default_name(source, kind)
+    ds = Dataset(ds_name, image_root.resolve(), records)
+    out_dir = Path(out) if out else paths.dataset_dir(ds_name)
+    ds.save(out_dir)
+    ds.source = str(out_dir)
+    report.out = out_dir
+    report.images = len(records)
+    report.captions = sum(len(r.captions) for r in records)
+    report.splits = ds.split_counts()
+    return ds, report
+
+
+def _default_name(source: Path, kind: str) -> str:
+    base = source if source.is_dir() else source.parent
+    if kind == "coco" and base.name == "annotations":
+        base = base.parent
+    return base.resolve().name.lower() or "dataset"
