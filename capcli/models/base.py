@@ -40,6 +40,10 @@ class CaptionModel(nn.Module):
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State, torch.Tensor | None]:
         raise NotImplementedError
 
+    def regularizer(self, alphas: torch.Tensor | None) -> torch.Tensor:
+        """Extra training loss from the attention weights; none for models without attention."""
+        return torch.zeros((), device=next(self.parameters()).device)
+
     @staticmethod
     def select_state(state: State, index: torch.Tensor) -> State:
         """Pick (and repeat) batch rows of a state, e.g. to expand for or reorder beams."""

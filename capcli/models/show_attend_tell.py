@@ -1,0 +1,145 @@
+"""Show, Attend and Tell (Xu et al., ICML 2015), the soft (deterministic) attention model.
+
+Annotation vectors a_1..a_L (the CNN grid, L = N regions of dimension D). At each step t:
+
+    e_ti  = w^T tanh(W_a a_i + W_h h_{t-1})           additive attention          (eq. 4)
+    α_t   = softmax(e_t)                                                           (eq. 5)
+    β_t   = σ(f_β(h_{t-1}))                           gating scalar               (sec. 4.2.1)
+    ẑ_t   = β_t Σ_i α_ti a_i                          context vector              (eq. 6, 13)
+    h_t, c_t = LSTM([E y_{t-1}; ẑ_t], h_{t-1}, c_{t-1})                             (eq. 1-3)
+    p(y_t) ∝ exp(L_o(E y_{t-1} + L_h h_t + L_z ẑ_t))  deep output layer           (eq. 7)
+
+with h_0 = f_init,h(mean_i a_i), c_0 = f_init,c(mean_i a_i) and dropout before L_o. Training adds the
+doubly stochastic regulariser λ Σ_i (1 - Σ_t α_ti)^2 (eq. 14), which pushes the model to look at every
+region over the course of the caption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from . import register
+from .base import CaptionModel, State
+
+CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}
+
+
+@dataclass
+class ShowAttendTellConfig:
+    vocab_size: int
+    feature_dim: int  # D
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    attention_dim: int = 512
+    dropout: float = 0.5
+    cell: str = "lstm"
+
+
+class SoftAttention(nn.Module):
+    """f_att: additive attention of Bahdanau et al. as used by Xu et al. (eq. 4-6)."""
+
+    def __init__(self, feature_dim: int, hidden_dim: int, attention_dim: int) -> None:
+        super().__init__()
+        self.W_a = nn.Linear(feature_dim, attention_dim)
+        self.W_h = nn.Linear(hidden_dim, attention_dim, bias=False)
+        self.w = nn.Linear(attention_dim, 1)
+
+    def project(self, a: torch.Tensor) -> torch.Tensor:
+        """W_a a_i for all regions, computed once per image: (B, L, D) -> (B, L, A)."""
+        return self.W_a(a)
+
+    def forward(self, a: torch.Tensor, Wa_a: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        e = self.w(torch.tanh(Wa_a + self.W_h(h).unsqueeze(1))).squeeze(2)  # (B, L)
+        alpha = torch.softmax(e, dim=1)  # (B, L)
+        context = torch.bmm(alpha.unsqueeze(1), a).squeeze(1)  # Σ_i α_ti a_i: (B, D)
+        return context, alpha
+
+
+@register
+class ShowAttendTell(CaptionModel):
+    arch = "attention"
+    feature_kind = "grid"
+
+    def __init__(self, cfg: ShowAttendTellConfig) -> None:
+        super().__init__()
+        if cfg.cell not in CELLS:
+            raise ValueError(f"unknown cell {cfg.cell!r}")
+        self.cfg = cfg
+        D, E, H = cfg.feature_dim, cfg.embed_dim, cfg.hidden_dim
+        self.embed = nn.Embedding(cfg.vocab_size, E)  # E
+        self.attention = SoftAttention(D, H, cfg.attention_dim)
+        self.f_beta = nn.Linear(H, 1)
+        self.init_h = nn.Linear(D, H)  # f_init,h
+        self.init_c = nn.Linear(D, H)  # f_init,c
+        self.cell = CELLS[cfg.cell](E + D, H)
+        self.L_h = nn.Linear(H, E)
+        self.L_z = nn.Linear(D, E)
+        self.L_o = nn.Linear(E, cfg.vocab_size)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> ShowAttendTell:
+        return cls(ShowAttendTellConfig(**cfg))
+
+    def config_dict(self) -> dict:
+        return {"arch": self.arch, **asdict(self.cfg)}
+
+    def _cell(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg.cell == "lstm":
+            return self.cell(x, (h, c))
+        return self.cell(x, h), c  # GRU / plain RNN carry no memory cell
+
+    def _attend(self, a: torch.Tensor, Wa_a: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        context, alpha = self.attention(a, Wa_a, h)
+        beta = torch.sigmoid(self.f_beta(h))  # gating scalar: (B, 1)
+        return beta * context, alpha  # ẑ_t: (B, D)
+
+    def _deep_output(self, Ey: torch.Tensor, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.L_o(self.dropout(Ey + self.L_h(h) + self.L_z(z)))  # (..., V)
+
+    def init_state(self, a: torch.Tensor) -> State:
+        mean_a = a.mean(1)  # (B, D)
+        h, c = torch.tanh(self.init_h(mean_a)), torch.tanh(self.init_c(mean_a))
+        return (a, self.attention.project(a), h, c)
+
+    def forward(self, a: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor):
+        """Teacher forcing. a (B, L, D), captions (B, T) -> logits (B, T-1, V), alphas (B, T-1, L).
+
+        Captions are processed longest first so each step runs only on the captions still going.
+        """
+        B, T = captions.shape
+        steps = lengths - 1  # words to predict per caption, <end> included
+        order = torch.argsort(steps, descending=True)
+        a, captions, steps = a[order], captions[order], steps[order]
+        a, Wa_a, h, c = self.init_state(a)
+        Ey = self.embed(captions[:, :-1])  # E y_{t-1}: (B, T-1, E)
+        hs = a.new_zeros(B, T - 1, h.size(1))
+        zs = a.new_zeros(B, T - 1, a.size(2))
+        alphas = a.new_zeros(B, T - 1, a.size(1))
+        steps_list = steps.tolist()
+        for t in range(int(steps_list[0])):
+            n = sum(1 for s in steps_list if s > t)  # captions still running at step t
+            z, alpha = self._attend(a[:n], Wa_a[:n], h[:n])
+            h, c = self._cell(torch.cat([Ey[:n, t], z], 1), h[:n], c[:n])
+            hs[:n, t], zs[:n, t], alphas[:n, t] = h, z, alpha
+        logits = self._deep_output(Ey, hs, zs)  # (B, T-1, V), one matmul for all steps
+        inverse = torch.argsort(order)
+        return logits[inverse], alphas[inverse]
+
+    def step(self, tokens: torch.Tensor, state: State):
+        a, Wa_a, h, c = state
+        Ey = self.embed(tokens)  # (B, E)
+        z, alpha = self._attend(a, Wa_a, h)
+        h, c = self._cell(torch.cat([Ey, z], 1), h, c)
+        logits = self._deep_output(Ey, h, z)  # (B, V)
+        return torch.log_softmax(logits, -1), (a, Wa_a, h, c), alpha
+
+    def regularizer(self, alphas: torch.Tensor | None) -> torch.Tensor:
+        """Doubly stochastic attention (eq. 14): Σ_i (1 - Σ_t α_ti)^2, averaged over the batch.
+
+        ``alphas`` (B, T, L) are zero on padded steps, so the sum over time covers real words only.
+        """
+        return ((1.0 - alphas.sum(1)) ** 2).sum(1).mean()
