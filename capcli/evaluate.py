@@ -1,0 +1,726 @@
+"""Scoring captions with the COCO caption toolkit (pycocoevalcap), exactly as the papers' tables do.
+
+capcli does not re-implement any metric. With Java on the PATH, :func:`score` runs the pipeline of
+pycocoevalcap's ``COCOEvalCap``: the Stanford ``PTBTokenizer`` (Java) on references and hypotheses,
+then ``Bleu(4)``, ``Meteor()``, ``Rouge()`` and ``Cider()`` (CIDEr-D) on the tokenised text, so its
+numbers are the toolkit's numbers. Without Java, BLEU, ROUGE-L and CIDEr still come from the toolkit's
+Python scorers but on text tokenised by :func:`capcli.vocab.tokenize`; they are flagged approximate,
+and METEOR (a Java program) is left out. SPICE needs Stanford CoreNLP models that pycocoevalcap
+downloads at first use; capcli runs it only when they are already installed.
+
+Two things the toolkit gets wrong on unusual input are guarded here without changing any score on
+ordinary captions: the Java tokenizer splits lines at ``\\r``, form feeds and Unicode line separators
+(which silently shifts every later caption onto the wrong image), and METEOR can hang when its
+process stops answering. Captions are cleaned of line breaks, the tokenizer's output is checked with a
+sentinel line, and METEOR runs under a watchdog.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import contextlib
+import functools
+import html
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import threading
+import types
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CapcliError, DatasetError, EvaluateError
+from .layout import Dataset, ImageRecord
+from .progress import NULL, Progress
+
+METRICS = ("bleu", "meteor", "rouge", "cider", "spice")
+DEFAULT_METRICS = ("bleu", "meteor", "rouge", "cider")
+BLEU_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4")
+METRIC_KEYS = (*BLEU_KEYS, "METEOR", "ROUGE-L", "CIDEr", "SPICE")
+_NAMES = {"bleu": "BLEU", "meteor": "METEOR", "rouge": "ROUGE-L", "cider": "CIDEr", "spice": "SPICE"}
+TOKENIZERS = ("auto", "java", "python")
+
+# Characters the Java PTBTokenizer (with -preserveLines) treats as line ends, plus the ones Python's
+# str.splitlines does: each would split one caption into two lines and misalign all that follow.
+_LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+_SURROGATES = re.compile("[\ud800-\udfff]")  # lone surrogates cannot even be written as UTF-8
+_SENTINEL_TEXT = "capclisentinelzq"
+
+
+@dataclass
+class Scores:
+    """Corpus scores (``values``), per-image scores, which ones are official toolkit numbers, and notes.
+
+    ``values`` keys: ``BLEU-1``..``BLEU-4``, ``METEOR``, ``ROUGE-L``, ``CIDEr`` (CIDEr-D), ``SPICE``: only
+    the metrics that were computed. ``skipped`` maps a metric that was asked for but not computed to
+    the reason; each such reason is also one line of ``notes``.
+    """
+
+    values: dict[str, float] = field(default_factory=dict)
+    per_image: dict[int, dict[str, float]] = field(default_factory=dict)
+    official: dict[str, bool] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    tokenizer: str = ""  # "ptb" (the toolkit's Java PTBTokenizer) or "python" (capcli.vocab.tokenize)
+
+
+# ---- text preparation ---------------------------------------------------------------------------
+def clean_caption(text: str) -> str:
+    """A caption as one line: line breaks become spaces, lone surrogates are dropped.
+
+    Ordinary captions come back unchanged, so the scores on them are exactly the toolkit's.
+    """
+    return _SURROGATES.sub("", _LINE_BREAKS.sub(" ", text))
+
+
+class _QuietSubprocess(types.SimpleNamespace):
+    """Stands in for the ``subprocess`` module inside pycocoevalcap's tokenizer so that the Java
+    tokenizer's stderr chatter ("PTBTokenizer tokenized N tokens ...") is captured, not printed."""
+
+
+_ptb_lock = threading.Lock()
+
+
+def _ptb_tokenize(captions: dict[Any, list[str]]) -> tuple[dict[Any, list[str]], str]:
+    """pycocoevalcap's PTBTokenizer on ``{key: [caption, ...]}``; returns tokenised captions and stderr.
+
+    A sentinel line is appended and checked, so a misaligned output raises instead of scoring
+    captions against the wrong images.
+    """
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    sentinel = ("capcli", "sentinel")
+    data: dict[Any, list[dict[str, str]]] = {k: [{"caption": clean_caption(c)} for c in v] for k, v in captions.items()}
+    data[sentinel] = [{"caption": _SENTINEL_TEXT}]
+    stderr: list[bytes] = []
+
+    def popen(*args: Any, **kwargs: Any) -> subprocess.Popen:
+        kwargs["stderr"] = subprocess.PIPE
+        p = subprocess.Popen(*args, **kwargs)
+        communicate = p.communicate
+
+        def capture(*a: Any, **kw: Any) -> tuple[Any, Any]:
+            out, err = communicate(*a, **kw)
+            stderr.append(err or b"")
+            return out, err
+
+        p.communicate = capture  # type: ignore[method-assign]
+        return p
+
+    quiet = _QuietSubprocess(Popen=popen, PIPE=subprocess.PIPE)
+    with _ptb_lock:
+        saved = ptbtokenizer.subprocess
+        ptbtokenizer.subprocess = quiet  # type: ignore[assignment]
+        try:
+            out = ptbtokenizer.PTBTokenizer().tokenize(data)
+        except OSError as e:
+            raise EvaluateError(f"the Java PTBTokenizer could not run ({e})") from e
+        finally:
+            ptbtokenizer.subprocess = saved
+    err = b"".join(stderr).decode("utf-8", "replace")
+    if out.get(sentinel) != [_SENTINEL_TEXT] or any(len(out.get(k, ())) != len(v) for k, v in captions.items()):
+        first = err.strip().splitlines()[-1] if err.strip() else "no output"
+        raise EvaluateError(f"the Java PTBTokenizer returned misaligned output ({first[:200]})")
+    out.pop(sentinel)
+    return out, err
+
+
+_ref_cache: list[tuple[tuple, dict[Any, list[str]], str]] = []  # the last references tokenised
+
+
+def _ptb_tokenize_references(refs: dict[int, list[str]]) -> tuple[dict[Any, list[str]], str]:
+    """:func:`_ptb_tokenize` for references, remembering the last set: validation scores the same
+    references every epoch, so this saves one Java start per epoch."""
+    key = tuple((i, tuple(v)) for i, v in refs.items())
+    with _ptb_lock:
+        if _ref_cache and _ref_cache[0][0] == key:
+            _, out, err = _ref_cache[0]
+            return {k: list(v) for k, v in out.items()}, err
+    out, err = _ptb_tokenize(refs)
+    with _ptb_lock:
+        _ref_cache[:] = [(key, {k: list(v) for k, v in out.items()}, err)]
+    return out, err
+
+
+def _python_tokenize(captions: dict[Any, list[str]]) -> dict[Any, list[str]]:
+    from .vocab import tokenize
+
+    return {k: [" ".join(tokenize(clean_caption(c))) for c in v] for k, v in captions.items()}
+
+
+# ---- METEOR under a watchdog, one JVM kept warm ---------------------------------------------------
+_meteor_lock = threading.Lock()
+_meteor: Any = None  # a pycocoevalcap Meteor whose JVM has loaded its paraphrase tables
+
+
+def _drop_meteor(m: Any) -> None:
+    """Stop a Meteor JVM so that nothing (its ``__del__`` included) can block on it afterwards."""
+    m.lock = threading.Lock()  # a failed compute_score may still hold the old one; __del__ takes it
+    with contextlib.suppress(Exception):
+        m.meteor_p.kill()
+    with contextlib.suppress(Exception):
+        m.meteor_p.stdin.close()
+    with contextlib.suppress(Exception):
+        m.meteor_p.wait(timeout=5)
+
+
+def close_meteor() -> None:
+    """Stop the warm METEOR process, if any (done automatically at exit)."""
+    global _meteor
+    with _meteor_lock:
+        if _meteor is not None:
+            _drop_meteor(_meteor)
+            _meteor = None
+
+
+atexit.register(close_meteor)
+
+
+def _meteor_score(gts: dict[int, list[str]], res: dict[int, list[str]], timeout: float) -> tuple[float, list[float]]:
+    """pycocoevalcap's ``Meteor().compute_score``; EvaluateError if it fails or stops answering."""
+    global _meteor
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    # "|||" separates fields in METEOR's protocol; the PTB tokenizer already splits it into "| | |".
+    gts = {k: [r.replace("|||", "| | |") for r in v] for k, v in gts.items()}
+    res = {k: [h.replace("|||", "| | |") for h in v] for k, v in res.items()}
+    with _meteor_lock:
+        if _meteor is None or _meteor.meteor_p.poll() is not None:
+            try:
+                _meteor = Meteor()
+            except OSError as e:
+                raise EvaluateError(f"METEOR could not start ({e})") from e
+        m = _meteor
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                box["value"] = m.compute_score(gts, res)
+            except Exception as e:  # noqa: BLE001 (reported below as one line)
+                box["error"] = e
+
+        t = threading.Thread(target=work, name="capcli-meteor", daemon=True)
+        t.start()
+        t.join(timeout)
+        if t.is_alive() or "error" in box:
+            _drop_meteor(m)
+            _meteor = None
+            t.join(5)
+            why = f"no answer within {timeout:.0f} s" if "error" not in box else f"{box['error']!s:.200}"
+            raise EvaluateError(f"METEOR failed ({why or 'its process stopped'})")
+        score, scores = box["value"]
+        return float(score), [float(s) for s in scores]
+
+
+# ---- SPICE ---------------------------------------------------------------------------------------
+def spice_status() -> tuple[bool, str]:
+    """Whether SPICE can run offline, and if not, why."""
+    try:
+        from pycocoevalcap.spice import get_stanford_models as gsm
+    except ImportError:  # pragma: no cover - pycocoevalcap is a dependency
+        return False, "SPICE skipped: pycocoevalcap's SPICE module is not installed"
+    lib = Path(gsm.SPICEDIR) / gsm.SPICELIB
+    needed = [lib / f"{gsm.JAR}.jar", lib / f"{gsm.JAR}-models.jar"]
+    missing = [p.name for p in needed if not p.is_file()]
+    if missing:
+        return False, (
+            f"SPICE skipped: it needs the Stanford CoreNLP models ({', '.join(missing)}), which pycocoevalcap "
+            f"downloads (about 1 GB) at first use; capcli does not download them. Put them in {lib} to enable SPICE"
+        )
+    if shutil.which("java") is None:
+        return False, "SPICE skipped: it needs Java, and no `java` was found on the PATH"
+    return True, ""
+
+
+def _spice_score(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[float, list[float]]:
+    from pycocoevalcap.spice.spice import Spice
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            score, scores = Spice().compute_score(gts, res)
+    except (OSError, subprocess.CalledProcessError, ValueError, KeyError) as e:
+        raise EvaluateError(f"SPICE failed ({e!s:.200})") from e
+    return float(score), [float(s["All"]["f"]) for s in scores]
+
+
+# ---- the scoring API -----------------------------------------------------------------------------
+def _check_metrics(metrics: Sequence[str]) -> list[str]:
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    wanted = [m.strip().lower() for m in metrics]
+    unknown = [m for m in wanted if m not in METRICS]
+    if unknown:
+        raise EvaluateError(f"unknown metric {unknown[0]!r}; use some of {', '.join(METRICS)}")
+    if not wanted:
+        raise EvaluateError("no metric asked for")
+    return [m for m in METRICS if m in wanted]
+
+
+def score(
+    hypotheses: Mapping[int, str],
+    references: Mapping[int, Sequence[str]],
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    tokenizer: str = "auto",
+    progress: Progress = NULL,
+    meteor_timeout: float | None = None,
+) -> Scores:
+    """Score one caption per image against its references with the COCO caption toolkit.
+
+    ``hypotheses`` {image id: caption}; ``references`` {image id: [captions]} must cover every
+    hypothesis id (extra reference ids are ignored). ``tokenizer``: ``"auto"`` (Java's PTBTokenizer
+    when ``java`` is on the PATH, else capcli's), ``"java"`` (fail without Java) or ``"python"``
+    (approximate). Corpus-level statistics (BLEU's pooled counts, CIDEr's document frequencies) are
+    over the hypotheses given, as in ``COCOEvalCap``.
+    """
+    wanted = _check_metrics(metrics)
+    if tokenizer not in TOKENIZERS:
+        raise EvaluateError(f"unknown tokenizer {tokenizer!r}; use one of {', '.join(TOKENIZERS)}")
+    if not hypotheses:
+        raise EvaluateError("no captions to score")
+    ids = sorted(hypotheses)
+    for i in ids:
+        if not isinstance(hypotheses[i], str):
+            raise EvaluateError(f"image {i}: the caption must be a string, not {type(hypotheses[i]).__name__}")
+        refs = references.get(i)
+        if not refs:
+            raise EvaluateError(f"image {i} has no reference captions to score against")
+
+    out = Scores()
+    java = shutil.which("java") is not None
+    if tokenizer == "java" and not java:
+        raise EvaluateError("tokenizer 'java' needs Java, and no `java` was found on the PATH")
+    use_ptb = java and tokenizer != "python"
+
+    refs_in = {i: [str(r) for r in references[i]] for i in ids}
+    hyps_in = {i: [hypotheses[i]] for i in ids}
+    if use_ptb:
+        try:
+            # Like COCOEvalCap: references and hypotheses are tokenised in two separate runs.
+            gts, err_r = _ptb_tokenize_references(refs_in)
+            res, err_h = _ptb_tokenize(hyps_in)
+            out.tokenizer = "ptb"
+            n_bad = (err_r + err_h).count("Untokenizable")
+            if n_bad:
+                out.notes.append(f"the PTB tokenizer dropped {n_bad} character(s) it could not tokenise")
+        except EvaluateError as e:
+            if tokenizer == "java":
+                raise
+            use_ptb = False
+            out.notes.append(f"{e}; falling back to capcli's Python tokenizer")
+    if not use_ptb:
+        gts, res = _python_tokenize(refs_in), _python_tokenize(hyps_in)
+        out.tokenizer = "python"
+        why = "tokenizer='python' was asked for" if java else "no `java` was found on the PATH"
+        approx = [_NAMES[m] for m in wanted if m in ("bleu", "rouge", "cider")]
+        if approx:
+            out.notes.append(
+                f"{', '.join(approx)} are approximate: {why}, so captions were tokenised by capcli's Python "
+                "tokenizer instead of the COCO toolkit's Java PTBTokenizer; they are usually close to the "
+                "official numbers but not guaranteed identical (install Java for numbers comparable with papers)"
+            )
+
+    gts = {i: gts[i] for i in ids}  # the scorers iterate in this order; per-image lists follow it
+    res = {i: res[i] for i in ids}
+    per = out.per_image = {i: {} for i in ids}
+
+    def record(key: str, total: float, each: Sequence[float], official: bool) -> None:
+        out.values[key] = float(total)
+        out.official[key] = official
+        for i, v in zip(ids, each, strict=True):
+            per[i][key] = float(v)
+
+    def skip(metric: str, reason: str) -> None:
+        out.skipped[_NAMES[metric]] = reason
+        out.notes.append(reason)
+
+    def _score_one(m: str) -> None:
+        if m == "bleu":
+            from pycocoevalcap.bleu.bleu import Bleu
+
+            with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its pooled counts
+                total, each = Bleu(4).compute_score(gts, res)
+            for n, key in enumerate(BLEU_KEYS):
+                record(key, total[n], each[n], use_ptb)
+        elif m == "rouge":
+            from pycocoevalcap.rouge.rouge import Rouge
+
+            total, each = Rouge().compute_score(gts, res)
+            record("ROUGE-L", total, each, use_ptb)
+        elif m == "cider":
+            from pycocoevalcap.cider.cider import Cider
+
+            try:
+                total, each = Cider().compute_score(gts, res)
+            except ValueError as e:  # no n-gram at all in the references
+                raise EvaluateError(f"CIDEr cannot be computed: the references hold no words ({e})") from e
+            record("CIDEr", total, each, use_ptb)
+        elif m == "meteor":
+            if not use_ptb:
+                skip("meteor", "METEOR skipped: it runs only in the toolkit's Java pipeline "
+                     f"({'tokenizer=python was asked for' if java else 'no `java` was found on the PATH'})")
+                return
+            timeout = meteor_timeout if meteor_timeout is not None else 180.0 + 0.05 * len(ids)
+            try:
+                total, each = _meteor_score(gts, res, timeout)
+            except EvaluateError as e:
+                skip("meteor", f"METEOR skipped: {e}")
+                return
+            record("METEOR", total, each, True)
+        elif m == "spice":
+            ok, why = spice_status()
+            if not ok:
+                skip("spice", why)
+                return
+            try:
+                total, each = _spice_score(gts, res)
+            except EvaluateError as e:
+                skip("spice", f"SPICE skipped: {e}")
+                return
+            record("SPICE", total, each, use_ptb)
+
+    progress.start(f"scoring {', '.join(_NAMES[m] for m in wanted)}", total=len(wanted), unit="metric")
+    try:
+        for m in wanted:
+            _score_one(m)
+            progress.advance(1)
+    finally:
+        progress.done()
+    return out
+
+
+# ---- datasets and results files ------------------------------------------------------------------
+def open_dataset(data: str | Path | Dataset, root: str | Path | None = None) -> Dataset:
+    """A prepared dataset from a folder (or its dataset.json), or by name under the data root."""
+    from . import paths
+
+    if isinstance(data, Dataset):
+        return data
+    p = Path(data).expanduser()
+    if p.exists():
+        return Dataset.load(p)
+    named = paths.dataset_dir(str(data), root)
+    if "/" not in str(data) and named.exists():
+        return Dataset.load(named)
+    have_dir = paths.home(root) / "datasets"
+    have = sorted(d.name for d in have_dir.iterdir() if d.is_dir()) if have_dir.is_dir() else []
+    raise DatasetError(
+        f"no dataset {str(data)!r}: not a folder, and no prepared dataset of that name in {have_dir}"
+        + (f" (have: {', '.join(have[:8])})" if have else "; run `capcli prepare` first")
+    )
+
+
+def split_records(dataset: Dataset, split: str) -> list[ImageRecord]:
+    """The images of ``split`` that have references (raises if there are none)."""
+    recs = dataset.split(split)
+    if not recs:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(dataset.split_counts().items()))
+        raise EvaluateError(f"split {split!r} of dataset {dataset.name} has no images (it has: {counts})")
+    return recs
+
+
+def _few(ids: Sequence[int], n: int = 5) -> str:
+    shown = ", ".join(str(i) for i in list(ids)[:n])
+    return shown + (f" and {len(ids) - n} more" if len(ids) > n else "")
+
+
+def load_results(
+    path: str | Path, dataset: Dataset, split: str, allow_missing: bool = False
+) -> dict[int, str]:
+    """Read a COCO results file ``[{"image_id": int, "caption": str}, ...]`` for ``split`` of ``dataset``.
+
+    EvaluateError (one line) for unreadable or malformed files, duplicate image ids, ids that are not
+    in the split, and images of the split without a caption (unless ``allow_missing``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluateError(f"results file not found: {path}")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise EvaluateError(f"{path}: not a UTF-8 text file ({e.reason})") from e
+    except json.JSONDecodeError as e:
+        raise EvaluateError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
+    except OSError as e:
+        raise EvaluateError(f"cannot read results file {path}: {e.strerror or e}") from e
+    if not isinstance(doc, list):
+        raise EvaluateError(
+            f"{path}: expected a COCO results list [{{\"image_id\": ..., \"caption\": ...}}, ...], "
+            f"got a JSON {type(doc).__name__ if not isinstance(doc, dict) else 'object'}"
+        )
+    results: dict[int, str] = {}
+    counts: Counter[int] = Counter()
+    for n, entry in enumerate(doc):
+        if not isinstance(entry, dict) or "image_id" not in entry or "caption" not in entry:
+            raise EvaluateError(
+                f"{path}: entry {n} is not an object with \"image_id\" and \"caption\": {str(entry):.80}"
+            )
+        image_id, caption = entry["image_id"], entry["caption"]
+        if isinstance(image_id, bool) or not isinstance(image_id, int):
+            raise EvaluateError(f"{path}: entry {n}: image_id must be an integer, got {image_id!r:.40}")
+        if not isinstance(caption, str):
+            raise EvaluateError(f"{path}: entry {n} (image {image_id}): caption must be a string, got {caption!r:.40}")
+        counts[image_id] += 1
+        results[image_id] = caption
+    dups = sorted(i for i, c in counts.items() if c > 1)
+    if dups:
+        raise EvaluateError(
+            f"{path}: {len(dups)} image id(s) appear more than once (e.g. {_few(dups)}); "
+            "a results file holds one caption per image"
+        )
+    split_ids = {r.id for r in split_records(dataset, split)}
+    unknown = sorted(set(results) - split_ids)
+    if unknown:
+        elsewhere = [i for i in unknown if i in {r.id for r in dataset.images}]
+        where = f"; {len(elsewhere)} of them belong to other splits" if elsewhere else ""
+        raise EvaluateError(
+            f"{path}: {len(unknown)} image id(s) are not in split {split!r} of {dataset.name} "
+            f"(e.g. {_few(unknown)}){where}"
+        )
+    missing = sorted(split_ids - set(results))
+    if missing and not allow_missing:
+        raise EvaluateError(
+            f"{path}: {len(missing)} of the {len(split_ids)} images of split {split!r} have no caption "
+            f"(e.g. {_few(missing)}); pass --allow-missing to score only the {len(results)} captioned ones"
+        )
+    if not results:
+        raise EvaluateError(f"{path}: holds no captions")
+    return dict(sorted(results.items()))
+
+
+def evaluate_results(
+    path: str | Path,
+    dataset: Dataset,
+    split: str = "val",
+    allow_missing: bool = False,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    tokenizer: str = "auto",
+    progress: Progress = NULL,
+) -> tuple[dict[int, str], Scores]:
+    """Score a COCO results file against ``split`` of ``dataset``."""
+    results = load_results(path, dataset, split, allow_missing=allow_missing)
+    refs = dataset.references(split)
+    scores = score(results, refs, metrics=metrics, tokenizer=tokenizer, progress=progress)
+    if len(results) < len(refs):
+        scores.notes.insert(
+            0, f"scored {len(results)} of the {len(refs)} images of split {split!r}: "
+            f"{len(refs) - len(results)} have no caption in the results (--allow-missing)"
+        )
+    return results, scores
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path | None,
+    dataset: str | Path | Dataset,
+    split: str = "val",
+    beam_size: int = 3,
+    batch_size: int = 32,
+    device: str = "auto",
+    progress: Progress = NULL,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    tokenizer: str = "auto",
+    max_len: int = 20,
+    workers: int = 2,
+) -> tuple[dict[int, str], Scores]:
+    """Caption every image of ``split`` with ``checkpoint`` and score the captions.
+
+    Images that cannot be read are left out (with a note), never scored as empty captions silently.
+    """
+    from .caption import Captioner
+
+    ds = open_dataset(dataset)
+    recs = split_records(ds, split)
+    _check_metrics(metrics)  # fail before the slow part
+    if tokenizer not in TOKENIZERS:
+        raise EvaluateError(f"unknown tokenizer {tokenizer!r}; use one of {', '.join(TOKENIZERS)}")
+    captioner = Captioner.load(checkpoint, device=device)
+    results: dict[int, str] = {}
+    failed: list[tuple[ImageRecord, str]] = []
+    outs = captioner.caption_paths(
+        [ds.path(r) for r in recs], beam_size=beam_size, batch_size=batch_size, workers=workers,
+        max_len=max_len, progress=progress,
+    )
+    n_out = 0
+    for item in outs:  # drain the generator (not zip) so that it reaches its end and closes its progress
+        if n_out < len(recs):
+            rec = recs[n_out]
+            if "error" in item:
+                failed.append((rec, str(item["error"])))
+            else:
+                results[rec.id] = str(item["caption"])
+        n_out += 1
+    if n_out != len(recs):
+        raise EvaluateError(f"the captioner returned {n_out} captions for {len(recs)} images")
+    if not results:
+        first = failed[0] if failed else None
+        raise EvaluateError(
+            f"no image of split {split!r} could be captioned"
+            + (f" (first: {ds.path(first[0])}: {first[1]})" if first else "")
+        )
+    scores = score(results, ds.references(split), metrics=metrics, tokenizer=tokenizer, progress=progress)
+    if failed:
+        rec, why = failed[0]
+        scores.notes.insert(
+            0, f"{len(failed)} of the {len(recs)} images could not be read and were left out "
+            f"(first: {rec.file}: {why})"
+        )
+    return results, scores
+
+
+# ---- writing outputs -----------------------------------------------------------------------------
+def _write_json(path: Path, doc: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(doc, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def write_results(path: str | Path, results: Mapping[int, str]) -> Path:
+    """COCO results format: ``[{"image_id": int, "caption": str}, ...]`` sorted by image id."""
+    return _write_json(Path(path), [{"image_id": int(i), "caption": results[i]} for i in sorted(results)])
+
+
+def metrics_document(
+    scores: Scores,
+    split: str,
+    n_images: int,
+    checkpoint: str | Path | None = None,
+    results: str | Path | None = None,
+    beam: int | None = None,
+    dataset: str | None = None,
+) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "metrics": {k: scores.values[k] for k in METRIC_KEYS if k in scores.values},
+        "official": {k: scores.official[k] for k in METRIC_KEYS if k in scores.official},
+        "notes": list(scores.notes),
+        "skipped": dict(scores.skipped),
+        "tokenizer": scores.tokenizer,
+        "dataset": dataset,
+        "split": split,
+        "n_images": n_images,
+    }
+    if checkpoint is not None:
+        doc["checkpoint"] = str(checkpoint)
+    if results is not None:
+        doc["results"] = str(results)
+    doc["beam"] = beam
+    return doc
+
+
+def write_metrics(path: str | Path, scores: Scores, split: str, n_images: int, **source: Any) -> Path:
+    """The metrics JSON: ``{"metrics", "official", "notes", "split", "n_images", "checkpoint"|"results", "beam"}``."""
+    return _write_json(Path(path), metrics_document(scores, split, n_images, **source))
+
+
+def thumbnail_data_uri(path: str | Path, size: int = 160) -> str:
+    """A small JPEG of the image as a ``data:`` URI (so a report keeps working when moved)."""
+    from .images import load_image
+
+    img = load_image(path)
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+table.m td,table.m th{padding:.2em .8em;text-align:left}
+table.r{border-collapse:collapse;width:100%}
+table.r td{border-top:1px solid #ddd;padding:.5em;vertical-align:top}
+td.img img{display:block;max-width:160px}
+.cap{font-size:1.1em;font-weight:600}
+ul.refs{margin:.3em 0;padding-left:1.2em;color:#555}
+.score{font-variant-numeric:tabular-nums;white-space:nowrap}
+.approx{color:#a60}
+.nav a,.nav button{margin-right:1em}
+"""
+
+_JS = """
+function flipOrder(){var b=document.getElementById('rows');var r=Array.prototype.slice.call(b.rows).reverse();
+for(var i=0;i<r.length;i++){b.appendChild(r[i]);}
+var t=document.getElementById('order');t.textContent=t.textContent.indexOf('worst')==0?
+'best first':'worst first';}
+"""
+
+
+def write_html(
+    path: str | Path,
+    dataset: Dataset,
+    results: Mapping[int, str],
+    scores: Scores,
+    split: str,
+    title: str = "capcli evaluation",
+    progress: Progress = NULL,
+    thumb_size: int = 160,
+) -> Path:
+    """A self-contained HTML report: per image its thumbnail, caption, references and CIDEr.
+
+    Rows are sorted worst to best CIDEr; links jump to either end and a button flips the order.
+    Thumbnails are embedded as base64 JPEGs; the page loads nothing from elsewhere.
+    """
+    esc = functools.partial(html.escape, quote=True)
+    key = "CIDEr" if "CIDEr" in scores.values else next(iter(scores.values), None)
+
+    def per(i: int, k: str | None) -> float:
+        return scores.per_image.get(i, {}).get(k, float("nan")) if k else float("nan")
+
+    ids = sorted(results, key=lambda i: (per(i, key), i))
+    rows: list[str] = []
+    progress.start("report thumbnails", total=len(ids))
+    try:
+        for rank, i in enumerate(ids, 1):
+            rec = dataset.get(i)
+            try:
+                img = f'<img alt="image {i}" src="{thumbnail_data_uri(dataset.path(rec), thumb_size)}">'
+            except CapcliError as e:
+                img = f'<span class="approx">image unavailable: {esc(str(e))}</span>'
+            refs = "".join(f"<li>{esc(c)}</li>" for c in rec.captions)
+            anchor = ' id="worst"' if rank == 1 else (' id="best"' if rank == len(ids) else "")
+            detail = " ".join(
+                f"{k} {per(i, k):.3f}" for k in ("BLEU-4", "METEOR", "ROUGE-L") if k in scores.per_image.get(i, {})
+            )
+            rows.append(
+                f'<tr{anchor} data-id="{i}"><td class="score">#{rank}</td><td class="img">{img}</td>'
+                f'<td><div class="cap">{esc(results[i])}</div><ul class="refs">{refs}</ul>'
+                f'<div class="score">image {i} · {esc(rec.file)}</div></td>'
+                f'<td class="score"><b>{esc(str(key))} {per(i, key):.3f}</b><br>{esc(detail)}</td></tr>'
+            )
+            progress.advance(1)
+    finally:
+        progress.done()
+    metric_rows = "".join(
+        f"<tr><th>{esc(k)}</th><td class=\"score\">{scores.values[k]:.4f}</td>"
+        f"<td>{'official' if scores.official.get(k) else '<span class=approx>approximate</span>'}</td></tr>"
+        for k in METRIC_KEYS
+        if k in scores.values
+    )
+    notes = "".join(f"<li>{esc(n)}</li>" for n in scores.notes)
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title><style>{_CSS}</style></head>
+<body><h1>{esc(title)}</h1>
+<p>Dataset {esc(dataset.name)}, split {esc(split)}, {len(ids)} images.</p>
+<table class="m">{metric_rows}</table>
+{f'<ul class="notes">{notes}</ul>' if notes else ''}
+<p class="nav"><a href="#worst">worst</a><a href="#best">best</a>
+<button type="button" onclick="flipOrder()">flip order</button> showing <span id="order">worst first</span>
+(per-image {esc(str(key))})</p>
+<table class="r"><tbody id="rows">
+{chr(10).join(rows)}
+</tbody></table>
+<script>{_JS}</script>
+</body></html>
+"""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, out)
+    return out
