@@ -15,8 +15,10 @@ leaves a half-written checkpoint under the real name.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -34,10 +36,18 @@ def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> Path:
         if key not in ckpt:
             raise CheckpointError(f"checkpoint is missing {key!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"format": FORMAT, **ckpt}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({"format": FORMAT, **ckpt}, tmp)
+        os.replace(tmp, path)
+    except OSError as e:  # disk full, read-only folder: the previous checkpoint (if any) is untouched
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -48,15 +58,39 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable capcli checkpoint ({first[:160]})") from e
+    except Exception as e:  # untrusted bytes: torch.load raises all kinds (KeyError for a text file...)
+        raise CheckpointError(f"{path} is not a readable capcli checkpoint ({describe_load_error(e)})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a capcli checkpoint (expected format {FORMAT})")
     for key in ("config", "vocab", "encoder", "model"):
         if key not in ckpt:
             raise CheckpointError(f"{path}: checkpoint is missing {key!r}")
+        if not isinstance(ckpt[key], dict):
+            raise CheckpointError(f"{path}: checkpoint entry {key!r} is malformed")
+    if "name" not in ckpt["encoder"]:
+        raise CheckpointError(f"{path}: checkpoint does not name its encoder")
     return ckpt
+
+
+def describe_load_error(e: Exception) -> str:
+    """A short, one-line reason for a failed ``torch.load`` (torch's own messages are paragraphs)."""
+    text = str(e).strip()
+    if isinstance(e, EOFError) or (isinstance(e, pickle.UnpicklingError) and not text):
+        return "empty or truncated file"
+    if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            return f"it holds a Python object ({found.group(1)}) that a safe weights-only load refuses"
+        return "not a torch checkpoint: corrupt or another kind of file"
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    # torch's zip reader says "[Errno 22] Invalid argument" or a miniz paragraph for a truncated file
+    if isinstance(e, zipfile.BadZipFile) or "zip archive" in text or getattr(e, "errno", None) == errno.EINVAL:
+        return "corrupt or truncated file"
+    if isinstance(e, KeyError | IndexError | TypeError | ValueError | AttributeError):
+        return "not a torch checkpoint: corrupt or another kind of file"
+    first = text.splitlines()[0] if text else type(e).__name__
+    return first[:160]
 
 
 def check_encoder(ckpt: dict[str, Any], encoder_name: str, where: str) -> None:

