@@ -125,7 +125,7 @@ def save_attention_map(path: str | Path, image, words, alphas, grid: int | None 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
     try:
-        sheet.save(tmp, format="PNG")
+        sheet.save(tmp, format="PNG", compress_level=1)  # 4x faster than the default, ~10 % larger
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -48,3 +48,137 @@ def greedy(model: CaptionModel, features: torch.Tensor, start_id: int, end_id: i
     att = torch.stack(alphas, 1) if alphas else None  # (B, steps, N)
     return [Decoded(out[i], float(logp[i]), att[i, : len(out[i])].cpu() if att is not None else None)
             for i in range(B)]
+
+
+def _norm(score: torch.Tensor, length: torch.Tensor | int, length_penalty: float) -> torch.Tensor:
+    """Ranking score of a caption: raw log-prob / len^alpha (alpha = 0: the raw log-prob)."""
+    if length_penalty == 0.0:
+        return score
+    if isinstance(length, int):
+        return score / max(length, 1) ** length_penalty
+    return score / length.clamp(min=1).to(score.dtype) ** length_penalty
+
+
+@torch.no_grad()
+def beam_search(model: CaptionModel, features: torch.Tensor, start_id: int, end_id: int, beam_size: int = 3,
+                max_len: int = 20, length_penalty: float = 0.0, top_k: int = 1) -> list[list[Decoded]]:
+    """Beam search over ALL images of a batch at once; per image its ``top_k`` best captions, best first.
+
+    The B x K live hypotheses are one flat batch of B*K rows for ``model.step``. At every step each image's
+    K x V continuations are ranked by raw log-prob; an ``<end>`` continuation among the K best finishes a
+    caption, and the K best continuations that do not end stay live (so the beam stays K wide). A caption
+    reaching ``max_len`` words is finished as it is (no ``<end>`` term, like :func:`greedy`), so beam 1 equals
+    greedy. Finished captions are ranked by ``logprob / len^length_penalty`` (len = scored tokens, ``<end>``
+    included); ``logprob`` reported is always the raw sum. An image stops early once its K-th best finished
+    caption beats any score its live hypotheses could still reach; stopped images leave the batch.
+
+    Everything stays on the features' device: one host sync per step (to drop finished images).
+    """
+    if beam_size < 1 or not 1 <= top_k <= beam_size:
+        raise ValueError(f"need beam_size >= 1 and 1 <= top_k <= beam_size (got {beam_size}, {top_k})")
+    if max_len < 1:
+        raise ValueError("max_len must be at least 1")
+    K, dev = beam_size, features.device
+    B = features.size(0)
+    state = model.init_state(features)
+    tokens = torch.full((B,), start_id, dtype=torch.long, device=dev)
+    img = torch.arange(B, device=dev)  # images still searching: their ids in the batch
+    live = torch.zeros(B, 1, device=dev)  # (Bact, M) raw scores; M = 1 before the first step, then K
+    seqs = torch.zeros(B, 1, 0, dtype=torch.long, device=dev)  # (Bact, M, t) words so far
+    att: torch.Tensor | None = None  # (Bact, M, t, N) attention per word, for attention models
+    # The K best finished captions of every image, padded to max_len.
+    fin_norm = torch.full((B, K), float("-inf"), device=dev)
+    fin_logp = torch.full((B, K), float("-inf"), device=dev)
+    fin_len = torch.zeros(B, K, dtype=torch.long, device=dev)
+    fin_tok = torch.zeros(B, K, max_len, dtype=torch.long, device=dev)
+    fin_att: torch.Tensor | None = None
+    # State slots that ``step`` hands back untouched (e.g. the image grid) are the same for every beam of an
+    # image, so reordering beams within an image need not copy them; only dropping images does.
+    constant: list[bool] | None = None
+
+    def merge(rows: torch.Tensor, norm: torch.Tensor, logp: torch.Tensor, length: torch.Tensor,
+              tok: torch.Tensor, al: torch.Tensor | None) -> None:
+        """Fold new finished candidates (Bact, C) of images ``rows`` into their K best finished."""
+        nonlocal fin_att
+        pad = max_len - tok.size(2)
+        tok = torch.nn.functional.pad(tok, (0, pad))
+        all_norm = torch.cat([fin_norm[rows], norm], 1)  # (Bact, K + C)
+        best = all_norm.topk(K, dim=1).indices  # (Bact, K)
+        fin_norm[rows] = all_norm.gather(1, best)
+        fin_logp[rows] = torch.cat([fin_logp[rows], logp], 1).gather(1, best)
+        fin_len[rows] = torch.cat([fin_len[rows], length], 1).gather(1, best)
+        fin_tok[rows] = torch.cat([fin_tok[rows], tok], 1).gather(1, best.unsqueeze(2).expand(-1, -1, max_len))
+        if al is not None:
+            if fin_att is None:
+                fin_att = torch.zeros(B, K, max_len, al.size(3), device=dev)
+            al = torch.nn.functional.pad(al, (0, 0, 0, pad))
+            idx = best[:, :, None, None].expand(-1, -1, max_len, al.size(3))
+            fin_att[rows] = torch.cat([fin_att[rows], al], 1).gather(1, idx)
+
+    for t in range(max_len):
+        Bact, M = live.shape
+        logp, new_state, alpha = model.step(tokens, state)  # (Bact*M, V), alpha (Bact*M, N) | None
+        logp = logp.float()  # scores add up in float32, also under autocast
+        alpha = alpha.float() if alpha is not None else None
+        V = logp.size(1)
+        if V < 2 * K:
+            raise ValueError(f"beam size {K} is too large for a vocabulary of {V} words")
+        same = [n is o for n, o in zip(new_state, state, strict=True)]
+        constant = same if constant is None else [c and s for c, s in zip(constant, same, strict=True)]
+        state = new_state
+        cand = (live.unsqueeze(2) + logp.view(Bact, M, V)).view(Bact, M * V)
+        top, idx = cand.topk(2 * K, dim=1)  # (Bact, 2K), best first: at most M <= K of them end
+        parent, word = idx // V, idx % V
+        ends = word == end_id
+        rank = torch.arange(2 * K, device=dev)
+        # Finished: <end> among the K best. Their words are the parent's (t words, t+1 scored tokens).
+        fin_mask = ends[:, :K]
+        p = parent[:, :K]
+        cand_tok = seqs.gather(1, p.unsqueeze(2).expand(-1, -1, t))  # (Bact, K, t)
+        cand_att = None
+        if alpha is not None:
+            a_hist = alpha.view(Bact, M, 1, -1)
+            a_hist = a_hist if att is None else torch.cat([att, a_hist], 2)  # (Bact, M, t+1, N)
+            cand_att = a_hist.gather(1, p[:, :, None, None].expand(-1, -1, t + 1, a_hist.size(3)))[:, :, :t]
+        norm = torch.where(fin_mask, _norm(top[:, :K], t + 1, length_penalty), float("-inf"))
+        merge(img, norm, top[:, :K], torch.full_like(p, t), cand_tok, cand_att)
+        # Live: the K best continuations that do not end (ending ones sort after all others).
+        keep = (ends.long() * 2 * K + rank).argsort(dim=1)[:, :K]  # (Bact, K)
+        live = top.gather(1, keep)
+        parent, word = parent.gather(1, keep), word.gather(1, keep)
+        seqs = torch.cat([seqs.gather(1, parent.unsqueeze(2).expand(-1, -1, t)), word.unsqueeze(2)], 2)
+        if alpha is not None:
+            att = a_hist.gather(1, parent[:, :, None, None].expand(-1, -1, t + 1, a_hist.size(3)))
+        if t == max_len - 1:
+            break
+        # Stop images whose K-th best finished caption no live hypothesis can still beat.
+        reach = live[:, 0] / (max_len ** length_penalty if length_penalty > 0 else 1.0)
+        going = fin_norm[img, K - 1] < reach  # (Bact,)
+        if not bool(going.any()):
+            live = live[:0]
+            break
+        everyone = bool(going.all())
+        kept = torch.arange(Bact, device=dev) if everyone else torch.nonzero(going).flatten()
+        if not everyone:
+            img, live, seqs, word = img[kept], live[kept], seqs[kept], word[kept]
+            att = att[kept] if att is not None else None
+        tokens = word.flatten()
+        index = (kept.unsqueeze(1) * M + parent[kept]).flatten()  # (Bact'*K,) parent row of each hypothesis
+        firsts = (kept * M).repeat_interleave(K)  # the first row of each kept image, K times
+        # A constant slot needs no copy when beams only moved within their images.
+        state = tuple(s if (c and M == K and everyone) else s.index_select(0, firsts if c else index)
+                      for s, c in zip(state, constant, strict=True))
+    if live.size(0):  # captions that reached max_len words end there, without an <end> term
+        merge(img, _norm(live, max_len, length_penalty), live, torch.full_like(live, max_len, dtype=torch.long),
+              seqs, att)
+    fin_logp_c, fin_len_c, fin_tok_c = fin_logp.cpu(), fin_len.cpu(), fin_tok.cpu()
+    fin_att_c = fin_att.cpu() if fin_att is not None else None
+    out: list[list[Decoded]] = []
+    for b in range(B):
+        hyps = []
+        for k in range(top_k):
+            n = int(fin_len_c[b, k])
+            hyps.append(Decoded(fin_tok_c[b, k, :n].tolist(), float(fin_logp_c[b, k]),
+                                fin_att_c[b, k, :n].clone() if fin_att_c is not None else None))
+        out.append(hyps)
+    return out

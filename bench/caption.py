@@ -1,0 +1,212 @@
+"""Benchmark ``capcli caption``: how close does the whole pipeline get to the encoder alone?
+
+    python bench/caption.py [FOLDER] [--checkpoint CKPT] [--n 96] [--rss 100,1000] [--device cpu]
+
+On the same photos (default: the first 96 of ../shared/data/flickr8k/images), in one run:
+
+1. encoder only: images already decoded into memory, batch 32, the faster of NCHW and channels-last:
+   the ceiling for any captioning pipeline;
+2. end to end through ``Captioner.caption_paths`` (files decoded in 2 DataLoader workers, encoder, batched
+   search), greedy (beam 1) and beam 3, with the encoder running one batch ahead of the search (the default)
+   and without (encode, then search);
+3. peak memory (VmHWM; on the CPU decoding runs in threads of that process, with CUDA also the largest
+   DataLoader worker process) of a whole ``caption_files`` run to a .json file on 100 and 1000 images (the
+   photos repeated through symlinks), each in a fresh subprocess.
+
+The model is ``--checkpoint``, else the shipped ``capcli/assets/default.pt``, else a random-init attention model
+with a ~2500-word Flickr8k vocabulary (its captions run to max_len: the worst case for beam search cost).
+The last line is ``ratio X.XX`` = end-to-end beam-3 img/s over encoder-only img/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from capcli.caption import DEFAULT_MODEL, Captioner, caption_files  # noqa: E402
+from capcli.features import tune_cpu_allocator  # noqa: E402
+from capcli.images import is_image_file, load_image  # noqa: E402
+
+DEFAULT_FOLDER = ROOT.parent / "shared" / "data" / "flickr8k" / "images"
+
+
+def random_checkpoint(folder: Path, out: Path) -> Path:
+    """A seeded random-init attention model (default sizes) over a 2500-word vocabulary of real captions."""
+    from capcli.checkpoint import save_checkpoint
+    from capcli.encoders import get_spec
+    from capcli.models import build
+    from capcli.vocab import Vocabulary
+
+    caps_file = folder.parent / "captions.json"
+    caps = [a["caption"] for a in json.loads(caps_file.read_text())["annotations"]]
+    vocab = Vocabulary.build(caps, min_count=5, max_size=2500)
+    torch.manual_seed(0)
+    model = build({"arch": "attention", "vocab_size": len(vocab), "feature_dim": 1280})
+    return save_checkpoint(out, {"config": model.config_dict(), "vocab": vocab.to_dict(),
+                                 "encoder": get_spec("efficientnet-lite0").to_dict(), "model": model.state_dict()})
+
+
+def encoder_pass(cap: Captioner, images: torch.Tensor, fmt: str, batch: int = 32) -> tuple[float, float]:
+    """(img/s, CPU s per image) of one pass of the encoder alone over in-memory uint8 images, in format ``fmt``."""
+    enc = cap.encoder
+    mf = torch.channels_last if fmt == "channels-last" else torch.contiguous_format
+    enc.to(memory_format=mf)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x = enc.normalise(x.to(cap.device)).contiguous(memory_format=mf)
+        return enc._forward_grid(x).flatten(2).transpose(1, 2)  # (B, N, D), as Encoder.forward
+
+    with torch.inference_mode():
+        run(images[:batch])  # warm-up (memory format change)
+        sync(cap)
+        t, c = time.perf_counter(), time.process_time()
+        for s in range(0, len(images), batch):
+            run(images[s: s + batch])
+        sync(cap)
+        rate, cpu = len(images) / (time.perf_counter() - t), (time.process_time() - c) / len(images)
+    enc.to(memory_format=torch.channels_last)  # as create_encoder leaves it
+    return rate, cpu
+
+
+def sync(cap: Captioner) -> None:
+    if cap.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def search_pass(cap: Captioner, feats: list[torch.Tensor], beam: int) -> float:
+    """img/s of the caption search alone (greedy or beam) over features already computed, batch 32."""
+    t = time.perf_counter()
+    for f in feats:
+        cap._decode(f, beam, 20, 1, 0.0, False)
+    sync(cap)
+    return sum(len(f) for f in feats) / (time.perf_counter() - t)
+
+
+def e2e_pass(cap: Captioner, paths: list[Path], beam: int, ahead: bool) -> tuple[float, float, list[dict]]:
+    """(img/s, CPU s per image, records) of one full pass of caption_paths (2 decoding workers, batch 32)."""
+    cap.encode_ahead = ahead
+    t, c = time.perf_counter(), time.process_time()
+    recs = list(cap.caption_paths(paths, beam_size=beam, batch_size=32, workers=2))
+    rate, cpu = len(paths) / (time.perf_counter() - t), (time.process_time() - c) / len(paths)
+    cap.encode_ahead = True
+    return rate, cpu, recs
+
+
+def vm_hwm_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return -1
+
+
+def rss_child(ckpt: Path, folder: Path, n: int, device: str) -> None:
+    """Caption ``n`` images (the photos repeated) to a .json file; print peak memory as JSON."""
+    photos = sorted(p for p in folder.iterdir() if is_image_file(p))
+    with tempfile.TemporaryDirectory() as tmp:
+        many = Path(tmp) / "many"
+        many.mkdir()
+        for i in range(n):
+            (many / f"{i:05d}{photos[i % len(photos)].suffix}").symlink_to(photos[i % len(photos)].resolve())
+        cap = Captioner.load(ckpt, device=device)
+        s = caption_files(cap, [many], Path(tmp) / "out.json", beam_size=3, batch_size=32, workers=2)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        print(json.dumps({"n": n, "captioned": s.captioned, "main_kb": vm_hwm_kb(), "worker_kb": kids,
+                          "img_s": s.rate}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folder", nargs="?", type=Path, default=DEFAULT_FOLDER)
+    ap.add_argument("--checkpoint", type=Path, default=None)
+    ap.add_argument("--n", type=int, default=96, help="photos to time on")
+    ap.add_argument("--rss", default="100,1000", help="image counts for the peak-memory runs ('' to skip)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (best of each is kept)")
+    ap.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+
+    if a.rss_child is not None:
+        rss_child(a.checkpoint, a.folder, a.rss_child, a.device)
+        return
+
+    tmp = tempfile.TemporaryDirectory()
+    if a.checkpoint is not None:
+        ckpt, which = a.checkpoint, f"checkpoint {a.checkpoint}"
+    elif DEFAULT_MODEL.is_file():
+        ckpt, which = DEFAULT_MODEL, f"the shipped default model {DEFAULT_MODEL}"
+    else:
+        ckpt = random_checkpoint(a.folder, Path(tmp.name) / "random.pt")
+        which = "a RANDOM-INIT attention model (2500-word vocabulary; captions run to max_len: worst case)"
+    cap = Captioner.load(ckpt, device=a.device)
+    paths = sorted(p for p in a.folder.iterdir() if is_image_file(p))[: a.n]
+    print(f"model: {which}")
+    tuned = tune_cpu_allocator() if cap.device.type == "cpu" else False  # caption_paths does it too
+    print(f"{len(paths)} photos from {a.folder}; device {cap.device}; torch threads {torch.get_num_threads()}; "
+          f"{os.cpu_count()} CPUs; glibc allocator tuned for both: {tuned}")
+
+    images = torch.stack([cap.spec.preprocess(load_image(p)) for p in paths])
+    list(cap.caption_paths(paths[:8], beam_size=3, batch_size=8, workers=2))  # warm-up
+    # Interleaved rounds, best of each: on a shared machine the load comes and goes, and every figure
+    # should see the same quiet moments.
+    best: dict[str, float] = {}
+    cpu_s: dict[str, float] = {}  # CPU seconds (all threads) per image: the work, whatever the machine's load
+    words: dict[int, float] = {}
+    configs = [(beam, ahead) for beam in (1, 3) for ahead in (True, False)]
+    feats = [cap._encode(images[s: s + 32]) for s in range(0, len(images), 32)]
+    for _ in range(a.rounds):
+        for fmt in ("channels-last", "nchw"):
+            rate, cpu = encoder_pass(cap, images, fmt)
+            best[fmt] = max(best.get(fmt, 0.0), rate)
+            cpu_s[fmt] = min(cpu_s.get(fmt, 1e9), cpu)
+        for beam in (1, 3):
+            best[f"search{beam}"] = max(best.get(f"search{beam}", 0.0), search_pass(cap, feats, beam))
+        for beam, ahead in configs:
+            rate, cpu, recs = e2e_pass(cap, paths, beam, ahead)
+            best[f"{beam}{ahead}"] = max(best.get(f"{beam}{ahead}", 0.0), rate)
+            cpu_s[f"{beam}{ahead}"] = min(cpu_s.get(f"{beam}{ahead}", 1e9), cpu)
+            words[beam] = sum(len(r.get("caption", "").split()) for r in recs) / len(recs)
+    fmt = max(("channels-last", "nchw"), key=best.__getitem__)
+    enc_rate = best[fmt]
+    for f in ("channels-last", "nchw"):
+        print(f"encoder only, {f:13s}: {best[f]:6.1f} img/s  ({cpu_s[f]:.3f} CPU s per image)")
+    for beam in (1, 3):
+        rate = best[f"search{beam}"]
+        bound = 1 / (1 + enc_rate / rate)  # encoder and search one after the other, nothing else
+        print(f"search alone, beam {beam}: {rate:6.1f} img/s ({32 / rate:.2f} s per batch of 32; encoder + search "
+              f"in turn would give {bound:.2f} x encoder only)")
+    for beam, ahead in configs:
+        rate = best[f"{beam}{ahead}"]
+        how = "encoder one batch ahead" if ahead else "encode, then search"
+        print(f"end to end, beam {beam} ({how:23s}): {rate:6.1f} img/s  ({rate / enc_rate:.2f} x encoder only; "
+              f"{cpu_s[f'{beam}{ahead}']:.3f} CPU s per image; {words[beam]:.1f} words per caption)")
+    print(f"encoder only (best: {fmt}): {enc_rate:.1f} img/s; timings are the best of {a.rounds} rounds")
+    ratio = best["3True"] / enc_rate  # the default pipeline (encoder ahead), beam 3
+    print(f"CPU-time ratio, beam 3 (encoder-only CPU s per image / end-to-end CPU s per image): "
+          f"{cpu_s[fmt] / cpu_s['3True']:.2f} -- the wall-clock ratio to expect on an idle machine that keeps "
+          "every core busy; wall-clock figures on a loaded machine favour whichever run has more threads")
+
+    for n in [int(x) for x in a.rss.split(",") if x.strip()]:
+        res = subprocess.run([sys.executable, __file__, str(a.folder), "--checkpoint", str(ckpt), "--device",
+                              a.device, "--rss-child", str(n)], capture_output=True, text=True, check=True)
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        kids = f", largest decoding worker process {r['worker_kb'] / 1024:.0f} MiB" if cap.device.type == "cuda" else ""
+        print(f"peak RSS (VmHWM), {r['n']:5d} images to .json: {r['main_kb'] / 1024:.0f} MiB{kids} "
+              f"({r['img_s']:.1f} img/s)")
+    tmp.cleanup()
+    print(f"ratio {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()

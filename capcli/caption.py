@@ -1,0 +1,569 @@
+"""Captioning photos with a trained model: the :class:`Captioner` API and ``capcli caption``'s file handling.
+
+Pipeline for many files: photos are decoded and resized (``load_image`` -> ``spec.preprocess``, a uint8 tensor
+per image) beside the encoder, by the same batch source as ``capcli features`` (threads on the CPU, DataLoader
+worker processes for CUDA); the encoder runs one batch ahead of a batched beam search over the whole batch.
+Nothing but the small result records outlives a batch, so memory stays flat however many photos.
+
+Outputs (chosen by the extension of ``-o``):
+
+- ``.jsonl``: one JSON object per line, written and flushed as each image is done;
+- ``.csv``: columns path, caption, logprob, error, alternatives (a JSON list), streamed the same way;
+- ``.json``: one array, rewritten atomically every 30 s and at the end, also after Ctrl-C or a failure.
+
+``--resume`` reads the existing output back, keeps its records and captions only the images missing there.
+``--shard I/N`` (I = 0..N-1) keeps the files whose relative path hashes (SHA-1) to I modulo N: stable however
+the files are listed, and the N shards are disjoint and cover everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageOps
+
+from .checkpoint import load_checkpoint
+from .encoders import Encoder, create_encoder, get_spec
+from .errors import CapcliError, CheckpointError, ImageError, UsageError
+from .images import is_image_file, load_image, to_rgb
+from .models import build
+from .models.base import CaptionModel
+from .models.decoding import Decoded, beam_search, greedy
+from .progress import NULL, Progress
+from .vocab import Vocabulary
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "default.pt"
+FORMATS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}
+CSV_FIELDS = ("path", "caption", "logprob", "error", "alternatives")
+JSON_SAVE_EVERY_S = 30.0
+
+
+def _device(device: str | torch.device) -> torch.device:
+    from .features import resolve_device  # the one "auto | cpu | cuda | cuda:N" parser
+
+    return device if isinstance(device, torch.device) else torch.device(resolve_device(device))
+
+
+def _reason(path: Path, message: str) -> str:
+    """A decoding failure without the file's path or name in front (the record already names the file)."""
+    for prefix in (f"{path}: ", f"{path.name}: "):
+        if message.startswith(prefix):
+            return message[len(prefix):]
+    return message
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads in THIS thread (OpenMP/MKL keep the count per thread)."""
+    old = torch.get_num_threads()
+    if n is None or n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _done(value: Any) -> Future:
+    fut: Future = Future()
+    fut.set_result(value)
+    return fut
+
+
+# ------------------------------------------------------------------------------------------------ the model
+class Captioner:
+    """A trained captioning model with its encoder and vocabulary, ready to caption photos.
+
+    >>> cap = Captioner.load("best.pt")                      # or Captioner.load() for the shipped default
+    >>> for rec in cap.caption_paths([Path("a.jpg")]):
+    ...     print(rec["path"], rec.get("caption"), rec.get("error"))
+    """
+
+    encode_ahead: bool = True  # caption_paths: encode the next batch while the search decodes this one
+
+    def __init__(self, model: CaptionModel, encoder: Encoder, vocab: Vocabulary, device: torch.device,
+                 source: Path | None = None) -> None:
+        self.model = model.to(device).eval()
+        self.encoder = encoder.to(device).eval()
+        self.vocab = vocab
+        self.device = device
+        self.spec = encoder.spec
+        self.source = source
+
+    @classmethod
+    def load(cls, checkpoint: str | Path | None = None, device: str | torch.device = "auto") -> Captioner:
+        """Load a capcli checkpoint (default: the model shipped in the package)."""
+        dev = _device(device)
+        if checkpoint is None:
+            if not DEFAULT_MODEL.is_file():
+                raise CheckpointError("no default model is installed; pass --model CKPT")
+            checkpoint = DEFAULT_MODEL
+        path = Path(checkpoint)
+        ckpt = load_checkpoint(path)
+        try:
+            vocab = Vocabulary.from_dict(ckpt["vocab"])
+        except CapcliError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        model = build(ckpt["config"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except (RuntimeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: the model weights do not fit its config ({str(e).splitlines()[0]})") from e
+        spec = get_spec(ckpt["encoder"]["name"])
+        dim = ckpt["config"].get("feature_dim")
+        if dim is not None and dim != spec.feature_dim:
+            raise CheckpointError(
+                f"{path}: the model expects {dim}-d features but {spec.name} gives {spec.feature_dim}")
+        encoder = create_encoder(spec.name)
+        if ckpt.get("encoder_state"):
+            try:
+                encoder.load_state_dict(ckpt["encoder_state"])
+            except (RuntimeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{path}: its fine-tuned encoder weights do not fit {spec.name}") from e
+        return cls(model, encoder, vocab, dev, source=path)
+
+    @property
+    def has_attention(self) -> bool:
+        """Whether captions come with attention weights over the image grid (Show, Attend and Tell)."""
+        return self.model.feature_kind == "grid"
+
+    def _encode(self, images: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        """uint8 images (B, 3, S, S) -> what the model consumes. Safe to run in another thread."""
+        with torch.inference_mode(), _intra_op_threads(threads):
+            grid = self.encoder(images.to(self.device, non_blocking=True))  # (B, N, D)
+            return self.model.features_of_kind(grid, self.model.feature_kind)
+
+    def _decode(self, feats: torch.Tensor, beam_size: int, max_len: int, top_k: int, length_penalty: float,
+                return_alphas: bool) -> list[dict[str, Any]]:
+        """Features of a batch -> one record per image."""
+        v = self.vocab
+        # On the CPU the search runs on ONE intra-op thread: its ops are small, and a team of threads costs
+        # more to wake than it saves (and stalls whenever another thread, like the encoder's, holds a core).
+        with torch.inference_mode(), _intra_op_threads(1 if self.device.type == "cpu" else None):
+            if beam_size == 1:
+                results = [[d] for d in greedy(self.model, feats, v.start_id, v.end_id, max_len)]
+            else:
+                results = beam_search(self.model, feats, v.start_id, v.end_id, beam_size=beam_size,
+                                      max_len=max_len, length_penalty=length_penalty, top_k=top_k)
+        return [self._record(hyps, top_k, return_alphas) for hyps in results]
+
+    def _record(self, hyps: list[Decoded], top_k: int, return_alphas: bool) -> dict[str, Any]:
+        best = hyps[0]
+        rec: dict[str, Any] = {"caption": self.vocab.to_text(best.tokens), "logprob": round(best.logprob, 4)}
+        if top_k > 1:
+            rec["alternatives"] = [{"caption": self.vocab.to_text(h.tokens), "logprob": round(h.logprob, 4)}
+                                   for h in hyps]
+        if return_alphas and best.alphas is not None:
+            rec["words"] = [self.vocab.words[i] for i in best.tokens]  # one per row of alphas
+            rec["alphas"] = best.alphas.float().numpy()  # (L, N)
+        return rec
+
+    def _check(self, beam_size: int, top_k: int, max_len: int) -> None:
+        if beam_size < 1:
+            raise UsageError("--beam must be at least 1")
+        if top_k < 1 or top_k > beam_size:
+            raise UsageError(f"--top-k {top_k} needs --beam >= {top_k} (it is {beam_size})")
+        if max_len < 1:
+            raise UsageError("--max-len must be at least 1")
+        if 2 * beam_size > len(self.vocab):
+            raise UsageError(f"--beam {beam_size} is too large for a vocabulary of {len(self.vocab)} words")
+
+    def caption_images(self, images: Sequence[Image.Image], beam_size: int = 3, max_len: int = 20, top_k: int = 1,
+                       length_penalty: float = 0.0, batch_size: int = 32,
+                       return_alphas: bool = False) -> list[dict[str, Any]]:
+        """Caption PIL images: one record ``{"caption", "logprob", ["alternatives"]}`` per image, in order."""
+        self._check(beam_size, top_k, max_len)
+        out: list[dict[str, Any]] = []
+        for s in range(0, len(images), batch_size):
+            chunk = [self.spec.preprocess(to_rgb(ImageOps.exif_transpose(im))) for im in images[s: s + batch_size]]
+            out += self._decode(self._encode(torch.stack(chunk)), beam_size, max_len, top_k, length_penalty,
+                                return_alphas)
+        return out
+
+    def caption_paths(self, paths: Sequence[str | Path], beam_size: int = 3, batch_size: int = 32, workers: int = 2,
+                      max_len: int = 20, top_k: int = 1, progress: Progress = NULL, *, length_penalty: float = 0.0,
+                      return_alphas: bool = False) -> Iterator[dict[str, Any]]:
+        """Caption image files, decoded by ``workers`` threads (CPU) or processes (CUDA) beside the encoder;
+        yields one record per path, in input order:
+        ``{"path", "caption", "logprob", ["alternatives"], ["words", "alphas"]}`` or ``{"path", "error"}``.
+
+        ``path`` is the path as given (a string). Unreadable files yield an ``error`` record; the rest go on.
+        """
+        self._check(beam_size, top_k, max_len)
+        paths = [Path(p) for p in paths]
+        if not paths:
+            return
+        # Decoding runs beside the encoder, as for `capcli features`: threads on the CPU (no fork of this
+        # big process), DataLoader worker processes for CUDA; 0 workers: decode each batch in turn.
+        from .features import _batch_source, _ImageItems, tune_cpu_allocator
+
+        if self.device.type == "cpu":
+            tune_cpu_allocator()  # the encoder's activations stop page-faulting in afresh every batch
+        items = _ImageItems([(i, str(p), p.name) for i, p in enumerate(paths)], self.spec)
+        order = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
+        source = _batch_source(items, order, workers, "auto", self.device.type)
+        threads = torch.get_num_threads()  # all of them for the encoder, in its own thread
+        batches = iter(source)
+        progress.start("captioning", total=len(paths), unit="img")
+        failed = 0
+        # One batch ahead: the encoder runs on batch i+1 (in a thread, with all intra-op threads; torch releases
+        # the GIL) while the search (one intra-op thread on the CPU) decodes batch i. The search's many small
+        # ops keep about one core busy; the encoder takes whatever the search leaves.
+        ahead = ThreadPoolExecutor(1, thread_name_prefix="capcli-encoder") if self.encode_ahead else None
+        pending: tuple[list[int], list[tuple[int, str]], Future | None] | None = None
+
+        def finish(ok: list[int], errors: list[tuple[int, str]], encoded: Future | None) -> list[dict[str, Any]]:
+            records = {i: {"path": str(paths[i]), "error": err} for i, err in errors}
+            if encoded is not None:
+                done = self._decode(encoded.result(), beam_size, max_len, top_k, length_penalty, return_alphas)
+                records.update({i: {"path": str(paths[i]), **rec} for i, rec in zip(ok, done, strict=True)})
+            return [records[i] for i in sorted(records)]
+
+        try:
+            while True:
+                nxt = next(batches, None)
+                if nxt is not None:
+                    ids, images, bad, _ = nxt
+                    ok, errors = ids.tolist(), [(i, _reason(paths[i], why)) for i, _, why in bad]
+                    if images is None:
+                        nxt = (ok, errors, None)
+                    else:
+                        nxt = (ok, errors, ahead.submit(self._encode, images, threads) if ahead
+                               else _done(self._encode(images)))
+                if pending is not None:
+                    for rec in finish(*pending):
+                        failed += "error" in rec
+                        yield rec
+                        if failed:
+                            progress.advance(1, failed=failed)
+                        else:
+                            progress.advance(1)
+                if nxt is None:
+                    break
+                pending = nxt
+        finally:
+            if ahead is not None:
+                ahead.shutdown(wait=True, cancel_futures=True)
+            source.close()  # stops the decoding threads or workers, also when the caller stops early
+            progress.done()
+
+
+# ----------------------------------------------------------------------------------------- choosing files
+@dataclass(frozen=True)
+class InputFile:
+    path: Path  # where to read it
+    key: str  # the record's "path": relative to the folder given, or the file name for a file argument
+
+
+def collect_inputs(inputs: Sequence[str | Path], recursive: bool = False) -> list[InputFile]:
+    """Image files of the given files and folders: a folder's files sorted, files in the order given.
+
+    Folders contribute files with an image extension (subfolders with ``recursive``); a file named
+    explicitly is taken whatever its extension. Two inputs with the same relative path are an error.
+    """
+    out: list[InputFile] = []
+    seen: dict[str, Path] = {}
+    for raw in inputs:
+        root = Path(raw)
+        if root.is_dir():
+            pattern = root.rglob("*") if recursive else root.iterdir()
+            found = sorted((p for p in pattern if p.is_file() and is_image_file(p)),
+                           key=lambda p: p.relative_to(root).as_posix())
+            items = [InputFile(p, p.relative_to(root).as_posix()) for p in found]
+        elif root.exists():
+            items = [InputFile(root, root.name)]
+        else:
+            raise UsageError(f"no such file or folder: {root}")
+        for item in items:
+            other = seen.get(item.key)
+            if other is not None:
+                if other.resolve() == item.path.resolve():
+                    continue  # the same file named twice
+                raise UsageError(f"{other} and {item.path} would both be recorded as {item.key!r}; "
+                                 "caption them in separate runs")
+            seen[item.key] = item.path
+            out.append(item)
+    return out
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 0 <= I < N."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard wants I/N, e.g. 0/4 (got {text!r})") from None
+    if n < 1 or not 0 <= i < n:
+        raise UsageError(f"--shard {text}: need N >= 1 and 0 <= I < N (shards are numbered from 0)")
+    return i, n
+
+
+def in_shard(key: str, shard: tuple[int, int]) -> bool:
+    """Whether relative path ``key`` belongs to shard I of N (SHA-1 of the UTF-8 path, modulo N)."""
+    i, n = shard
+    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") % n == i
+
+
+# ------------------------------------------------------------------------------------------------- writers
+def output_format(out: str | Path) -> str:
+    suffix = Path(out).suffix.lower()
+    if suffix not in FORMATS:
+        raise UsageError(f"unknown output format {suffix or '(no extension)'!r} for {out}; use .json, .jsonl or .csv")
+    return FORMATS[suffix]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _complete_lines(path: Path) -> list[str]:
+    """Lines of a streamed output; a last line without its newline (the writer was killed) is dropped."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    return text.split("\n")[:-1]  # after the last "\n" comes "" -- or the cut line
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in _complete_lines(path):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a damaged line: that image is captioned again
+        if isinstance(rec, dict) and "path" in rec:
+            out.append(rec)
+    return out
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for row in csv.DictReader(_complete_lines(path)):
+        if not row.get("path") or None in row or any(v is None for v in row.values()):
+            continue  # a damaged row
+        rec: dict[str, Any] = {"path": row["path"]}
+        if row.get("error"):
+            rec["error"] = row["error"]
+        else:
+            try:
+                rec["caption"], rec["logprob"] = row["caption"], float(row["logprob"])
+                if row.get("alternatives"):
+                    rec["alternatives"] = json.loads(row["alternatives"])
+            except (ValueError, json.JSONDecodeError):
+                continue
+        out.append(rec)
+    return out
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"cannot read {path}: not a readable JSON array ({e})") from None
+    if not isinstance(data, list) or not all(isinstance(r, dict) and "path" in r for r in data):
+        raise UsageError(f"cannot read {path}: not a capcli caption list")
+    return data
+
+
+_READERS: dict[str, Callable[[Path], list[dict[str, Any]]]] = {"json": _read_json, "jsonl": _read_jsonl,
+                                                                "csv": _read_csv}
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a caption output file (any of the three formats); damaged lines are skipped."""
+    path = Path(path)
+    return _READERS[output_format(path)](path)
+
+
+class _Writer:
+    """Record sink for one output file; ``kept`` holds the records of an earlier run (``resume``)."""
+
+    def __init__(self, path: Path, resume: bool) -> None:
+        self.path = path
+        self.kept: list[dict[str, Any]] = read_records(path) if resume and path.is_file() else []
+
+    def write(self, rec: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class _JsonlWriter(_Writer):
+    def __init__(self, path: Path, resume: bool) -> None:
+        super().__init__(path, resume)
+        if self.kept:
+            _atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.kept))
+        self.f = path.open("a" if self.kept else "w", encoding="utf-8")
+
+    def write(self, rec: dict[str, Any]) -> None:
+        self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _CsvWriter(_Writer):
+    def __init__(self, path: Path, resume: bool) -> None:
+        super().__init__(path, resume)
+        if self.kept:
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, CSV_FIELDS)
+            w.writeheader()
+            for r in self.kept:
+                w.writerow(self._row(r))
+            _atomic_write(path, buf.getvalue())
+        self.f = path.open("a" if self.kept else "w", encoding="utf-8", newline="")
+        self.w = csv.DictWriter(self.f, CSV_FIELDS, lineterminator="\n")
+        if not self.kept:
+            self.w.writeheader()
+            self.f.flush()
+
+    @staticmethod
+    def _row(rec: dict[str, Any]) -> dict[str, Any]:
+        alts = rec.get("alternatives")
+        return {"path": rec["path"], "caption": rec.get("caption", ""), "logprob": rec.get("logprob", ""),
+                "error": rec.get("error", ""), "alternatives": json.dumps(alts, ensure_ascii=False) if alts else ""}
+
+    def write(self, rec: dict[str, Any]) -> None:
+        self.w.writerow(self._row(rec))
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _JsonWriter(_Writer):
+    """Keeps the (small) records and rewrites the array atomically now and then and at the end.
+
+    The rewrite interval is at least ``every_s`` and at least 20 x the last rewrite's duration, so the
+    periodic saves cost under 5 % even when the array grows large (use .jsonl for huge collections).
+    """
+
+    def __init__(self, path: Path, resume: bool, every_s: float = JSON_SAVE_EVERY_S) -> None:
+        super().__init__(path, resume)
+        self.records = list(self.kept)
+        self.every_s = every_s
+        self.saved = time.monotonic()
+
+    def write(self, rec: dict[str, Any]) -> None:
+        self.records.append(rec)
+        if time.monotonic() - self.saved > self.every_s:
+            self.save()
+
+    def save(self) -> None:
+        t = time.monotonic()
+        _atomic_write(self.path, json.dumps(self.records, ensure_ascii=False, indent=1) + "\n")
+        self.saved = time.monotonic()
+        self.every_s = max(self.every_s, 20 * (self.saved - t))
+
+    def close(self) -> None:
+        self.save()
+
+
+def open_writer(out: Path, resume: bool = False) -> _Writer:
+    kind = output_format(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return {"json": _JsonWriter, "jsonl": _JsonlWriter, "csv": _CsvWriter}[kind](out, resume)
+    except OSError as e:
+        raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
+
+
+# ---------------------------------------------------------------------------------------------- the command
+@dataclass
+class CaptionSummary:
+    out: Path
+    captioned: int = 0
+    failed: int = 0
+    skipped: int = 0  # already in the output (--resume)
+    outside_shard: int = 0
+    seconds: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), for the report
+
+    @property
+    def rate(self) -> float:
+        return (self.captioned + self.failed) / self.seconds if self.seconds > 0 else 0.0
+
+
+def caption_files(captioner: Captioner, inputs: Sequence[str | Path], out: str | Path, *, beam_size: int = 3,
+                  batch_size: int = 32, workers: int = 2, max_len: int = 20, top_k: int = 1,
+                  length_penalty: float = 0.0, recursive: bool = False, attention_maps: str | Path | None = None,
+                  resume: bool = False, shard: tuple[int, int] | None = None,
+                  progress: Progress = NULL) -> CaptionSummary:
+    """``capcli caption``: caption files and folders into ``out`` (.json/.jsonl/.csv); see the module doc.
+
+    What is done is in ``out`` even when this is interrupted (Ctrl-C) or fails half-way.
+    """
+    out = Path(out)
+    output_format(out)
+    if attention_maps is not None and not captioner.has_attention:
+        raise UsageError(f"--attention-maps needs a model with attention (arch 'attention'); "
+                         f"this one is {captioner.model.arch!r} and has none")
+    captioner._check(beam_size, top_k, max_len)
+    items = collect_inputs(inputs, recursive)
+    if not items:
+        raise UsageError(f"no image files found in {', '.join(str(p) for p in inputs)}"
+                         + ("" if recursive else " (use --recursive for subfolders)"))
+    summary = CaptionSummary(out)
+    if shard is not None:
+        mine = [it for it in items if in_shard(it.key, shard)]
+        summary.outside_shard = len(items) - len(mine)
+        items = mine
+    writer = open_writer(out, resume)
+    t0 = time.perf_counter()
+    try:
+        done = {r["path"] for r in writer.kept}
+        todo = [it for it in items if it.key not in done]
+        summary.skipped = len(items) - len(todo)
+        maps = Path(attention_maps) if attention_maps is not None else None
+        records = captioner.caption_paths([it.path for it in todo], beam_size=beam_size, batch_size=batch_size,
+                                          workers=workers, max_len=max_len, top_k=top_k, progress=progress,
+                                          length_penalty=length_penalty, return_alphas=maps is not None)
+        for item, rec in zip(todo, records, strict=True):
+            rec["path"] = item.key
+            words, alphas = rec.pop("words", None), rec.pop("alphas", None)
+            if "error" in rec:
+                summary.failed += 1
+                summary.failures.append((item.key, rec["error"]))
+                progress.warn(f"{item.key}: {rec['error']}")
+            else:
+                summary.captioned += 1
+                if maps is not None and words is not None:
+                    _save_map(maps, item, words, alphas, captioner.spec.grid, progress)
+            writer.write(rec)
+    finally:
+        summary.seconds = time.perf_counter() - t0
+        writer.close()
+    return summary
+
+
+def _save_map(folder: Path, item: InputFile, words: list[str], alphas: Any, grid: int, progress: Progress) -> None:
+    from .viz import save_attention_map
+
+    target = folder / f"{item.key}.png"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_attention_map(target, load_image(item.path), words, alphas, grid=grid)
+    except (OSError, ImageError) as e:
+        progress.warn(f"{item.key}: cannot write its attention map ({e})")

@@ -1,0 +1,345 @@
+"""``capcli caption`` and the Captioner API, on real photos and real broken files, with real (random-init,
+seeded) models over a vocabulary of real Flickr8k captions."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from capcli.caption import (
+    DEFAULT_MODEL,
+    Captioner,
+    caption_files,
+    collect_inputs,
+    in_shard,
+    parse_shard,
+    read_records,
+)
+from capcli.checkpoint import save_checkpoint
+from capcli.cli import app
+from capcli.encoders import get_spec
+from capcli.errors import CheckpointError, UsageError
+from capcli.models import build
+from capcli.progress import Progress
+from capcli.viz import save_attention_map
+from capcli.vocab import Vocabulary
+
+BAD = {"truncated.jpg", "text.jpg", "empty.jpg"}
+ODD_BUT_FINE = {"gray16.png", "cmyk.jpg", "rgba.png"}
+N_FLICKR = 10
+
+
+@pytest.fixture(scope="module")
+def vocab(flickr8k_dir) -> Vocabulary:
+    caps = json.loads((flickr8k_dir / "captions.json").read_text())["annotations"]
+    return Vocabulary.build([a["caption"] for a in caps], min_count=5)
+
+
+def _checkpoint(path: Path, arch: str, vocab: Vocabulary) -> Path:
+    torch.manual_seed(0)
+    cfg = {"arch": arch, "vocab_size": len(vocab), "feature_dim": 1280, "embed_dim": 64, "hidden_dim": 64}
+    if arch == "attention":
+        cfg["attention_dim"] = 64
+    model = build(cfg)
+    return save_checkpoint(path, {"config": model.config_dict(), "vocab": vocab.to_dict(),
+                                  "encoder": get_spec("efficientnet-lite0").to_dict(), "model": model.state_dict()})
+
+
+@pytest.fixture(scope="module")
+def ckpts(vocab, tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("ckpt")
+    return {arch: _checkpoint(d / f"{arch}.pt", arch, vocab) for arch in ("attention", "basic")}
+
+
+@pytest.fixture(scope="module")
+def captioner(ckpts) -> Captioner:
+    return Captioner.load(ckpts["attention"], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def photo_dir(example_photos, flickr8k_dir, tmp_path_factory) -> Path:
+    """Real photos plus the awkward and broken files a real folder holds."""
+    d = tmp_path_factory.mktemp("photos")
+    for p in example_photos:
+        (d / p.name).write_bytes(p.read_bytes())
+    for p in sorted((flickr8k_dir / "images").iterdir())[:N_FLICKR]:
+        (d / p.name).symlink_to(p)
+    gray = np.asarray(Image.open(d / "camera.png").convert("L"), dtype=np.uint16) * 257
+    Image.fromarray(gray).save(d / "gray16.png")  # 16-bit grayscale
+    assert Image.open(d / "gray16.png").mode.startswith("I")
+    Image.open(d / "chelsea.jpg").convert("CMYK").save(d / "cmyk.jpg")
+    rgba = Image.open(d / "astronaut.jpg").convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(d / "rgba.png")
+    data = (d / "coffee.jpg").read_bytes()
+    (d / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (d / "text.jpg").write_text("this is not a photo\n")
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "notes.txt").write_text("not an image: ignored in folders\n")
+    (d / "sub").mkdir()
+    (d / "sub" / "deep.jpg").write_bytes(example_photos[0].read_bytes())
+    return d
+
+
+def _names(photo_dir: Path, recursive: bool = False) -> set[str]:
+    names = {p.name for p in photo_dir.iterdir() if p.suffix in {".jpg", ".png"}}
+    return names | {"sub/deep.jpg"} if recursive else names
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(app, ["caption", *args])
+
+
+class Counting(Progress):
+    """Counts the images reported done; raises KeyboardInterrupt (a real Ctrl-C's exception) after ``stop``."""
+
+    def __init__(self, stop: int | None = None) -> None:
+        self.n, self.stop = 0, stop
+
+    def advance(self, n: int = 1, **fields: object) -> None:
+        self.n += n
+        if self.stop is not None and self.n >= self.stop:
+            raise KeyboardInterrupt
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv"])
+def test_outputs_list_every_file(photo_dir, ckpts, tmp_path, fmt):
+    out = tmp_path / f"caps.{fmt}"
+    r = _cli(str(photo_dir), "-o", str(out), "--model", str(ckpts["attention"]), "--recursive", "--beam", "2",
+             "--top-k", "2", "--max-len", "6", "--workers", "1", "--batch-size", "8")
+    assert r.exit_code == 0, r.output
+    assert "Traceback" not in r.output
+    if fmt == "csv":
+        with out.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert list(rows[0]) == ["path", "caption", "logprob", "error", "alternatives"]
+        recs = read_records(out)
+        assert [row["path"] for row in rows] == [rec["path"] for rec in recs]
+    elif fmt == "json":
+        recs = json.loads(out.read_text())
+    else:
+        recs = [json.loads(line) for line in out.read_text().splitlines()]
+    by_path = {rec["path"]: rec for rec in recs}
+    assert len(by_path) == len(recs) == len(_names(photo_dir, recursive=True))
+    assert set(by_path) == _names(photo_dir, recursive=True)
+    for name, rec in by_path.items():
+        if name in BAD:
+            assert rec["error"] and not rec.get("caption")
+        else:
+            assert "error" not in rec, rec
+            assert 1 <= len(rec["caption"].split()) <= 6 and rec["logprob"] < 0
+            alts = rec["alternatives"]
+            assert len(alts) == 2 and alts[0]["caption"] == rec["caption"] and alts[1]["logprob"] <= rec["logprob"]
+    assert "not an image" in by_path["text.jpg"]["error"]
+    assert "truncated" in by_path["truncated.jpg"]["error"]
+    assert f"captioned {len(by_path) - 3}, failed 3" in r.stdout
+    for bad in BAD:  # each failure reported on its own line
+        assert bad in r.stderr
+
+
+def test_without_recursive_subfolders_are_skipped(photo_dir, captioner, tmp_path):
+    s = caption_files(captioner, [photo_dir], tmp_path / "c.jsonl", beam_size=1, max_len=3, workers=0)
+    assert {r["path"] for r in read_records(tmp_path / "c.jsonl")} == _names(photo_dir)
+    assert (s.captioned, s.failed) == (len(_names(photo_dir)) - 3, 3)
+
+
+def test_file_arguments_are_recorded_by_name(photo_dir, captioner, tmp_path):
+    files = [photo_dir / "sub" / "deep.jpg", photo_dir / "notes.txt", photo_dir / "chelsea.jpg"]
+    caption_files(captioner, files, tmp_path / "c.json", beam_size=1, max_len=3, workers=0)
+    recs = read_records(tmp_path / "c.json")
+    assert [r["path"] for r in recs] == ["deep.jpg", "notes.txt", "chelsea.jpg"]
+    assert "caption" in recs[0] and "error" in recs[1]  # a file named explicitly is tried whatever its name
+
+
+def test_exit_status_when_nothing_or_something_fails(photo_dir, ckpts, tmp_path):
+    bad = [str(photo_dir / n) for n in sorted(BAD)]
+    r = _cli(*bad, "-o", str(tmp_path / "bad.jsonl"), "--model", str(ckpts["basic"]), "--workers", "0")
+    assert r.exit_code == 1 and "no image could be captioned" in r.stderr and "Traceback" not in r.output
+    assert {rec["path"] for rec in read_records(tmp_path / "bad.jsonl")} == BAD  # still recorded
+    mixed = [*bad, str(photo_dir / "rocket.jpg")]
+    r = _cli(*mixed, "-o", str(tmp_path / "m.csv"), "--model", str(ckpts["basic"]), "--workers", "0")
+    assert r.exit_code == 0, r.output
+    r = _cli(*mixed, "-o", str(tmp_path / "m.csv"), "--model", str(ckpts["basic"]), "--workers", "0", "--strict")
+    assert r.exit_code == 1 and "--strict" in r.stderr and len(read_records(tmp_path / "m.csv")) == 4
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["-o", "caps.txt"], "unknown output format '.txt'"),
+    (["-o", "c.json", "--shard", "3/3"], "--shard"),
+    (["-o", "c.json", "--shard", "x"], "--shard wants I/N"),
+    (["nope", "-o", "c.json"], "no such file or folder"),
+    (["-o", "c.json", "--top-k", "4"], "--top-k 4 needs --beam >= 4"),
+])
+def test_bad_arguments_give_one_clear_line(photo_dir, ckpts, tmp_path, args, message):
+    args = [str(tmp_path / a) if a.startswith("c") and "." in a else a for a in args]
+    paths = [] if "nope" in args else [str(photo_dir)]
+    r = _cli(*paths, *args, "--model", str(ckpts["basic"]))
+    assert r.exit_code == 2, r.output
+    assert message in r.stderr and r.stderr.startswith("error:") and "Traceback" not in r.output
+    assert not list(tmp_path.iterdir())  # failed before writing anything
+
+
+# ------------------------------------------------------------------------------------------------ resume
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv"])
+def test_resume_after_interrupt_captions_only_the_rest(photo_dir, captioner, ckpts, tmp_path, fmt):
+    out = tmp_path / f"caps.{fmt}"
+    everything = _names(photo_dir)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C after 7 images
+        caption_files(captioner, [photo_dir], out, beam_size=2, max_len=5, batch_size=4, workers=1,
+                      progress=Counting(stop=7))
+    first = read_records(out)
+    assert len(first) == 7  # nothing done was lost, also for .json
+    again = Counting()
+    s = caption_files(captioner, [photo_dir], out, beam_size=2, max_len=5, batch_size=4, workers=1, resume=True,
+                      progress=again)
+    assert again.n == len(everything) - 7 == s.captioned + s.failed and s.skipped == 7
+    final = read_records(out)
+    assert final[:7] == first  # kept as they were
+    assert sorted(r["path"] for r in final) == sorted(everything)
+    # and through the command line: nothing left to do
+    r = _cli(str(photo_dir), "-o", str(out), "--model", str(ckpts["attention"]), "--resume")
+    assert r.exit_code == 0 and "captioned 0, failed 0" in r.stdout and f"{len(everything)} already done" in r.stdout
+    assert read_records(out) == final
+
+
+def test_ctrl_c_on_the_command_keeps_what_is_done_and_resume_skips_a_cut_line(photo_dir, ckpts, tmp_path):
+    """A real SIGINT to a running ``capcli caption`` (as Ctrl-C sends it to the whole process group)."""
+    out = tmp_path / "caps.jsonl"
+    many = tmp_path / "many"
+    many.mkdir()
+    photos = sorted(p for p in photo_dir.iterdir() if p.suffix == ".jpg" and p.name not in BAD)
+    for i in range(60):
+        (many / f"{i:03d}.jpg").symlink_to(photos[i % len(photos)])
+    cmd = [sys.executable, "-m", "capcli.cli", "caption", str(many), "-o", str(out), "--model",
+           str(ckpts["basic"]), "--beam", "1", "--max-len", "4", "--batch-size", "4", "--workers", "2"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (out.is_file() and out.read_text().count("\n") >= 8):
+        time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    done = [json.loads(line) for line in out.read_text().splitlines()]
+    assert 8 <= len(done) < 60
+    with out.open("a") as f:  # as if killed in the middle of writing a line
+        f.write('{"path": "059.jpg", "capt')
+    r = _cli(str(many), "-o", str(out), "--model", str(ckpts["basic"]), "--beam", "1", "--max-len", "4",
+             "--resume", "--workers", "0")
+    assert r.exit_code == 0, r.output
+    assert f"captioned {60 - len(done)}, failed 0, {len(done)} already done" in r.stdout
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert recs[: len(done)] == done and sorted(r["path"] for r in recs) == [f"{i:03d}.jpg" for i in range(60)]
+
+
+# ------------------------------------------------------------------------------------------------- shards
+def test_shards_are_disjoint_and_cover_everything(flickr8k_dir, photo_dir, captioner, tmp_path):
+    keys = [it.key for it in collect_inputs([flickr8k_dir / "images"])]
+    assert len(keys) > 7000
+    parts = [[k for k in keys if in_shard(k, (i, 4))] for i in range(4)]
+    assert sorted(k for part in parts for k in part) == sorted(keys)
+    assert all(abs(len(part) - len(keys) / 4) < 0.05 * len(keys) for part in parts)  # balanced
+    assert parse_shard("2/4") == (2, 4)
+    with pytest.raises(UsageError):
+        parse_shard("4/4")
+    seen: list[str] = []
+    for i in range(3):  # the real command path, three "array jobs"
+        out = tmp_path / f"shard{i}.jsonl"
+        s = caption_files(captioner, [photo_dir], out, beam_size=1, max_len=2, workers=0, shard=(i, 3))
+        got = [r["path"] for r in read_records(out)]
+        assert s.outside_shard == len(_names(photo_dir)) - len(got)
+        seen += got
+    assert len(seen) == len(set(seen)) and set(seen) == _names(photo_dir)
+
+
+# ---------------------------------------------------------------------------------------- attention maps
+def test_attention_maps_one_panel_per_word(photo_dir, captioner, tmp_path):
+    photos = [Image.open(photo_dir / n) for n in ("chelsea.jpg", "rocket.jpg")]
+    heights = []
+    for max_len in (3, 12):
+        recs = captioner.caption_images(photos, beam_size=3, max_len=max_len, return_alphas=True)
+        for rec, photo in zip(recs, photos, strict=True):
+            words = rec["words"]
+            assert rec["alphas"].shape == (len(words), 49)
+            assert np.allclose(rec["alphas"].sum(1), 1.0, atol=1e-4)
+            assert words == rec["caption"].split()
+            png = tmp_path / f"{max_len}.png"
+            assert save_attention_map(png, photo, words, rec["alphas"], grid=7) == len(words)
+            w, h = Image.open(png).size
+            panels = len(words) + 1  # the photo, then a panel per word, 5 to a row
+            assert (w, h) == (min(panels, 5) * 224, math.ceil(panels / 5) * (224 + 22))
+            heights.append(h)
+    assert heights[-1] > heights[0]  # more words, more panels
+
+    maps = tmp_path / "maps"
+    s = caption_files(captioner, [photo_dir], tmp_path / "c.jsonl", beam_size=2, max_len=4, workers=0,
+                      attention_maps=maps, recursive=True)
+    pngs = sorted(p.relative_to(maps).as_posix() for p in maps.rglob("*.png"))
+    assert len(pngs) == s.captioned == len(_names(photo_dir, True)) - 3
+    assert "sub/deep.jpg.png" in pngs and "truncated.jpg.png" not in pngs
+
+
+def test_attention_maps_need_an_attention_model(photo_dir, ckpts, tmp_path):
+    r = _cli(str(photo_dir), "-o", str(tmp_path / "c.jsonl"), "--model", str(ckpts["basic"]),
+             "--attention-maps", str(tmp_path / "maps"))
+    assert r.exit_code == 2 and "needs a model with attention" in r.stderr and "Traceback" not in r.output
+    assert not (tmp_path / "c.jsonl").exists() and not (tmp_path / "maps").exists()
+
+
+# ------------------------------------------------------------------------------------------------ the API
+def test_caption_images_and_paths(example_photos, captioner, photo_dir):
+    imgs = [Image.open(p) for p in example_photos]  # includes a grayscale PNG
+    recs = captioner.caption_images(imgs, beam_size=3, top_k=3, max_len=8)
+    assert len(recs) == len(imgs)
+    for rec in recs:
+        assert rec["caption"] and rec["logprob"] < 0
+        lps = [a["logprob"] for a in rec["alternatives"]]
+        assert len(lps) == 3 and lps == sorted(lps, reverse=True) and lps[0] == rec["logprob"]
+    greedy = captioner.caption_images(imgs[:2], beam_size=1, max_len=8)
+    assert all("alternatives" not in g for g in greedy)
+    paths = [photo_dir / "text.jpg", *example_photos]
+    out = list(captioner.caption_paths(paths, beam_size=3, batch_size=2, workers=1, max_len=8))
+    assert [o["path"] for o in out] == [str(p) for p in paths]  # input order
+    assert "error" in out[0] and [o["caption"] for o in out[1:]] == [r["caption"] for r in recs]
+    with pytest.raises(UsageError):
+        captioner.caption_images(imgs, beam_size=2, top_k=3)
+
+
+def test_default_model(example_photos, tmp_path):
+    if not DEFAULT_MODEL.is_file():
+        with pytest.raises(CheckpointError, match="no default model is installed; pass --model CKPT"):
+            Captioner.load()
+        r = _cli(str(example_photos[0]), "-o", str(tmp_path / "c.json"))
+        assert r.exit_code == 1 and "no default model is installed" in r.stderr
+        return
+    r = _cli(str(example_photos[0].parent), "-o", str(tmp_path / "c.json"), "--workers", "0")
+    assert r.exit_code == 0, r.output
+    recs = read_records(tmp_path / "c.json")
+    assert len(recs) == len(example_photos) and all(rec["caption"].strip() for rec in recs)
+
+
+def test_json_output_is_saved_periodically_not_only_at_the_end(tmp_path):
+    """A .json run killed outright (no chance to save at the end) still leaves the last periodic save."""
+    from capcli.caption import _JsonWriter
+
+    out = tmp_path / "c.json"
+    w = _JsonWriter(out, resume=False, every_s=0.0)
+    w.write({"path": "a.jpg", "caption": "a dog", "logprob": -1.0})
+    assert read_records(out) == [{"path": "a.jpg", "caption": "a dog", "logprob": -1.0}]  # before close()
+    w.write({"path": "b.jpg", "error": "not an image file"})
+    w.close()
+    assert [r["path"] for r in read_records(out)] == ["a.jpg", "b.jpg"]
+    assert not [p for p in tmp_path.iterdir() if p.name != "c.json"]  # no temporary files left behind

@@ -1,0 +1,137 @@
+"""Beam search: K = 1 is greedy, and the batched search agrees with a plain one-image-at-a-time reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from capcli.encoders import create_encoder, get_spec
+from capcli.images import load_image
+from capcli.models import build
+from capcli.models.decoding import Decoded, beam_search, greedy
+from capcli.vocab import Vocabulary
+
+START, END = Vocabulary.start_id, Vocabulary.end_id
+
+
+@pytest.fixture(scope="module")
+def real_grids(example_photos, flickr8k_dir) -> torch.Tensor:
+    """Lite0 feature grids (B, 49, 1280) of 5 example photos and 3 Flickr8k photos."""
+    spec = get_spec("efficientnet-lite0")
+    photos = list(example_photos) + sorted((flickr8k_dir / "images").iterdir())[:3]
+    batch = torch.stack([spec.preprocess(load_image(p)) for p in photos])
+    with torch.inference_mode():
+        return create_encoder("efficientnet-lite0")(batch).clone()
+
+
+# How much to raise <end>'s logit so that captions end at varied lengths (a plain random model almost never
+# ends before max_len, so every caption would be cut there).
+ENDING = {"attention": 4.5, "basic": 0.5}
+
+
+def _model(arch: str, ending: bool, seed: int = 0):
+    """A seeded random-init model of small width, with peaky word distributions so beams diverge."""
+    torch.manual_seed(seed)
+    cfg = {"arch": arch, "vocab_size": 300, "feature_dim": 1280, "embed_dim": 32, "hidden_dim": 48}
+    if arch == "attention":
+        cfg["attention_dim"] = 40
+    model = build(cfg).eval()
+    out = model.L_o if arch == "attention" else model.out
+    with torch.no_grad():
+        out.bias[END] += ENDING[arch] if ending else 0.0
+        out.weight.mul_(4.0)  # peakier word distributions: beams diverge from greedy
+    return model
+
+
+def reference_beam(model, feats: torch.Tensor, K: int, max_len: int, alpha: float, top_k: int) -> list[Decoded]:
+    """Textbook beam search for ONE image, hypotheses as Python lists, always run to max_len.
+
+    Each step: expand every live hypothesis, sort all candidates by score; an <end> candidate among the K
+    best is finished; the K best non-<end> candidates live on. At max_len words the live ones finish as they
+    are. Finished ones are ranked by logprob / (number of scored tokens) ** alpha.
+    """
+    state = model.init_state(feats.unsqueeze(0))
+    live = [(0.0, [], state, [])]  # (score, words, state after the last word, alphas)
+    finished = []  # (rank score, logprob, words, alphas)
+    for _ in range(max_len):
+        cands = []
+        for score, words, st, alphas in live:
+            last = torch.tensor([words[-1] if words else START])
+            logp, st2, a = model.step(last, st)
+            vals, ids = logp[0].topk(K + 1)
+            for v, w in zip(vals.tolist(), ids.tolist(), strict=True):
+                cands.append((score + v, words, w, st2, alphas + ([a[0]] if a is not None else [])))
+        cands.sort(key=lambda c: -c[0])
+        for score, words, w, _, alphas in cands[:K]:
+            if w == END:
+                finished.append((score / (len(words) + 1) ** alpha, score, words, alphas[:-1] if alphas else []))
+        live = [(s, words + [w], st2, al) for s, words, w, st2, al in cands if w != END][:K]
+    for score, words, _, alphas in live:
+        finished.append((score / len(words) ** alpha, score, words, alphas))
+    finished.sort(key=lambda f: -f[0])
+    return [Decoded(words, lp, torch.stack(al) if al else None) for _, lp, words, al in finished[:top_k]]
+
+
+@pytest.mark.parametrize("arch", ["attention", "basic"])
+@pytest.mark.parametrize("ending", [False, True])
+def test_beam_one_equals_greedy(real_grids, arch, ending):
+    model = _model(arch, ending)
+    feats = model.features_of_kind(real_grids, model.feature_kind)
+    g = greedy(model, feats, START, END, max_len=12)
+    b = beam_search(model, feats, START, END, beam_size=1, max_len=12)
+    for gd, (bd,) in zip(g, b, strict=True):
+        assert bd.tokens == gd.tokens
+        assert bd.logprob == pytest.approx(gd.logprob, abs=1e-5)
+        if arch == "attention":
+            assert bd.alphas.shape == gd.alphas.shape == (len(gd.tokens), 49)
+            assert torch.allclose(bd.alphas, gd.alphas, atol=1e-6)
+    if ending:  # the <end> bias must really make captions of several lengths, or the test proves little
+        assert len({len(d.tokens) for d in g}) > 1
+
+
+@pytest.mark.parametrize("arch", ["attention", "basic"])
+@pytest.mark.parametrize(("K", "alpha", "ending"), [(3, 0.0, True), (5, 0.0, True), (3, 0.0, False), (5, 0.7, True)])
+def test_batched_beam_matches_reference(real_grids, arch, K, alpha, ending):
+    model = _model(arch, ending)
+    feats = model.features_of_kind(real_grids, model.feature_kind)
+    max_len = 10
+    got = beam_search(model, feats, START, END, beam_size=K, max_len=max_len, length_penalty=alpha, top_k=K)
+    differs = 0
+    with torch.no_grad():
+        for i in range(feats.size(0)):
+            want = reference_beam(model, feats[i], K, max_len, alpha, top_k=K)
+            assert [d.tokens for d in got[i]] == [d.tokens for d in want]
+            for gd, wd in zip(got[i], want, strict=True):
+                assert gd.logprob == pytest.approx(wd.logprob, abs=1e-5)
+                if arch == "attention":
+                    assert torch.allclose(gd.alphas, wd.alphas, atol=1e-6)
+                else:
+                    assert gd.alphas is None
+            differs += got[i][0].tokens != greedy(model, feats[i : i + 1], START, END, max_len)[0].tokens
+            if alpha == 0.0:  # ranked by raw log-prob, best first
+                assert [d.logprob for d in got[i]] == sorted((d.logprob for d in got[i]), reverse=True)
+    assert differs > 0  # beam search found captions greedy did not: the beams are meaningful
+
+
+def test_beam_arguments():
+    model = _model("basic", False)
+    feats = torch.randn(2, 1280)
+    with pytest.raises(ValueError):
+        beam_search(model, feats, START, END, beam_size=2, top_k=3)
+    with pytest.raises(ValueError):
+        beam_search(model, feats, START, END, beam_size=200)
+    out = beam_search(model, feats, START, END, beam_size=4, max_len=3, top_k=4)
+    assert [len(o) for o in out] == [4, 4]
+    assert all(len(d.tokens) <= 3 for o in out for d in o)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["attention", "basic"])
+def test_beam_search_on_cuda_matches_cpu(real_grids, arch):
+    model = _model(arch, True)
+    feats = model.features_of_kind(real_grids, model.feature_kind)
+    cpu = beam_search(model, feats, START, END, beam_size=3, max_len=10, top_k=3)
+    gpu = beam_search(model.cuda(), feats.cuda(), START, END, beam_size=3, max_len=10, top_k=3)
+    for c, g in zip(cpu, gpu, strict=True):
+        assert [d.tokens for d in c] == [d.tokens for d in g]
+        assert [d.logprob for d in c] == pytest.approx([d.logprob for d in g], abs=1e-3)
