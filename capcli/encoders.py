@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -42,10 +43,16 @@ class EncoderSpec:
         return self.grid * self.grid
 
     def preprocess(self, img: Image.Image) -> torch.Tensor:
-        """RGB PIL image -> uint8 tensor (3, S, S). Squashes to a square so no content is cropped."""
-        img = img.convert("RGB").resize((self.input_size, self.input_size), Image.BILINEAR)
-        t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-        return t.view(self.input_size, self.input_size, 3).permute(2, 0, 1).contiguous()
+        """RGB PIL image -> uint8 tensor (3, S, S). Squashes to a square so no content is cropped.
+
+        Pure PIL + numpy (no torch kernels): cheap and single-threaded in any decoding thread or worker.
+        """
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        size = (self.input_size, self.input_size)
+        if img.size != size:
+            img = img.resize(size, Image.BILINEAR)
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)))  # (3, S, S) uint8
 
     def to_dict(self) -> dict:
         return asdict(self)

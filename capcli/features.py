@@ -1,0 +1,688 @@
+"""CNN features for a prepared dataset, stored as HDF5 shards, and the reader that training uses.
+
+A features folder holds ``shard-00000.h5``, ``shard-00001.h5``, ... and ``manifest.json``. Each shard
+covers ``shard_size`` consecutive images of the dataset (in dataset order) and stores::
+
+    grid    (n, N, D) float16   the encoder's spatial grid, chunked (1, N, D) for one-image reads
+    pooled  (n, D)    float16   grid.mean(1), computed in float32 before rounding
+    ids     (n,)      int64     image ids
+
+where ``n`` is the number of images of that slice that could be read (unreadable ones are listed in
+the manifest under ``failed``). A shard is written under ``shard-XXXXX.h5.tmp`` and renamed when
+complete; the manifest is rewritten atomically after each shard, so a killed run resumes from the
+first incomplete shard and a reader only ever sees complete shards.
+
+Decoding and resizing run beside the encoder (threads on the CPU, DataLoader worker processes for a
+GPU; see :func:`_batch_source`), batch by batch, so memory stays flat whatever the dataset size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import paths
+from .encoders import DEFAULT_ENCODER, EncoderSpec, get_spec
+from .errors import DatasetError, FeaturesError, ImageError, UsageError
+from .layout import FILENAME as DATASET_FILE
+from .layout import Dataset
+from .progress import NULL, Progress
+
+FORMAT = "capcli-features/1"
+MANIFEST = "manifest.json"
+KINDS = ("grid", "pooled")
+MAX_WARNINGS = 10  # unreadable images warned one by one; beyond this only the final count
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.h5"
+
+
+def resolve_dataset(dataset: str | Path, root: str | Path | None = None) -> Dataset:
+    """A prepared dataset folder (or its dataset.json), else a dataset name under the data root."""
+    p = Path(dataset).expanduser()
+    if p.is_file() or (p / DATASET_FILE).is_file():
+        return Dataset.load(p)
+    named = paths.dataset_dir(str(dataset), root)
+    if (named / DATASET_FILE).is_file():
+        return Dataset.load(named)
+    raise DatasetError(
+        f"no prepared dataset {str(dataset)!r}: not a folder with {DATASET_FILE} and not in {named.parent}; "
+        "run `capcli prepare` first"
+    )
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; an unavailable CUDA device is a UsageError."""
+    import torch
+
+    device = (device or "auto").lower()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
+        return device
+    if device == "cpu":
+        return device
+    raise UsageError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
+
+
+_ALLOCATOR_TUNED = False
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed memory in glibc's heap instead of unmapping it after every forward pass.
+
+    A CNN forward pass on the CPU allocates and frees tens of MB per layer. glibc serves blocks above
+    its mmap threshold (at most 32 MB by default) with fresh ``mmap`` calls, so every batch page-faults
+    its activations in again: millions of page faults and seconds of kernel time per hundred images,
+    worse in a VM. Raising the thresholds removes that (the encoder runs up to ~2x faster here); the
+    price is that the process keeps its peak heap (~1.5 GB for Lite0 at batch 32). Process-wide and
+    idempotent; returns False (and does nothing) where the C library is not glibc.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    _ALLOCATOR_TUNED = mallopt(m_mmap_threshold, 1 << 30) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1
+    return _ALLOCATOR_TUNED
+
+
+def preprocessing(spec: EncoderSpec) -> dict:
+    """How images were turned into encoder input, for the manifest."""
+    return {
+        "loader": "capcli.images.load_image (EXIF upright, RGB, alpha on white)",
+        "resize": "squash to square (no crop)",
+        "size": spec.input_size,
+        "interpolation": "bilinear",
+        "input": "uint8 RGB",
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+    }
+
+
+# ---- the pipeline: decoding in workers ---------------------------------------------------------------
+
+
+class _ImageItems:
+    """Map-style dataset over (id, path): returns (id, uint8 tensor (3, S, S)) or (id, file, reason)."""
+
+    def __init__(self, items: Sequence[tuple[int, str, str]], spec: EncoderSpec) -> None:
+        self.items = list(items)  # (id, absolute path, file as in the dataset)
+        self.spec = spec
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):  # noqa: ANN204
+        from .images import load_image
+
+        image_id, path, file = self.items[i]
+        try:
+            return image_id, self.spec.preprocess(load_image(path))
+        except ImageError as e:
+            return image_id, file, str(e)
+        except Exception as e:  # noqa: BLE001 - any decoder surprise must not kill a long run
+            return image_id, file, f"{file}: cannot read ({type(e).__name__}: {e})"
+
+
+def _collate(batch: list) -> tuple:
+    """Stack the readable images; pass the failures on as (id, file, reason) triples."""
+    import torch
+
+    good = [b for b in batch if len(b) == 2]
+    failed = [b for b in batch if len(b) == 3]
+    ids = torch.tensor([b[0] for b in good], dtype=torch.int64)
+    # numpy, not torch.stack: single-threaded, so a decoding thread never starts an OpenMP team
+    images = torch.from_numpy(np.stack([b[1].numpy() for b in good])) if good else None  # (B, 3, S, S) uint8
+    return ids, images, failed, len(batch)
+
+
+class _ThreadBatches:
+    """Decodes batches in a few threads of this process, ``prefetch`` batches ahead, in order.
+
+    PIL releases the GIL while it decodes and resizes, and preprocessing is numpy, so threads overlap
+    with the encoder as well as worker processes do on the CPU, without their costs: no fork of a
+    large heap (copy-on-write faults on every page the encoder then writes), no start-up, no
+    shared-memory transfer of every batch. Work starts in the constructor, so decoding overlaps with
+    loading the encoder.
+    """
+
+    def __init__(self, items: _ImageItems, batches: list[list[int]], threads: int, prefetch: int) -> None:
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._items = items
+        self._todo = iter(batches)
+        self._pool = ThreadPoolExecutor(max(threads, 1), thread_name_prefix="capcli-decode")
+        self._pending: deque = deque()
+        for _ in range(max(prefetch, 1)):
+            self._submit()
+
+    def _decode(self, batch: list[int]) -> tuple:
+        return _collate([self._items[i] for i in batch])
+
+    def _submit(self) -> None:
+        batch = next(self._todo, None)
+        if batch is not None:
+            self._pending.append(self._pool.submit(self._decode, batch))
+
+    def __iter__(self) -> _ThreadBatches:
+        return self
+
+    def __next__(self) -> tuple:
+        if not self._pending:
+            raise StopIteration
+        future = self._pending.popleft()
+        self._submit()
+        return future.result()
+
+    def close(self) -> None:
+        for f in self._pending:
+            f.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _InlineBatches:
+    """workers=0: decode each batch in the calling thread, when it is asked for."""
+
+    def __init__(self, items: _ImageItems, batches: list[list[int]]) -> None:
+        self._gen = (_collate([items[i] for i in b]) for b in batches)
+
+    def __iter__(self):  # noqa: ANN204
+        return self._gen
+
+    def close(self) -> None:
+        self._gen.close()
+
+
+class _ProcessBatches:
+    """DataLoader worker processes: decoding scales past the GIL (for a GPU, which outruns a few threads)."""
+
+    def __init__(self, items: _ImageItems, batches: list[list[int]], workers: int, pin: bool) -> None:
+        import torch
+
+        loader = torch.utils.data.DataLoader(
+            items, batch_sampler=batches, num_workers=workers, collate_fn=_collate, pin_memory=pin,
+            prefetch_factor=4,
+        )
+        self._it = iter(loader)  # starts the workers now
+
+    def __iter__(self):  # noqa: ANN204
+        return self._it
+
+    def close(self) -> None:
+        shutdown = getattr(self._it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._it = None
+
+
+def _batch_source(items: _ImageItems, batches: list[list[int]], workers: int, decode: str, dev: str):  # noqa: ANN202
+    """Where decoded batches come from: threads on the CPU, worker processes for CUDA (``decode="auto"``)."""
+    if decode not in ("auto", "threads", "processes"):
+        raise UsageError(f"decode={decode!r}: use auto, threads or processes")
+    workers = min(workers, len(batches))
+    if workers == 0:
+        return _InlineBatches(items, batches)
+    if decode == "processes" or (decode == "auto" and dev.startswith("cuda")):
+        return _ProcessBatches(items, batches, workers, pin=dev.startswith("cuda"))
+    return _ThreadBatches(items, batches, workers, prefetch=2 * workers)
+
+
+def _ids_digest(ids: Iterable[int]) -> str:
+    return hashlib.sha1(",".join(str(i) for i in ids).encode()).hexdigest()
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise FeaturesError(f"{path}: not valid JSON ({e}); delete the folder and run `capcli features` again") from e
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise FeaturesError(f"{path}: not a capcli features manifest (expected format {FORMAT})")
+    return doc
+
+
+def _write_manifest(folder: Path, doc: dict) -> None:
+    target = folder / MANIFEST
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, target)
+
+
+class _ShardWriter:
+    """Appends batches to ``shard-XXXXX.h5.tmp``; ``close`` renames it to its final name."""
+
+    def __init__(self, folder: Path, k: int, num_regions: int, dim: int, encoder: str) -> None:
+        import h5py
+
+        self.final = folder / shard_name(k)
+        self.tmp = folder / (shard_name(k) + ".tmp")
+        self.tmp.unlink(missing_ok=True)
+        self.f = h5py.File(self.tmp, "w")
+        self.f.attrs["format"] = FORMAT
+        self.f.attrs["encoder"] = encoder
+        self.grid = self.f.create_dataset(
+            "grid", shape=(0, num_regions, dim), maxshape=(None, num_regions, dim), dtype="f2",
+            chunks=(1, num_regions, dim),
+        )
+        self.pooled = self.f.create_dataset("pooled", shape=(0, dim), maxshape=(None, dim), dtype="f2",
+                                            chunks=(1, dim))
+        self.ids = self.f.create_dataset("ids", shape=(0,), maxshape=(None,), dtype="i8", chunks=(1024,))
+        self.n = 0
+
+    def append(self, ids: np.ndarray, grid: np.ndarray, pooled: np.ndarray) -> None:
+        b = len(ids)
+        if b == 0:
+            return
+        lo, hi = self.n, self.n + b
+        for ds in (self.grid, self.pooled, self.ids):
+            ds.resize(hi, axis=0)
+        self.grid[lo:hi] = grid
+        self.pooled[lo:hi] = pooled
+        self.ids[lo:hi] = ids
+        self.n = hi
+
+    def close(self) -> None:
+        self.f.close()
+        os.replace(self.tmp, self.final)
+
+    def abort(self) -> None:
+        """Close without publishing; the .tmp file is removed by the next run."""
+        with contextlib.suppress(Exception):
+            self.f.close()
+
+
+def extract_features(
+    dataset: Dataset,
+    encoder: str = DEFAULT_ENCODER,
+    out: str | Path | None = None,
+    *,
+    shard_size: int = 1000,
+    batch_size: int = 32,
+    workers: int = 2,
+    device: str = "auto",
+    weights: str | Path | None = None,
+    image_ids: Iterable[int] | None = None,
+    root: str | Path | None = None,
+    decode: str = "auto",
+    progress: Progress = NULL,
+) -> Path:
+    """Run ``encoder`` over the images of ``dataset`` (or only ``image_ids``) into the folder ``out``.
+
+    ``out`` defaults to ``paths.features_dir(dataset.name, encoder, root)``. Resumes an interrupted
+    run in the same folder; a complete folder is left alone. Returns the folder.
+
+    ``workers`` images are decoded in parallel with the encoder: by threads on the CPU and by
+    DataLoader worker processes for CUDA (``decode="auto"``; or force ``"threads"``/``"processes"``).
+    On the CPU the glibc allocator is tuned first (:func:`tune_cpu_allocator`).
+    """
+    import torch
+
+    spec = get_spec(encoder)  # unknown encoder -> EncoderError, before anything is touched
+    if shard_size < 1 or batch_size < 1 or workers < 0:
+        raise UsageError("--shard-size and --batch-size must be >= 1 and --workers >= 0")
+    out = Path(out) if out is not None else paths.features_dir(dataset.name, encoder, root)
+
+    records = dataset.images if image_ids is None else [dataset.get(int(i)) for i in dict.fromkeys(image_ids)]
+    if not records:
+        raise FeaturesError(f"dataset {dataset.name} has no images to extract features from")
+    ids = [r.id for r in records]
+    digest = _ids_digest(ids)
+    weights_s = str(Path(weights).expanduser().resolve()) if weights is not None else None
+
+    manifest = _read_manifest(out)
+    if manifest is not None:
+        if manifest.get("encoder") != encoder:
+            raise FeaturesError(
+                f"{out} holds features of encoder {manifest.get('encoder')!r}, not {encoder!r}; "
+                "choose another --out or delete that folder"
+            )
+        if manifest.get("weights") != weights_s:
+            raise FeaturesError(
+                f"{out} holds {encoder} features from weights {manifest.get('weights') or 'default'}, "
+                f"not {weights_s or 'default'}; choose another --out or delete that folder"
+            )
+        if manifest.get("ids_digest") != digest:
+            raise FeaturesError(
+                f"{out} holds {encoder} features of a different image set ({manifest.get('num_images')} images "
+                f"of {manifest.get('dataset', {}).get('name')!r}); choose another --out or delete that folder"
+            )
+        asked_shard_size, shard_size = shard_size, int(manifest["shard_size"])  # the folder's shards stay
+    else:
+        asked_shard_size = shard_size
+        manifest = {
+            "format": FORMAT,
+            "encoder": encoder,
+            "spec": spec.to_dict(),
+            "weights": weights_s,
+            "preprocessing": preprocessing(spec),
+            "dtype": "float16",
+            "num_regions": spec.num_regions,
+            "feature_dim": spec.feature_dim,
+            "dataset": {"name": dataset.name, "path": dataset.source, "image_root": str(dataset.image_root)},
+            "num_images": len(ids),
+            "ids_digest": digest,
+            "shard_size": shard_size,
+            "shards": [],
+            "failed": [],
+            "num_extracted": 0,
+            "complete": False,
+        }
+
+    n_shards = (len(records) + shard_size - 1) // shard_size
+    done = {int(s["index"]): s for s in manifest["shards"] if (out / s["file"]).is_file()}
+    if len(done) < len(manifest["shards"]):  # a listed shard vanished: redo it and forget its failures
+        lost = {int(s["index"]) for s in manifest["shards"]} - set(done)
+        manifest["failed"] = [f for f in manifest["failed"] if f.get("shard") not in lost]
+        manifest["shards"] = [done[k] for k in sorted(done)]
+        manifest["complete"] = False
+    todo = [k for k in range(n_shards) if k not in done]
+    if not todo:
+        if not manifest.get("complete"):
+            manifest["complete"] = True
+            _write_manifest(out, manifest)
+        _check_some_read(manifest)
+        progress.info(f"{out}: {encoder} features of {manifest['num_extracted']} images are complete; nothing to do")
+        return out
+
+    if not Path(dataset.image_root).is_dir():
+        raise DatasetError(
+            f"image folder {dataset.image_root} of dataset {dataset.name} not found; run `capcli prepare` again"
+        )
+    dev = resolve_device(device)
+    if dev == "cpu":
+        tune_cpu_allocator()
+    # Batches never cross a shard boundary, so each batch belongs to exactly one shard.
+    batches: list[list[int]] = []
+    for k in todo:
+        lo, hi = k * shard_size, min((k + 1) * shard_size, len(records))
+        batches += [list(range(b, min(b + batch_size, hi))) for b in range(lo, hi, batch_size)]
+    items = _ImageItems([(r.id, str(dataset.path(r)), r.file) for r in records], spec)
+    # Decoding starts now, while the encoder loads. Weights problems surface before the output
+    # folder is touched.
+    source = _batch_source(items, batches, workers, decode, dev)
+    writer: _ShardWriter | None = None
+    current = -1
+    shard_failed: list[dict] = []
+    n_failed_run = 0
+    try:
+        enc = _create(encoder, weights).to(dev)
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob("shard-*.h5*"):  # half-written shards, or shards renamed after the last manifest
+            k = int(stale.name[6:11]) if stale.name[6:11].isdigit() else -1
+            if stale.name.endswith(".tmp") or k not in done:
+                stale.unlink()
+        _write_manifest(out, manifest)
+        if done:
+            progress.info(f"resuming {out}: {len(done)} of {n_shards} shards already done")
+        if asked_shard_size != shard_size:
+            progress.info(f"keeping the folder's shard size {shard_size} (not {asked_shard_size})")
+
+        total = sum(len(b) for b in batches)
+        remaining = {k: min((k + 1) * shard_size, len(records)) - k * shard_size for k in todo}
+
+        progress.start(f"features {encoder}", total=total, unit="img")
+        with torch.inference_mode():
+            for batch_idx, (bids, images, failed, n_items) in enumerate(source):
+                k = batches[batch_idx][0] // shard_size
+                if k != current:
+                    writer = _ShardWriter(out, k, spec.num_regions, spec.feature_dim, encoder)
+                    current, shard_failed = k, []
+                for image_id, file, reason in failed:
+                    shard_failed.append({"id": int(image_id), "file": file, "reason": reason, "shard": k})
+                    n_failed_run += 1
+                    if n_failed_run <= MAX_WARNINGS:
+                        progress.warn(f"skipped {reason}")
+                if images is not None:
+                    grid, pooled = _forward(enc, images, dev)
+                    writer.append(bids.numpy(), grid, pooled)
+                remaining[k] -= n_items
+                if remaining[k] == 0:  # shard complete: publish it, then record it
+                    count = writer.n
+                    writer.close()
+                    writer = None
+                    manifest["shards"].append(
+                        {"index": k, "file": shard_name(k), "count": count,
+                         "images": min((k + 1) * shard_size, len(records)) - k * shard_size}
+                    )
+                    manifest["shards"].sort(key=lambda s: s["index"])
+                    manifest["failed"] += shard_failed
+                    manifest["num_extracted"] = sum(s["count"] for s in manifest["shards"])
+                    manifest["complete"] = len(manifest["shards"]) == n_shards
+                    _write_manifest(out, manifest)
+                progress.advance(n_items)
+    finally:
+        if writer is not None:
+            writer.abort()
+        progress.done()
+        source.close()  # stops the decoding now, also on error
+    if n_failed_run:
+        progress.warn(f"{n_failed_run} unreadable image(s) skipped; listed under 'failed' in {out / MANIFEST}")
+    _check_some_read(manifest)
+    return out
+
+
+def _check_some_read(manifest: dict) -> None:
+    if manifest["complete"] and manifest["num_extracted"] == 0:
+        first = manifest["failed"][0]["reason"] if manifest["failed"] else "no images"
+        raise FeaturesError(f"none of the {manifest['num_images']} images could be read (first: {first})")
+
+
+def _create(encoder: str, weights: str | Path | None):  # noqa: ANN202
+    from .encoders import create_encoder
+
+    return create_encoder(encoder, weights)
+
+
+def _forward(enc, images, dev: str) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+    """uint8 (B, 3, S, S) -> float16 grid (B, N, D) and pooled (B, D) as numpy arrays."""
+    import torch
+
+    if dev.startswith("cuda"):
+        images = images.to(dev, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.float16):
+            grid = enc(images)  # (B, N, D)
+    else:
+        grid = enc(images)  # (B, N, D)
+    pooled = grid.float().mean(1)  # (B, D), averaged before rounding to float16
+    return grid.half().cpu().numpy(), pooled.half().cpu().numpy()
+
+
+# ---- the reader ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Shard:
+    path: Path
+    ids: np.ndarray  # (n,) int64
+
+
+class FeatureStore:
+    """Random access to extracted features by image id, across shards.
+
+    HDF5 files are opened lazily, once per process (the store tracks ``os.getpid()``), and pickling
+    drops open handles, so a store can be handed to DataLoader workers.
+    """
+
+    def __init__(self, folder: str | Path, allow_incomplete: bool = False) -> None:
+        import h5py
+
+        self.folder = Path(folder)
+        manifest = _read_manifest(self.folder) if self.folder.is_dir() else None
+        if manifest is None:
+            raise FeaturesError(f"no features in {self.folder} (no {MANIFEST}); run `capcli features` first")
+        if not manifest.get("complete") and not allow_incomplete:
+            raise FeaturesError(
+                f"features in {self.folder} are incomplete ({len(manifest['shards'])} shards done); "
+                "run `capcli features` again to finish them"
+            )
+        self.manifest = manifest
+        self._shards: list[_Shard] = []
+        self._index: dict[int, tuple[int, int]] = {}
+        for s in manifest["shards"]:
+            path = self.folder / s["file"]
+            try:
+                with h5py.File(path, "r", locking=False) as f:
+                    ids = f["ids"][:].astype(np.int64)
+            except (OSError, KeyError) as e:
+                raise FeaturesError(f"cannot read {path} ({e}); run `capcli features` again") from e
+            for row, i in enumerate(ids.tolist()):
+                self._index[i] = (len(self._shards), row)
+            self._shards.append(_Shard(path, ids))
+        self._ids = np.concatenate([s.ids for s in self._shards]) if self._shards else np.zeros(0, np.int64)
+        self._files: dict[int, object] = {}  # shard index -> open h5py.File, in this process only
+        self._datasets: dict[tuple[int, str], object] = {}  # (shard index, kind) -> h5py.Dataset
+        self._pid = os.getpid()
+
+    @classmethod
+    def open_for(cls, dataset: str | Dataset, encoder: str = DEFAULT_ENCODER,
+                 root: str | Path | None = None) -> FeatureStore:
+        """The store at the default place for ``dataset`` (a name or a Dataset) and ``encoder``."""
+        name = dataset.name if isinstance(dataset, Dataset) else str(dataset)
+        folder = paths.features_dir(name, encoder, root)
+        if not (folder / MANIFEST).is_file():
+            raise FeaturesError(
+                f"no {encoder} features for {name} in {folder}; run `capcli features {name} --encoder {encoder}` first"
+            )
+        return cls(folder)
+
+    # ---- facts -------------------------------------------------------------------------------------
+    @property
+    def encoder_name(self) -> str:
+        return str(self.manifest["encoder"])
+
+    @property
+    def num_regions(self) -> int:
+        return int(self.manifest["num_regions"])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.manifest["feature_dim"])
+
+    @property
+    def ids(self) -> np.ndarray:
+        """All image ids with features, in storage order (int64)."""
+        return self._ids.copy()
+
+    @property
+    def failed(self) -> list[dict]:
+        return list(self.manifest.get("failed", []))
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, image_id: object) -> bool:
+        try:
+            return int(image_id) in self._index  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return False
+
+    def shape(self, kind: str = "grid") -> tuple[int, ...]:
+        """Shape of one image's features of ``kind``."""
+        _check_kind(kind)
+        return (self.num_regions, self.feature_dim) if kind == "grid" else (self.feature_dim,)
+
+    # ---- reading -----------------------------------------------------------------------------------
+    def _dataset(self, k: int, kind: str):  # noqa: ANN202
+        """The h5py dataset ``kind`` of shard ``k``, opening the file on first use in this process."""
+        if self._pid != os.getpid():  # forked: never reuse the parent's HDF5 handles
+            self._files, self._datasets, self._pid = {}, {}, os.getpid()
+        ds = self._datasets.get((k, kind))
+        if ds is None:
+            import h5py
+
+            f = self._files.get(k)
+            if f is None:
+                f = self._files[k] = h5py.File(self._shards[k].path, "r", locking=False)
+            ds = self._datasets[(k, kind)] = f[kind]
+        return ds
+
+    def _where(self, image_id: int) -> tuple[int, int]:
+        try:
+            return self._index[int(image_id)]
+        except KeyError:
+            raise FeaturesError(f"image id {image_id} has no features in {self.folder}") from None
+
+    def get(self, image_id: int, kind: str = "grid") -> np.ndarray:
+        """float16 (N, D) for ``grid`` or (D,) for ``pooled``."""
+        _check_kind(kind)
+        k, row = self._where(image_id)
+        return self._dataset(k, kind)[row]
+
+    def get_many(self, image_ids: Sequence[int], kind: str = "grid") -> np.ndarray:
+        """float16 (B, N, D) or (B, D), in the order of ``image_ids``; reads shard by shard in row order."""
+        _check_kind(kind)
+        out = np.empty((len(image_ids), *self.shape(kind)), dtype=np.float16)
+        by_shard: dict[int, list[tuple[int, int]]] = {}
+        for pos, i in enumerate(image_ids):
+            k, row = self._where(i)
+            by_shard.setdefault(k, []).append((row, pos))
+        for k, pairs in by_shard.items():
+            ds = self._dataset(k, kind)
+            for row, pos in sorted(pairs):  # row order within a shard; plain reads beat h5py fancy indexing
+                out[pos] = ds[row]
+        return out
+
+    def load_all(self, kind: str = "pooled") -> tuple[np.ndarray, np.ndarray]:
+        """(ids (n,), features (n, ...)) for every image, read shard by shard into one array."""
+        _check_kind(kind)
+        ids = self.ids
+        out = np.empty((len(ids), *self.shape(kind)), dtype=np.float16)
+        lo = 0
+        for k, s in enumerate(self._shards):
+            n = len(s.ids)
+            if n:
+                self._dataset(k, kind).read_direct(out, np.s_[0:n], np.s_[lo:lo + n])
+            lo += n
+        return ids, out
+
+    def close(self) -> None:
+        for f in self._files.values():
+            with contextlib.suppress(Exception):
+                f.close()
+        self._files, self._datasets = {}, {}
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_files"], state["_datasets"], state["_pid"] = {}, {}, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._pid = os.getpid()
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.folder)!r}, encoder={self.encoder_name!r}, images={len(self)})"
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise UsageError(f"feature kind {kind!r}: use one of {', '.join(KINDS)}")
