@@ -123,7 +123,7 @@ def _root(
 
 DataRoot = Annotated[
     Path | None,
-    typer.Option("--root", help="Data root for fetch/prepare/features/train [env CAPCLI_HOME; default ~/.capcli]."),
+    typer.Option("--root", help="Data root for fetch/prepare/features/train (env CAPCLI_HOME; default ~/.capcli)."),
 ]
 
 
@@ -135,34 +135,319 @@ def prepare(
     images: Annotated[Path | None, typer.Option(help="Folder of the image files, if not next to the source.")] = None,
     splits: Annotated[Path | None, typer.Option(help="coco-splits: JSON of split name -> file names.")] = None,
     karpathy: Annotated[Path | None, typer.Option(help="coco: Karpathy split file (dataset_coco.json).")] = None,
-    name: Annotated[str | None, typer.Option(help="Dataset name [default: the source folder's name].")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder [default: ROOT/datasets/NAME].")] = None,
+    name: Annotated[str | None, typer.Option(help="Dataset name (default: the source folder's name).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: ROOT/datasets/NAME).")] = None,
     root: DataRoot = None,
 ) -> None:
     """Build capcli's canonical dataset layout (dataset.json) from a captioning dataset."""
-    from . import paths
     from .prepare import prepare as run_prepare
 
-    if out is None and root is not None:
-        out = paths.dataset_dir(name or Path(source).resolve().name.lower(), root)
     _, rep = run_prepare(source, kind=kind, images=images, splits=splits, karpathy=karpathy, name=name,
-                         out=out, progress=RichProgress())
+                         out=out, progress=RichProgress(), root=root)
     for note in rep.notes:
-        err_console.print(f"note: {note}", highlight=False)
+        err_console.print(f"note: {note}", highlight=False, soft_wrap=True)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(rep.splits.items()))
     console.print(f"prepared {rep.images} images, {rep.captions} captions ({counts}) from {rep.kind} -> {rep.out}",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
 
 
 # --- fetch -----------------------------------------------------------------------------------------
+class _FetchProgress(RichProgress):
+    """RichProgress that shows byte phases (unit "B") as size done/total, transfer speed and ETA."""
+
+    def start(self, description: str, total: int | None = None, unit: str = "img") -> None:
+        if unit != "B":
+            super().start(description, total, unit)
+            return
+        from rich.progress import DownloadColumn, TransferSpeedColumn
+
+        self.done()
+        self._unit, self._n, self._t0 = unit, 0, time.perf_counter()
+        self._bar = RichBar(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TaskProgressColumn(),
+                            TransferSpeedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console)
+        self._bar.start()
+        self._task = self._bar.add_task(description, total=total, rate="", info="")
+
+
+@app.command()
+def fetch(
+    dataset: Annotated[str, typer.Argument(help="coco | flickr8k")],
+    year: Annotated[int, typer.Option(help="COCO release: 2014 or 2017.")] = 2014,
+    only: Annotated[str | None, typer.Option(help="annotations | images: fetch one part (prepare waits for both).")]
+    = None,
+    karpathy: Annotated[str | None, typer.Option(
+        help="COCO 2014: URL or path of Karpathy's caption_datasets.zip or dataset_coco.json.")] = None,
+    mirror: Annotated[str | None, typer.Option(
+        help="Fetch every file from MIRROR/<file name> instead of the official hosts (env CAPCLI_MIRROR).")] = None,
+    delete_archives: Annotated[bool, typer.Option(
+        "--delete-archives", help="Delete each zip once extracted (saves about half the disk).")] = False,
+    root: DataRoot = None,
+) -> None:
+    """Download a dataset from its official hosts (resumable, verified), extract it and prepare it."""
+    from .fetch import fetch as run_fetch
+
+    res = run_fetch(dataset, year=year, root=root, only=only, mirror=mirror, karpathy=karpathy,
+                    keep_archives=not delete_archives, progress=_FetchProgress())
+    for note in res.notes:
+        err_console.print(f"note: {note}", highlight=False, soft_wrap=True)
+    if res.report is not None:
+        rep = res.report
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(rep.splits.items()))
+        console.print(f"prepared {rep.images} images, {rep.captions} captions ({counts}) -> {rep.out}",
+                      highlight=False, soft_wrap=True)
+    elif res.dataset is not None:
+        console.print(f"{res.name} is already fetched and prepared: {res.dataset}", highlight=False, soft_wrap=True)
+    else:
+        console.print(f"fetched into {res.raw}", highlight=False, soft_wrap=True)
+    if res.dataset is not None:
+        extra = f" --root {root}" if root is not None else ""
+        console.print(f"next: capcli features {res.name}{extra}", highlight=False, soft_wrap=True)
+
 
 # --- features --------------------------------------------------------------------------------------
+@app.command()
+def features(
+    dataset: Annotated[str, typer.Argument(help="Prepared dataset folder (with dataset.json) or a dataset name "
+                                           "under the data root.")],
+    encoder: Annotated[str, typer.Option(help="Image encoder (see `capcli info`).")] = "efficientnet-lite0",
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: ROOT/features/DATASET/ENCODER).")] = None,
+    shard_size: Annotated[int, typer.Option(min=1, help="Images per HDF5 shard.")] = 1000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder forward pass.")] = 32,
+    workers: Annotated[int, typer.Option(min=0, help="Image decoders working beside the encoder (threads on "
+                                         "the CPU, processes with CUDA; 0: decode in turn).")] = 2,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    weights: Annotated[Path | None, typer.Option(help="Encoder weights file (torchvision state dict).")] = None,
+    root: DataRoot = None,
+) -> None:
+    """Extract CNN features (spatial grid + pooled vector) of every image into resumable HDF5 shards."""
+    from .features import FeatureStore, extract_features, resolve_dataset
+
+    ds = resolve_dataset(dataset, root)
+    folder = extract_features(ds, encoder, out, shard_size=shard_size, batch_size=batch_size, workers=workers,
+                              device=device, weights=weights, root=root, progress=RichProgress())
+    store = FeatureStore(folder)
+    n_failed = len(store.failed)
+    failed = f", {n_failed} unreadable skipped" if n_failed else ""
+    console.print(f"features: {len(store)} images{failed}, grid {store.num_regions}x{store.feature_dim} "
+                  f"+ pooled {store.feature_dim} ({store.encoder_name}, float16) -> {folder}", highlight=False)
+
 
 # --- train -----------------------------------------------------------------------------------------
+# Defaults mirror capcli.train.TrainConfig (tests/test_train.py checks they agree); kept literal here so that
+# `capcli --help` does not import torch.
+@app.command("train")
+def train_cmd(
+    arch: Annotated[str, typer.Option(help="basic (Show and Tell) | attention (Show, Attend and Tell)")] = "attention",
+    dataset: Annotated[str, typer.Option(help="Prepared dataset name under the data root; 'coco' picks coco2014, "
+                                         "else coco2017.")] = "coco",
+    data: Annotated[Path | None, typer.Option(help="A prepared dataset folder (instead of --dataset).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default: ROOT/runs/DATASET-ARCH).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue OUT/last.pt where it stopped.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in an OUT that holds a run.")] = False,
+    encoder: Annotated[str | None, typer.Option(help="Encoder of the features (default: efficientnet-lite0, or "
+                                                "the --features folder's).")] = None,
+    features: Annotated[Path | None, typer.Option(help="Features folder (default: ROOT/features/DATASET/ENCODER, "
+                                                  "extracted first when missing).")] = None,
+    no_extract: Annotated[bool, typer.Option("--no-extract", help="Fail instead of extracting missing "
+                                             "features.")] = False,
+    root: DataRoot = None,
+    embed_dim: Annotated[int, typer.Option(help="Word embedding size.")] = 512,
+    hidden_dim: Annotated[int, typer.Option(help="RNN hidden size.")] = 512,
+    attention_dim: Annotated[int, typer.Option(help="Attention MLP size (attention).")] = 512,
+    dropout: Annotated[float, typer.Option(help="Dropout probability.")] = 0.5,
+    cell: Annotated[str, typer.Option(help="lstm | gru | rnn")] = "lstm",
+    condition: Annotated[str, typer.Option(help="basic: first-step (the paper) | init-state")] = "first-step",
+    embeddings: Annotated[Path | None, typer.Option(help="Pretrained word vectors, GloVe text format.")] = None,
+    freeze_embeddings: Annotated[bool, typer.Option("--freeze-embeddings", help="Keep --embeddings fixed.")] = False,
+    min_count: Annotated[int, typer.Option(help="Rarer words become <unk>.")] = 5,
+    max_len: Annotated[int, typer.Option(help="Captions are truncated to this many words.")] = 20,
+    captions_per_image: Annotated[int | None, typer.Option(help="Train on the first K captions of each image "
+                                                           "(default: all).")] = None,
+    epochs: Annotated[int, typer.Option(help="Most epochs to train.")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Captions per step.")] = 64,
+    lr: Annotated[float, typer.Option(help="Decoder learning rate (Adam).")] = 4e-4,
+    encoder_lr: Annotated[float, typer.Option(help="Encoder learning rate with --fine-tune-encoder.")] = 1e-4,
+    weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = 0.0,
+    grad_clip: Annotated[float, typer.Option(help="Max gradient norm (0: off).")] = 5.0,
+    alpha_c: Annotated[float, typer.Option(help="Weight of the doubly stochastic attention regulariser.")] = 1.0,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = 0.0,
+    schedule: Annotated[str, typer.Option(help="plateau (halve the LR when --select stalls) | cosine | "
+                                          "none")] = "plateau",
+    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better --select "
+                                          "(0: never).")] = 4,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimiser steps.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed (initialisation, data order, dropout).")] = 0,
+    select: Annotated[str, typer.Option(help="cider | bleu4: metric for best.pt and early stopping.")] = "cider",
+    val_split: Annotated[str, typer.Option(help="Split to validate on.")] = "val",
+    val_images: Annotated[int | None, typer.Option(help="Validate on the first N images only.")] = None,
+    val_beam: Annotated[int, typer.Option(help="Beam size for validation captions (1: greedy).")] = 1,
+    val_batch_size: Annotated[int, typer.Option(help="Images per validation batch.")] = 100,
+    val_tokenizer: Annotated[str, typer.Option(help="auto | java | python (fast, approximate scores)")] = "auto",
+    fine_tune_encoder: Annotated[bool, typer.Option("--fine-tune-encoder", help="Train end to end from the "
+                                                    "photos, fine-tuning the encoder's last blocks.")] = False,
+    fine_tune_blocks: Annotated[int, typer.Option(help="Encoder blocks to fine-tune.")] = 2,
+    encoder_weights: Annotated[Path | None, typer.Option(help="Encoder weights file (torchvision state "
+                                                         "dict).")] = None,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    amp: Annotated[bool, typer.Option(help="bfloat16 autocast on CUDA.")] = True,
+    preload: Annotated[bool, typer.Option(help="Hold the features in memory (falls back when they do not "
+                                          "fit).")] = True,
+    save_dtype: Annotated[str, typer.Option(help="float32 | float16 for best.pt.")] = "float32",
+) -> None:
+    """Train Show and Tell (basic) or Show, Attend and Tell (attention) on cached features or end to end.
+
+    Under `torchrun --nproc_per_node N` it trains with DistributedDataParallel.
+    """
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
+    from .train import TrainConfig
+    from .train import train as run_train
+
+    res = run_train(TrainConfig(**options), progress=RichProgress())
+    for note in res.notes:
+        err_console.print(f"note: {note}", highlight=False, soft_wrap=True)
+    if not res.best_metrics:  # a rank other than 0 under torchrun, or nothing recorded
+        return
+    m = res.best_metrics
+    t = Table(title=f"best on {m.get('split', 'val')} ({m.get('images', '?')} images), epoch {m.get('epoch')}")
+    for key in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr"):
+        if key in m:
+            t.add_column(key, justify="right")
+    t.add_row(*(f"{m[k]:.4f}" for k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr") if k in m))
+    console.print(t)
+    console.print(f"best checkpoint: {res.best_path}\nresumable: {res.last_path}\ncurves: {res.out / 'curves.png'}",
+                  highlight=False, soft_wrap=True)
+
 
 # --- evaluate --------------------------------------------------------------------------------------
+@app.command()
+def evaluate(
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Checkpoint to evaluate (default: the caption command's default model).")
+    ] = None,
+    data: Annotated[str, typer.Option("--data", help="Prepared dataset folder, or a dataset name under the root.")] = (
+        ""
+    ),
+    split: Annotated[str, typer.Option(help="Split to score: val | test.")] = "val",
+    results: Annotated[
+        Path | None, typer.Option("--results", help="Score this COCO results file instead of a checkpoint.")
+    ] = None,
+    beam: Annotated[int, typer.Option(min=1, help="Beam size for captioning.")] = 3,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for the results and metrics JSON (default: the checkpoint's folder, the "
+                                  "current folder for the default model, or next to the --results file).")
+    ] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained HTML report here.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per captioning batch.")] = 32,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = "auto",
+    allow_missing: Annotated[
+        bool, typer.Option("--allow-missing", help="With --results: score only the images that have a caption.")
+    ] = False,
+    tokenizer: Annotated[
+        str, typer.Option(help="auto (the Java PTBTokenizer when java is found) | java | python")
+    ] = "auto",
+    root: DataRoot = None,
+) -> None:
+    """Score captions with the COCO caption toolkit (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D; SPICE if installed)."""
+    from . import evaluate as ev
+    from .errors import UsageError
+
+    if not data:
+        raise UsageError("--data is required: a prepared dataset folder or a dataset name (see `capcli info`)")
+    if results is not None and checkpoint is not None:
+        raise UsageError("give either a CHECKPOINT to caption the split with, or --results FILE, not both")
+    if allow_missing and results is None:
+        raise UsageError("--allow-missing goes with --results")
+    ds = ev.open_dataset(data, root)
+    metrics = (*ev.DEFAULT_METRICS, "spice")
+    if results is not None:
+        captions, scores = ev.evaluate_results(results, ds, split, allow_missing=allow_missing, metrics=metrics,
+                                               tokenizer=tokenizer, progress=RichProgress())
+        metrics_path = (out / f"metrics_{ds.name}_{split}.json") if out else results.with_name(
+            f"{results.stem}.metrics.json")
+        written = [ev.write_metrics(metrics_path, scores, split, len(captions), results=results, dataset=ds.name)]
+    else:
+        captions, scores = ev.evaluate_checkpoint(checkpoint, ds, split, beam_size=beam, batch_size=batch_size,
+                                                  device=device, progress=RichProgress(), metrics=metrics,
+                                                  tokenizer=tokenizer)
+        folder = out or (checkpoint.parent if checkpoint is not None else Path.cwd())
+        stem = f"{ds.name}_{split}_beam{beam}"
+        written = [
+            ev.write_results(folder / f"results_{stem}.json", captions),
+            ev.write_metrics(folder / f"metrics_{stem}.json", scores, split, len(captions),
+                             checkpoint=checkpoint if checkpoint is not None else "default model", beam=beam,
+                             dataset=ds.name),
+        ]
+    if html is not None:
+        title = f"capcli evaluation: {results.name if results is not None else (checkpoint or 'default model')}"
+        written.append(ev.write_html(html, ds, captions, scores, split, title=title, progress=RichProgress()))
+
+    how = "the COCO toolkit's Java PTBTokenizer" if scores.tokenizer == "ptb" else "capcli's Python tokenizer"
+    console.print(f"{ds.name} {split}: {len(captions)} images, tokenised by {how}", highlight=False)
+    t = Table()
+    t.add_column("metric")
+    t.add_column("score", justify="right")
+    t.add_column("")
+    for key in ev.METRIC_KEYS:
+        if key in scores.values:
+            kind = "official" if scores.official.get(key) else "[yellow]approximate[/]"
+            t.add_row(key, f"{scores.values[key]:.4f}", kind)
+        elif key in scores.skipped:
+            t.add_row(key, "-", "[dim]skipped[/]")
+    console.print(t)
+    for note in scores.notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    for path in written:
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
 
 # --- caption ---------------------------------------------------------------------------------------
+@app.command()
+def caption(
+    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders of images.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output file: .json, .jsonl or .csv.")],
+    model: Annotated[Path | None, typer.Option("--model", help="Checkpoint (default: the shipped model).")] = None,
+    beam: Annotated[int, typer.Option(min=1, help="Beam size (1 = greedy).")] = 3,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Also list the K best beams as alternatives.")] = 1,
+    max_len: Annotated[int, typer.Option("--max-len", min=1, help="Longest caption, in words.")] = 20,
+    length_penalty: Annotated[
+        float, typer.Option("--length-penalty", min=0.0, help="Rank beams by logprob / len^ALPHA (0 = raw).")
+    ] = 0.0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 32,
+    workers: Annotated[int, typer.Option(min=0, help="Image decoders working beside the encoder (threads on "
+                                         "the CPU, processes with CUDA; 0: decode in turn).")] = 2,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into subfolders.")] = False,
+    attention_maps: Annotated[
+        Path | None, typer.Option("--attention-maps", help="Write a PNG per image: where each word looked.")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Keep OUT's records; caption only the rest.")] = False,
+    shard: Annotated[
+        str | None, typer.Option(help="I/N: caption only shard I (0..N-1) of N, split by a hash of the path.")
+    ] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit non-zero if any image failed.")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+) -> None:
+    """Caption photos: files and folders in, one record per image out (caption, logprob, or error)."""
+    from .caption import Captioner, caption_files, output_format, parse_shard
+
+    output_format(out)  # fail on a bad -o before loading anything
+    shard_ij = parse_shard(shard) if shard is not None else None
+    captioner = Captioner.load(model, device=device)
+    s = caption_files(captioner, paths, out, beam_size=beam, batch_size=batch_size, workers=workers,
+                      max_len=max_len, top_k=top_k, length_penalty=length_penalty, recursive=recursive,
+                      attention_maps=attention_maps, resume=resume, shard=shard_ij, progress=RichProgress())
+    extra = "".join([f", {s.skipped} already done" if s.skipped else "",
+                     f", {s.outside_shard} in other shards" if s.outside_shard else ""])
+    colour = "red" if s.failed and not s.captioned else "yellow" if s.failed else "green"
+    console.print(f"[{colour}]captioned {s.captioned}, failed {s.failed}[/]{extra} in {s.seconds:.1f} s "
+                  f"({s.rate:.1f} img/s) -> {out}", highlight=False, soft_wrap=True)
+    if s.failed and not s.captioned:
+        err_console.print("[bold red]error:[/] no image could be captioned", highlight=False)
+        raise typer.Exit(1)
+    if strict and s.failed:
+        err_console.print(f"[bold red]error:[/] {s.failed} image(s) failed (--strict)", highlight=False)
+        raise typer.Exit(1)
+
 
 # --- info ------------------------------------------------------------------------------------------
 @app.command()

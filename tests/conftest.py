@@ -66,3 +66,12 @@ def small_flickr8k(flickr8k_dir, tmp_path_factory):
     (work / "splits.json").write_text(json.dumps(keep))
     ds, _ = prepare(work, kind="coco-splits", images=flickr8k_dir / "images", name="f8k-small", out=work / "ds")
     return ds
+
+
+@pytest.fixture(scope="session")
+def small_flickr8k_features(small_flickr8k, tmp_path_factory):
+    """Real efficientnet-lite0 features (grid and pooled) of the 30 ``small_flickr8k`` photos, extracted once."""
+    from capcli.features import extract_features
+
+    out = tmp_path_factory.mktemp("f8k_small_features") / "efficientnet-lite0"
+    return extract_features(small_flickr8k, "efficientnet-lite0", out=out, workers=0, device="cpu")

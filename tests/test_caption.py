@@ -219,14 +219,17 @@ def test_resume_after_interrupt_captions_only_the_rest(photo_dir, captioner, ckp
 def test_ctrl_c_on_the_command_keeps_what_is_done_and_resume_skips_a_cut_line(photo_dir, ckpts, tmp_path):
     """A real SIGINT to a running ``capcli caption`` (as Ctrl-C sends it to the whole process group)."""
     out = tmp_path / "caps.jsonl"
+    N = 400  # enough that the run is still going when the signal lands, even on a fast machine
     many = tmp_path / "many"
     many.mkdir()
     photos = sorted(p for p in photo_dir.iterdir() if p.suffix == ".jpg" and p.name not in BAD)
-    for i in range(60):
+    for i in range(N):
         (many / f"{i:03d}.jpg").symlink_to(photos[i % len(photos)])
     cmd = [sys.executable, "-m", "capcli.cli", "caption", str(many), "-o", str(out), "--model",
            str(ckpts["basic"]), "--beam", "1", "--max-len", "4", "--batch-size", "4", "--workers", "2"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # A background job inherits an ignored SIGINT; give the child the default so Python turns it into Ctrl-C.
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (out.is_file() and out.read_text().count("\n") >= 8):
         time.sleep(0.1)
@@ -234,15 +237,15 @@ def test_ctrl_c_on_the_command_keeps_what_is_done_and_resume_skips_a_cut_line(ph
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
     done = [json.loads(line) for line in out.read_text().splitlines()]
-    assert 8 <= len(done) < 60
+    assert 8 <= len(done) < N
     with out.open("a") as f:  # as if killed in the middle of writing a line
-        f.write('{"path": "059.jpg", "capt')
+        f.write('{"path": "%03d.jpg", "capt' % (N - 1))
     r = _cli(str(many), "-o", str(out), "--model", str(ckpts["basic"]), "--beam", "1", "--max-len", "4",
              "--resume", "--workers", "0")
     assert r.exit_code == 0, r.output
-    assert f"captioned {60 - len(done)}, failed 0, {len(done)} already done" in r.stdout
+    assert f"captioned {N - len(done)}, failed 0, {len(done)} already done" in r.stdout
     recs = [json.loads(line) for line in out.read_text().splitlines()]
-    assert recs[: len(done)] == done and sorted(r["path"] for r in recs) == [f"{i:03d}.jpg" for i in range(60)]
+    assert recs[: len(done)] == done and sorted(r["path"] for r in recs) == [f"{i:03d}.jpg" for i in range(N)]
 
 
 # ------------------------------------------------------------------------------------------------- shards
