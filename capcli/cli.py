@@ -220,9 +220,10 @@ def features(
     root: DataRoot = None,
 ) -> None:
     """Extract CNN features (spatial grid + pooled vector) of every image into resumable HDF5 shards."""
-    from .features import FeatureStore, extract_features, resolve_dataset
+    from .features import FeatureStore, extract_features
+    from .layout import open_dataset
 
-    ds = resolve_dataset(dataset, root)
+    ds = open_dataset(dataset, root)
     folder = extract_features(ds, encoder, out, shard_size=shard_size, batch_size=batch_size, workers=workers,
                               device=device, weights=weights, root=root, progress=RichProgress())
     store = FeatureStore(folder)
@@ -351,6 +352,7 @@ def evaluate(
     """Score captions with the COCO caption toolkit (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D; SPICE if installed)."""
     from . import evaluate as ev
     from .errors import UsageError
+    from .layout import open_dataset
 
     if not data:
         raise UsageError("--data is required: a prepared dataset folder or a dataset name (see `capcli info`)")
@@ -358,7 +360,7 @@ def evaluate(
         raise UsageError("give either a CHECKPOINT to caption the split with, or --results FILE, not both")
     if allow_missing and results is None:
         raise UsageError("--allow-missing goes with --results")
-    ds = ev.open_dataset(data, root)
+    ds = open_dataset(data, root)
     metrics = (*ev.DEFAULT_METRICS, "spice")
     if results is not None:
         captions, scores = ev.evaluate_results(results, ds, split, allow_missing=allow_missing, metrics=metrics,
@@ -406,7 +408,7 @@ def evaluate(
 def caption(
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders of images.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output file: .json, .jsonl or .csv.")],
-    model: Annotated[Path | None, typer.Option("--model", help="Checkpoint (default: the shipped model).")] = None,
+    model: Annotated[Path | None, typer.Option("--model", help="Checkpoint file, or a shipped model: attention (the default) | basic.")] = None,
     beam: Annotated[int, typer.Option(min=1, help="Beam size (1 = greedy).")] = 3,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Also list the K best beams as alternatives.")] = 1,
     max_len: Annotated[int, typer.Option("--max-len", min=1, help="Longest caption, in words.")] = 20,

@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CapcliError, DatasetError, EvaluateError
-from .layout import Dataset, ImageRecord
+from .errors import CapcliError, EvaluateError
+from .layout import Dataset, ImageRecord, open_dataset
 from .progress import NULL, Progress
 
 METRICS = ("bleu", "meteor", "rouge", "cider", "spice")
@@ -396,26 +396,6 @@ def score(
 
 
 # ---- datasets and results files ------------------------------------------------------------------
-def open_dataset(data: str | Path | Dataset, root: str | Path | None = None) -> Dataset:
-    """A prepared dataset from a folder (or its dataset.json), or by name under the data root."""
-    from . import paths
-
-    if isinstance(data, Dataset):
-        return data
-    p = Path(data).expanduser()
-    if p.exists():
-        return Dataset.load(p)
-    named = paths.dataset_dir(str(data), root)
-    if "/" not in str(data) and named.exists():
-        return Dataset.load(named)
-    have_dir = paths.home(root) / "datasets"
-    have = sorted(d.name for d in have_dir.iterdir() if d.is_dir()) if have_dir.is_dir() else []
-    raise DatasetError(
-        f"no dataset {str(data)!r}: not a folder, and no prepared dataset of that name in {have_dir}"
-        + (f" (have: {', '.join(have[:8])})" if have else "; run `capcli prepare` first")
-    )
-
-
 def split_records(dataset: Dataset, split: str) -> list[ImageRecord]:
     """The images of ``split`` that have references (raises if there are none)."""
     recs = dataset.split(split)

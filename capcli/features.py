@@ -33,7 +33,6 @@ import numpy as np
 from . import paths
 from .encoders import DEFAULT_ENCODER, EncoderSpec, get_spec
 from .errors import DatasetError, FeaturesError, ImageError, UsageError
-from .layout import FILENAME as DATASET_FILE
 from .layout import Dataset
 from .progress import NULL, Progress
 
@@ -45,20 +44,6 @@ MAX_WARNINGS = 10  # unreadable images warned one by one; beyond this only the f
 
 def shard_name(k: int) -> str:
     return f"shard-{k:05d}.h5"
-
-
-def resolve_dataset(dataset: str | Path, root: str | Path | None = None) -> Dataset:
-    """A prepared dataset folder (or its dataset.json), else a dataset name under the data root."""
-    p = Path(dataset).expanduser()
-    if p.is_file() or (p / DATASET_FILE).is_file():
-        return Dataset.load(p)
-    named = paths.dataset_dir(str(dataset), root)
-    if (named / DATASET_FILE).is_file():
-        return Dataset.load(named)
-    raise DatasetError(
-        f"no prepared dataset {str(dataset)!r}: not a folder with {DATASET_FILE} and not in {named.parent}; "
-        "run `capcli prepare` first"
-    )
 
 
 def resolve_device(device: str = "auto") -> str:

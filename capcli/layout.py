@@ -122,3 +122,23 @@ def validate(images: Iterable[ImageRecord], check_files: bool, image_root: Path)
             raise DatasetError(f"image {r.file}: unknown split {r.split!r}")
         if check_files and not (image_root / r.file).is_file():
             raise DatasetError(f"image file missing: {image_root / r.file}")
+
+
+def open_dataset(ref: str | Path | Dataset, root: str | Path | None = None) -> Dataset:
+    """A prepared dataset from a folder (or its dataset.json), else by name under the data root."""
+    from . import paths
+
+    if isinstance(ref, Dataset):
+        return ref
+    p = Path(ref).expanduser()
+    if p.is_file() or (p / FILENAME).is_file():
+        return Dataset.load(p)
+    named = paths.dataset_dir(str(ref), root)
+    if "/" not in str(ref) and (named / FILENAME).is_file():
+        return Dataset.load(named)
+    have_dir = paths.home(root) / "datasets"
+    have = sorted(d.name for d in have_dir.iterdir() if (d / FILENAME).is_file()) if have_dir.is_dir() else []
+    raise DatasetError(
+        f"no prepared dataset {str(ref)!r}: not a folder with {FILENAME}, and none of that name in {have_dir}"
+        + (f" (have: {', '.join(have[:8])})" if have else "; run `capcli prepare` or `capcli fetch` first")
+    )

@@ -54,7 +54,7 @@ from .checkpoint import check_encoder, load_checkpoint, save_checkpoint
 from .encoders import DEFAULT_ENCODER, EncoderSpec, get_spec
 from .errors import CapcliError, CheckpointError, DatasetError, FeaturesError, ImageError, UsageError
 from .layout import FILENAME as DATASET_FILE
-from .layout import Dataset, ImageRecord
+from .layout import Dataset, ImageRecord, open_dataset
 from .progress import NULL, Progress
 from .vocab import Vocabulary
 
@@ -219,9 +219,7 @@ def resolve_dataset(cfg: TrainConfig, progress: Progress = NULL) -> Dataset:
         where = paths.home(cfg.root) / "datasets"
         raise DatasetError(f"no prepared COCO dataset in {where} (looked for coco2014 and coco2017); "
                            "run `capcli fetch coco` first, or pass --dataset NAME / --data DIR")
-    from .features import resolve_dataset as by_name
-
-    return by_name(name, cfg.root)
+    return open_dataset(name, cfg.root)
 
 
 def _manifest_complete(folder: Path) -> bool:

@@ -239,7 +239,7 @@ def test_ctrl_c_on_the_command_keeps_what_is_done_and_resume_skips_a_cut_line(ph
     done = [json.loads(line) for line in out.read_text().splitlines()]
     assert 8 <= len(done) < N
     with out.open("a") as f:  # as if killed in the middle of writing a line
-        f.write('{"path": "%03d.jpg", "capt' % (N - 1))
+        f.write(f'{{"path": "{N - 1:03d}.jpg", "capt')
     r = _cli(str(many), "-o", str(out), "--model", str(ckpts["basic"]), "--beam", "1", "--max-len", "4",
              "--resume", "--workers", "0")
     assert r.exit_code == 0, r.output

@@ -275,7 +275,7 @@ def test_cli_errors_are_one_line(ds_dir, small_flickr8k, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error:"), (name, r.output)
         assert expected.split(" (e.g.")[0] in " ".join(r.output.split()), (name, r.output)
     r = runner.invoke(app, ["evaluate", "--results", str(tmp_path / "dup.json"), "--data", "no-such-dataset"])
-    assert r.exit_code != 0 and "no dataset 'no-such-dataset'" in r.output
+    assert r.exit_code != 0 and "no prepared dataset 'no-such-dataset'" in r.output
 
 
 def test_cli_scores_results_file_and_writes_html(ds_dir, small_flickr8k, tmp_path, monkeypatch):
