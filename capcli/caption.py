@@ -44,7 +44,10 @@ from .models.decoding import Decoded, beam_search, greedy
 from .progress import NULL, Progress
 from .vocab import Vocabulary
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "default.pt"
+_ASSETS = Path(__file__).resolve().parent / "assets"
+# Models shipped in the package (trained on Flickr8k by recipes/flickr8k-default.sh), by name for --model.
+SHIPPED_MODELS = {"attention": _ASSETS / "flickr8k-attention.pt", "basic": _ASSETS / "flickr8k-basic.pt"}
+DEFAULT_MODEL = SHIPPED_MODELS["attention"]
 FORMATS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}
 CSV_FIELDS = ("path", "caption", "logprob", "error", "alternatives")
 JSON_SAVE_EVERY_S = 30.0
@@ -112,6 +115,8 @@ class Captioner:
             if not DEFAULT_MODEL.is_file():
                 raise CheckpointError("no default model is installed; pass --model CKPT")
             checkpoint = DEFAULT_MODEL
+        elif str(checkpoint) in SHIPPED_MODELS and not Path(checkpoint).exists():
+            checkpoint = SHIPPED_MODELS[str(checkpoint)]
         path = Path(checkpoint)
         ckpt = load_checkpoint(path)
         try:

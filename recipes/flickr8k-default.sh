@@ -46,8 +46,9 @@ run_evaluate() {
 }
 
 run_ship() {
-  cp "$RUNS/flickr8k-attention/best.pt" capcli/assets/default.pt
-  cp "$RUNS/flickr8k-basic/best.pt" capcli/assets/basic.pt
+  mkdir -p capcli/assets
+  cp "$RUNS/flickr8k-attention/best.pt" capcli/assets/flickr8k-attention.pt
+  cp "$RUNS/flickr8k-basic/best.pt" capcli/assets/flickr8k-basic.pt
 }
 
 case $stage in
