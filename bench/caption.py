@@ -13,8 +13,9 @@ On the same photos (default: the first 96 of ../shared/data/flickr8k/images), in
    DataLoader worker process) of a whole ``caption_files`` run to a .json file on 100 and 1000 images (the
    photos repeated through symlinks), each in a fresh subprocess.
 
-The model is ``--checkpoint``, else the shipped default model (``capcli.caption.DEFAULT_MODEL``), else a random-init attention model
-with a ~2500-word Flickr8k vocabulary (its captions run to max_len: the worst case for beam search cost).
+The model is ``--checkpoint``, else the shipped default model (``capcli.caption.DEFAULT_MODEL``), else a
+random-init attention model with a ~2500-word Flickr8k vocabulary (its captions run to max_len: the worst
+case for beam search cost).
 The last line is ``ratio X.XX`` = end-to-end beam-3 img/s over encoder-only img/s.
 """
 

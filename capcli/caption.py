@@ -214,13 +214,13 @@ class Captioner:
             return
         # Decoding runs beside the encoder, as for `capcli features`: threads on the CPU (no fork of this
         # big process), DataLoader worker processes for CUDA; 0 workers: decode each batch in turn.
-        from .features import _batch_source, _ImageItems, tune_cpu_allocator
+        from .features import ImageItems, batch_source, tune_cpu_allocator
 
         if self.device.type == "cpu":
             tune_cpu_allocator()  # the encoder's activations stop page-faulting in afresh every batch
-        items = _ImageItems([(i, str(p), p.name) for i, p in enumerate(paths)], self.spec)
+        items = ImageItems([(i, str(p), p.name) for i, p in enumerate(paths)], self.spec)
         order = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
-        source = _batch_source(items, order, workers, "auto", self.device.type)
+        source = batch_source(items, order, workers, "auto", self.device.type)
         threads = torch.get_num_threads()  # all of them for the encoder, in its own thread
         batches = iter(source)
         progress.start("captioning", total=len(paths), unit="img")

@@ -408,7 +408,8 @@ def evaluate(
 def caption(
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders of images.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output file: .json, .jsonl or .csv.")],
-    model: Annotated[Path | None, typer.Option("--model", help="Checkpoint file, or a shipped model: attention (the default) | basic.")] = None,
+    model: Annotated[Path | None, typer.Option(
+        "--model", help="Checkpoint file, or a shipped model: attention (the default) | basic.")] = None,
     beam: Annotated[int, typer.Option(min=1, help="Beam size (1 = greedy).")] = 3,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Also list the K best beams as alternatives.")] = 1,
     max_len: Annotated[int, typer.Option("--max-len", min=1, help="Longest caption, in words.")] = 20,

@@ -13,7 +13,7 @@ complete; the manifest is rewritten atomically after each shard, so a killed run
 first incomplete shard and a reader only ever sees complete shards.
 
 Decoding and resizing run beside the encoder (threads on the CPU, DataLoader worker processes for a
-GPU; see :func:`_batch_source`), batch by batch, so memory stays flat whatever the dataset size.
+GPU; see :func:`batch_source`), batch by batch, so memory stays flat whatever the dataset size.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def preprocessing(spec: EncoderSpec) -> dict:
 # ---- the pipeline: decoding in workers ---------------------------------------------------------------
 
 
-class _ImageItems:
+class ImageItems:
     """Map-style dataset over (id, path): returns (id, uint8 tensor (3, S, S)) or (id, file, reason)."""
 
     def __init__(self, items: Sequence[tuple[int, str, str]], spec: EncoderSpec) -> None:
@@ -150,7 +150,7 @@ class _ThreadBatches:
     loading the encoder.
     """
 
-    def __init__(self, items: _ImageItems, batches: list[list[int]], threads: int, prefetch: int) -> None:
+    def __init__(self, items: ImageItems, batches: list[list[int]], threads: int, prefetch: int) -> None:
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
@@ -188,7 +188,7 @@ class _ThreadBatches:
 class _InlineBatches:
     """workers=0: decode each batch in the calling thread, when it is asked for."""
 
-    def __init__(self, items: _ImageItems, batches: list[list[int]]) -> None:
+    def __init__(self, items: ImageItems, batches: list[list[int]]) -> None:
         self._gen = (_collate([items[i] for i in b]) for b in batches)
 
     def __iter__(self):  # noqa: ANN204
@@ -201,7 +201,7 @@ class _InlineBatches:
 class _ProcessBatches:
     """DataLoader worker processes: decoding scales past the GIL (for a GPU, which outruns a few threads)."""
 
-    def __init__(self, items: _ImageItems, batches: list[list[int]], workers: int, pin: bool) -> None:
+    def __init__(self, items: ImageItems, batches: list[list[int]], workers: int, pin: bool) -> None:
         import torch
 
         loader = torch.utils.data.DataLoader(
@@ -220,7 +220,7 @@ class _ProcessBatches:
         self._it = None
 
 
-def _batch_source(items: _ImageItems, batches: list[list[int]], workers: int, decode: str, dev: str):  # noqa: ANN202
+def batch_source(items: ImageItems, batches: list[list[int]], workers: int, decode: str, dev: str):  # noqa: ANN202
     """Where decoded batches come from: threads on the CPU, worker processes for CUDA (``decode="auto"``)."""
     if decode not in ("auto", "threads", "processes"):
         raise UsageError(f"decode={decode!r}: use auto, threads or processes")
@@ -404,10 +404,10 @@ def extract_features(
     for k in todo:
         lo, hi = k * shard_size, min((k + 1) * shard_size, len(records))
         batches += [list(range(b, min(b + batch_size, hi))) for b in range(lo, hi, batch_size)]
-    items = _ImageItems([(r.id, str(dataset.path(r)), r.file) for r in records], spec)
+    items = ImageItems([(r.id, str(dataset.path(r)), r.file) for r in records], spec)
     # Decoding starts now, while the encoder loads. Weights problems surface before the output
     # folder is touched.
-    source = _batch_source(items, batches, workers, decode, dev)
+    source = batch_source(items, batches, workers, decode, dev)
     writer: _ShardWriter | None = None
     current = -1
     shard_failed: list[dict] = []
