@@ -334,6 +334,9 @@ def evaluate(
         Path | None, typer.Option("--results", help="Score this COCO results file instead of a checkpoint.")
     ] = None,
     beam: Annotated[int, typer.Option(min=1, help="Beam size for captioning.")] = 3,
+    length_penalty: Annotated[
+        float, typer.Option("--length-penalty", min=0.0, help="Rank beams by logprob / len^ALPHA (0 = raw).")
+    ] = 0.0,
     out: Annotated[
         Path | None, typer.Option(help="Folder for the results and metrics JSON (default: the checkpoint's folder, the "
                                   "current folder for the default model, or next to the --results file).")
@@ -371,13 +374,14 @@ def evaluate(
     else:
         captions, scores = ev.evaluate_checkpoint(checkpoint, ds, split, beam_size=beam, batch_size=batch_size,
                                                   device=device, progress=RichProgress(), metrics=metrics,
-                                                  tokenizer=tokenizer)
+                                                  tokenizer=tokenizer, length_penalty=length_penalty)
         folder = out or (checkpoint.parent if checkpoint is not None else Path.cwd())
-        stem = f"{ds.name}_{split}_beam{beam}"
+        stem = f"{ds.name}_{split}_beam{beam}" + (f"_lp{length_penalty:g}" if length_penalty else "")
         written = [
             ev.write_results(folder / f"results_{stem}.json", captions),
             ev.write_metrics(folder / f"metrics_{stem}.json", scores, split, len(captions),
                              checkpoint=checkpoint if checkpoint is not None else "default model", beam=beam,
+                             length_penalty=length_penalty,
                              dataset=ds.name),
         ]
     if html is not None:

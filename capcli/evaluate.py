@@ -507,6 +507,7 @@ def evaluate_checkpoint(
     tokenizer: str = "auto",
     max_len: int = 20,
     workers: int = 2,
+    length_penalty: float = 0.0,
 ) -> tuple[dict[int, str], Scores]:
     """Caption every image of ``split`` with ``checkpoint`` and score the captions.
 
@@ -524,7 +525,7 @@ def evaluate_checkpoint(
     failed: list[tuple[ImageRecord, str]] = []
     outs = captioner.caption_paths(
         [ds.path(r) for r in recs], beam_size=beam_size, batch_size=batch_size, workers=workers,
-        max_len=max_len, progress=progress,
+        max_len=max_len, progress=progress, length_penalty=length_penalty,
     )
     n_out = 0
     for item in outs:  # drain the generator (not zip) so that it reaches its end and closes its progress
