@@ -576,6 +576,7 @@ def metrics_document(
     results: str | Path | None = None,
     beam: int | None = None,
     dataset: str | None = None,
+    length_penalty: float | None = None,
 ) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "metrics": {k: scores.values[k] for k in METRIC_KEYS if k in scores.values},
@@ -592,6 +593,8 @@ def metrics_document(
     if results is not None:
         doc["results"] = str(results)
     doc["beam"] = beam
+    if length_penalty is not None:
+        doc["length_penalty"] = length_penalty
     return doc
 
 
