@@ -159,11 +159,12 @@ class Captioner:
         # On the CPU the search runs on ONE intra-op thread: its ops are small, and a team of threads costs
         # more to wake than it saves (and stalls whenever another thread, like the encoder's, holds a core).
         with torch.inference_mode(), _intra_op_threads(1 if self.device.type == "cpu" else None):
+            banned = (v.pad_id, v.start_id, v.unk_id)  # alt-text never says "<unk>"
             if beam_size == 1:
-                results = [[d] for d in greedy(self.model, feats, v.start_id, v.end_id, max_len)]
+                results = [[d] for d in greedy(self.model, feats, v.start_id, v.end_id, max_len, banned=banned)]
             else:
                 results = beam_search(self.model, feats, v.start_id, v.end_id, beam_size=beam_size,
-                                      max_len=max_len, length_penalty=length_penalty, top_k=top_k)
+                                      max_len=max_len, length_penalty=length_penalty, top_k=top_k, banned=banned)
         return [self._record(hyps, top_k, return_alphas) for hyps in results]
 
     def _record(self, hyps: list[Decoded], top_k: int, return_alphas: bool) -> dict[str, Any]:

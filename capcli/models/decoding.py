@@ -5,6 +5,7 @@ Greedy decoding lives here; batched beam search over all images of a batch at on
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +24,11 @@ class Decoded:
 
 @torch.no_grad()
 def greedy(model: CaptionModel, features: torch.Tensor, start_id: int, end_id: int,
-           max_len: int = 20) -> list[Decoded]:
-    """Most likely word at each step, for a batch of features; stops at <end> or ``max_len`` words."""
+           max_len: int = 20, banned: Sequence[int] = ()) -> list[Decoded]:
+    """Most likely word at each step, for a batch of features; stops at <end> or ``max_len`` words.
+
+    ``banned`` token ids (e.g. <unk>, <pad>, <start>) are never generated.
+    """
     B = features.size(0)
     state = model.init_state(features)
     tokens = torch.full((B,), start_id, dtype=torch.long, device=features.device)
@@ -34,6 +38,8 @@ def greedy(model: CaptionModel, features: torch.Tensor, start_id: int, end_id: i
     done = torch.zeros(B, dtype=torch.bool, device=features.device)
     for _ in range(max_len + 1):
         step_logp, state, alpha = model.step(tokens, state)  # (B, V)
+        if banned:
+            step_logp = step_logp.index_fill(1, torch.tensor(banned, device=step_logp.device), float("-inf"))
         best, tokens = step_logp.max(-1)
         logp += torch.where(done, torch.zeros_like(best), best)
         if alpha is not None:
@@ -61,7 +67,8 @@ def _norm(score: torch.Tensor, length: torch.Tensor | int, length_penalty: float
 
 @torch.no_grad()
 def beam_search(model: CaptionModel, features: torch.Tensor, start_id: int, end_id: int, beam_size: int = 3,
-                max_len: int = 20, length_penalty: float = 0.0, top_k: int = 1) -> list[list[Decoded]]:
+                max_len: int = 20, length_penalty: float = 0.0, top_k: int = 1,
+                banned: Sequence[int] = ()) -> list[list[Decoded]]:
     """Beam search over ALL images of a batch at once; per image its ``top_k`` best captions, best first.
 
     The B x K live hypotheses are one flat batch of B*K rows for ``model.step``. At every step each image's
@@ -69,8 +76,9 @@ def beam_search(model: CaptionModel, features: torch.Tensor, start_id: int, end_
     caption, and the K best continuations that do not end stay live (so the beam stays K wide). A caption
     reaching ``max_len`` words is finished as it is (no ``<end>`` term, like :func:`greedy`), so beam 1 equals
     greedy. Finished captions are ranked by ``logprob / len^length_penalty`` (len = scored tokens, ``<end>``
-    included); ``logprob`` reported is always the raw sum. An image stops early once its K-th best finished
-    caption beats any score its live hypotheses could still reach; stopped images leave the batch.
+    included); ``logprob`` reported is always the raw sum; ``banned`` token ids are never generated. An image
+    stops early once its K-th best finished caption beats any score its live hypotheses could still reach;
+    stopped images leave the batch.
 
     Everything stays on the features' device: one host sync per step (to drop finished images).
     """
@@ -119,6 +127,8 @@ def beam_search(model: CaptionModel, features: torch.Tensor, start_id: int, end_
         Bact, M = live.shape
         logp, new_state, alpha = model.step(tokens, state)  # (Bact*M, V), alpha (Bact*M, N) | None
         logp = logp.float()  # scores add up in float32, also under autocast
+        if banned:  # words never to generate, e.g. <unk>
+            logp = logp.index_fill(1, torch.tensor(banned, device=dev), float("-inf"))
         alpha = alpha.float() if alpha is not None else None
         V = logp.size(1)
         if V < 2 * K:
