@@ -97,11 +97,11 @@ def search_pass(cap: Captioner, feats: list[torch.Tensor], beam: int) -> float:
 
 def e2e_pass(cap: Captioner, paths: list[Path], beam: int, ahead: bool) -> tuple[float, float, list[dict]]:
     """(img/s, CPU s per image, records) of one full pass of caption_paths (2 decoding workers, batch 32)."""
-    cap.encode_ahead = ahead
+    default, cap.encode_ahead = cap.encode_ahead, ahead
     t, c = time.perf_counter(), time.process_time()
     recs = list(cap.caption_paths(paths, beam_size=beam, batch_size=32, workers=2))
     rate, cpu = len(paths) / (time.perf_counter() - t), (time.process_time() - c) / len(paths)
-    cap.encode_ahead = True
+    cap.encode_ahead = default
     return rate, cpu, recs
 
 
@@ -193,9 +193,10 @@ def main() -> None:
         print(f"end to end, beam {beam} ({how:23s}): {rate:6.1f} img/s  ({rate / enc_rate:.2f} x encoder only; "
               f"{cpu_s[f'{beam}{ahead}']:.3f} CPU s per image; {words[beam]:.1f} words per caption)")
     print(f"encoder only (best: {fmt}): {enc_rate:.1f} img/s; timings are the best of {a.rounds} rounds")
-    ratio = best["3True"] / enc_rate  # the default pipeline (encoder ahead), beam 3
+    ratio = best[f"3{Captioner.encode_ahead}"] / enc_rate  # the default pipeline, beam 3
     print(f"CPU-time ratio, beam 3 (encoder-only CPU s per image / end-to-end CPU s per image): "
-          f"{cpu_s[fmt] / cpu_s['3True']:.2f} -- the wall-clock ratio to expect on an idle machine that keeps "
+          f"{cpu_s[fmt] / cpu_s[f'3{Captioner.encode_ahead}']:.2f} -- the wall-clock ratio to expect on an idle "
+          "machine that keeps "
           "every core busy; wall-clock figures on a loaded machine favour whichever run has more threads")
 
     for n in [int(x) for x in a.rss.split(",") if x.strip()]:
