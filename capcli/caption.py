@@ -23,7 +23,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 
+from . import atomic
 from .checkpoint import load_checkpoint
 from .encoders import Encoder, create_encoder, get_spec
 from .errors import CapcliError, CheckpointError, ImageError, UsageError
@@ -333,15 +333,6 @@ def output_format(out: str | Path) -> str:
     return FORMATS[suffix]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _complete_lines(path: Path) -> list[str]:
     """Lines of a streamed output; a last line without its newline (the writer was killed) is dropped."""
     try:
@@ -420,7 +411,7 @@ class _JsonlWriter(_Writer):
     def __init__(self, path: Path, resume: bool) -> None:
         super().__init__(path, resume)
         if self.kept:
-            _atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.kept))
+            atomic.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.kept))
         self.f = path.open("a" if self.kept else "w", encoding="utf-8")
 
     def write(self, rec: dict[str, Any]) -> None:
@@ -440,7 +431,7 @@ class _CsvWriter(_Writer):
             w.writeheader()
             for r in self.kept:
                 w.writerow(self._row(r))
-            _atomic_write(path, buf.getvalue())
+            atomic.write_text(path, buf.getvalue())
         self.f = path.open("a" if self.kept else "w", encoding="utf-8", newline="")
         self.w = csv.DictWriter(self.f, CSV_FIELDS, lineterminator="\n")
         if not self.kept:
@@ -481,7 +472,7 @@ class _JsonWriter(_Writer):
 
     def save(self) -> None:
         t = time.monotonic()
-        _atomic_write(self.path, json.dumps(self.records, ensure_ascii=False, indent=1) + "\n")
+        atomic.write_text(self.path, json.dumps(self.records, ensure_ascii=False, indent=1) + "\n")
         self.saved = time.monotonic()
         self.every_s = max(self.every_s, 20 * (self.saved - t))
 

@@ -24,7 +24,6 @@ import functools
 import html
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import atomic
 from .errors import CapcliError, EvaluateError
 from .layout import Dataset, ImageRecord, open_dataset
 from .progress import NULL, Progress
@@ -555,17 +555,9 @@ def evaluate_checkpoint(
 
 
 # ---- writing outputs -----------------------------------------------------------------------------
-def _write_json(path: Path, doc: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(doc, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
 def write_results(path: str | Path, results: Mapping[int, str]) -> Path:
     """COCO results format: ``[{"image_id": int, "caption": str}, ...]`` sorted by image id."""
-    return _write_json(Path(path), [{"image_id": int(i), "caption": results[i]} for i in sorted(results)])
+    return atomic.write_json(Path(path), [{"image_id": int(i), "caption": results[i]} for i in sorted(results)])
 
 
 def metrics_document(
@@ -600,7 +592,7 @@ def metrics_document(
 
 def write_metrics(path: str | Path, scores: Scores, split: str, n_images: int, **source: Any) -> Path:
     """The metrics JSON: ``{"metrics", "official", "notes", "split", "n_images", "checkpoint"|"results", "beam"}``."""
-    return _write_json(Path(path), metrics_document(scores, split, n_images, **source))
+    return atomic.write_json(Path(path), metrics_document(scores, split, n_images, **source))
 
 
 def thumbnail_data_uri(path: str | Path, size: int = 160) -> str:
@@ -702,9 +694,4 @@ def write_html(
 <script>{_JS}</script>
 </body></html>
 """
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return atomic.write_text(path, page)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import paths
+from . import atomic, paths
 from .encoders import DEFAULT_ENCODER, EncoderSpec, get_spec
 from .errors import DatasetError, FeaturesError, ImageError, UsageError
 from .layout import Dataset
@@ -250,10 +250,7 @@ def _read_manifest(folder: Path) -> dict | None:
 
 
 def _write_manifest(folder: Path, doc: dict) -> None:
-    target = folder / MANIFEST
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, target)
+    atomic.write_json(folder / MANIFEST, doc)
 
 
 class _ShardWriter:

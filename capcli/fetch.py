@@ -54,7 +54,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
-from . import __version__, paths
+from . import __version__, atomic, paths
 from .errors import FetchError, UsageError
 from .prepare import PrepareReport
 from .progress import NULL, Progress
@@ -149,12 +149,6 @@ def human(n: float | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
-
-
-def _write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -414,7 +408,7 @@ def _finish(src: Source, dest: Path, part: Path, sink: _Hashing) -> dict:
     os.replace(part, dest)
     marker = {"file": src.file, "url": src.url, "size": size, "sha256": digests["sha256"],
               "completed": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    _write_json(dest.with_name(dest.name + ".done"), marker)
+    atomic.write_json(dest.with_name(dest.name + ".done"), marker)
     return marker
 
 
@@ -684,7 +678,7 @@ def fetch(
             except FetchError as e:
                 if not src.optional:
                     raise
-                _write_json(unavailable, {"url": src.url, "error": str(e)})
+                atomic.write_json(unavailable, {"url": src.url, "error": str(e)})
                 result.notes.append(f"{src.file} unavailable ({e}); continuing without it")
                 continue
             result.downloaded.append(src.file)
@@ -695,10 +689,10 @@ def fetch(
             done_marker.unlink(missing_ok=True)
             if not src.optional:
                 raise FetchError(f"{e}; moved aside to {src.file}.bad") from None
-            _write_json(unavailable, {"url": src.url, "error": str(e)})
+            atomic.write_json(unavailable, {"url": src.url, "error": str(e)})
             result.notes.append(f"{src.file} unusable ({e}; moved aside to {src.file}.bad); continuing without it")
             continue
-        _write_json(extracted, {"file": src.file, "dest": str(raw / src.dest), "files": count})
+        atomic.write_json(extracted, {"file": src.file, "dest": str(raw / src.dest), "files": count})
         unavailable.unlink(missing_ok=True)
         result.extracted.append(src.file)
         if not keep_archives:

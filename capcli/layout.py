@@ -13,12 +13,12 @@ as written; tokenisation happens in :mod:`capcli.vocab`.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import atomic
 from .errors import DatasetError
 
 FORMAT = "capcli-dataset/1"
@@ -80,11 +80,7 @@ class Dataset:
             "image_root": str(Path(self.image_root).resolve()),
             "images": [asdict(r) for r in self.images],
         }
-        target = folder / FILENAME
-        tmp = target.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(doc, ensure_ascii=False))
-        os.replace(tmp, target)
-        return target
+        return atomic.write_json(folder / FILENAME, doc, indent=None)
 
     @classmethod
     def load(cls, folder: str | Path) -> Dataset:

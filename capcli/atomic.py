@@ -1,0 +1,39 @@
+"""Atomic file writes: the one way capcli replaces a file, so a crash never leaves a half-written one.
+
+Write to a temporary name in the same folder, then ``os.replace`` it onto the real name (atomic on POSIX
+and Windows); on failure the temporary file is removed and the old file, if any, is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; it replaces ``path`` when the block ends without error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Atomically write ``text`` (UTF-8) to ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | Path, doc: Any, indent: int | None = 1) -> Path:
+    """Atomically write ``doc`` as JSON (non-ASCII kept as is) to ``path``."""
+    return write_text(path, json.dumps(doc, ensure_ascii=False, indent=indent) + "\n")
