@@ -691,7 +691,9 @@ def train(cfg: TrainConfig, progress: Progress = NULL) -> TrainResult:
     _check_config(cfg)
     dist = _Dist.setup(cfg.device)
     try:
-        return _train(cfg, dist, progress if dist.main else NULL)
+        result = _train(cfg, dist, progress if dist.main else NULL)
+        dist.barrier()  # leave together: a rank tearing down gloo while rank 0 still saves can abort the peer
+        return result
     finally:
         dist.close()
 
