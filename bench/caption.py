@@ -6,9 +6,10 @@ On the same photos (default: the first 96 of ../shared/data/flickr8k/images), in
 
 1. encoder only: images already decoded into memory, batch 32, the faster of NCHW and channels-last:
    the ceiling for any captioning pipeline;
-2. end to end through ``Captioner.caption_paths`` (files decoded in 2 DataLoader workers, encoder, batched
-   search), greedy (beam 1) and beam 3, with the encoder running one batch ahead of the search (the default)
-   and without (encode, then search);
+2. the search alone (greedy and beam 3) over features already computed, and end to end through
+   ``Captioner.caption_paths`` (files decoded in 2 threads, encoder batch 32, one batched search per 128
+   images), greedy (beam 1) and beam 3, both with the search in float32 and in the default precision
+   (``auto``: bfloat16 on a CPU with native bfloat16 arithmetic);
 3. peak memory (VmHWM; on the CPU decoding runs in threads of that process, with CUDA also the largest
    DataLoader worker process) of a whole ``caption_files`` run to a .json file on 100 and 1000 images (the
    photos repeated through symlinks), each in a fresh subprocess.
@@ -36,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from capcli.caption import DEFAULT_MODEL, Captioner, caption_files  # noqa: E402
+from capcli.caption import DEFAULT_MODEL, SEARCH_BATCH, Captioner, caption_files  # noqa: E402
 from capcli.features import tune_cpu_allocator  # noqa: E402
 from capcli.images import is_image_file, load_image  # noqa: E402
 
@@ -86,23 +87,20 @@ def sync(cap: Captioner) -> None:
         torch.cuda.synchronize()
 
 
-def search_pass(cap: Captioner, feats: list[torch.Tensor], beam: int) -> float:
-    """img/s of the caption search alone (greedy or beam) over features already computed, batch 32."""
+def search_pass(cap: Captioner, feats: torch.Tensor, beam: int) -> float:
+    """img/s of the caption search alone (greedy or beam) over features already computed, as caption_paths."""
     t = time.perf_counter()
-    for f in feats:
+    for f in feats.split(SEARCH_BATCH):
         cap._decode(f, beam, 20, 1, 0.0, False)
     sync(cap)
-    return sum(len(f) for f in feats) / (time.perf_counter() - t)
+    return len(feats) / (time.perf_counter() - t)
 
 
-def e2e_pass(cap: Captioner, paths: list[Path], beam: int, ahead: bool) -> tuple[float, float, list[dict]]:
+def e2e_pass(cap: Captioner, paths: list[Path], beam: int) -> tuple[float, float, list[dict]]:
     """(img/s, CPU s per image, records) of one full pass of caption_paths (2 decoding workers, batch 32)."""
-    default, cap.encode_ahead = cap.encode_ahead, ahead
     t, c = time.perf_counter(), time.process_time()
     recs = list(cap.caption_paths(paths, beam_size=beam, batch_size=32, workers=2))
-    rate, cpu = len(paths) / (time.perf_counter() - t), (time.process_time() - c) / len(paths)
-    cap.encode_ahead = default
-    return rate, cpu, recs
+    return len(paths) / (time.perf_counter() - t), (time.process_time() - c) / len(paths), recs
 
 
 def vm_hwm_kb() -> int:
@@ -131,7 +129,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folder", nargs="?", type=Path, default=DEFAULT_FOLDER)
     ap.add_argument("--checkpoint", type=Path, default=None)
-    ap.add_argument("--n", type=int, default=96, help="photos to time on")
+    ap.add_argument("--n", type=int, default=256, help="photos to time on")
     ap.add_argument("--rss", default="100,1000", help="image counts for the peak-memory runs ('' to skip)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (best of each is kept)")
@@ -158,46 +156,52 @@ def main() -> None:
           f"{os.cpu_count()} CPUs; glibc allocator tuned for both: {tuned}")
 
     images = torch.stack([cap.spec.preprocess(load_image(p)) for p in paths])
+    caps = {"float32": Captioner(cap.model, cap.encoder, cap.vocab, cap.device, precision="float32"), "auto": cap}
+    print(f"search precision: auto = {str(cap.search_dtype).removeprefix('torch.')} on this machine")
     list(cap.caption_paths(paths[:8], beam_size=3, batch_size=8, workers=2))  # warm-up
     # Interleaved rounds, best of each: on a shared machine the load comes and goes, and every figure
     # should see the same quiet moments.
     best: dict[str, float] = {}
     cpu_s: dict[str, float] = {}  # CPU seconds (all threads) per image: the work, whatever the machine's load
-    words: dict[int, float] = {}
-    configs = [(beam, ahead) for beam in (1, 3) for ahead in (True, False)]
-    feats = [cap._encode(images[s: s + 32]) for s in range(0, len(images), 32)]
+    words: dict[str, float] = {}
+    captions: dict[str, list[str]] = {}
+    feats = torch.cat([cap._encode(images[s: s + 32]) for s in range(0, len(images), 32)])
     for _ in range(a.rounds):
         for fmt in ("channels-last", "nchw"):
             rate, cpu = encoder_pass(cap, images, fmt)
             best[fmt] = max(best.get(fmt, 0.0), rate)
             cpu_s[fmt] = min(cpu_s.get(fmt, 1e9), cpu)
-        for beam in (1, 3):
-            best[f"search{beam}"] = max(best.get(f"search{beam}", 0.0), search_pass(cap, feats, beam))
-        for beam, ahead in configs:
-            rate, cpu, recs = e2e_pass(cap, paths, beam, ahead)
-            best[f"{beam}{ahead}"] = max(best.get(f"{beam}{ahead}", 0.0), rate)
-            cpu_s[f"{beam}{ahead}"] = min(cpu_s.get(f"{beam}{ahead}", 1e9), cpu)
-            words[beam] = sum(len(r.get("caption", "").split()) for r in recs) / len(recs)
+        for prec, c in caps.items():
+            for beam in (1, 3):
+                key = f"{prec} beam {beam}"
+                best[f"search {key}"] = max(best.get(f"search {key}", 0.0), search_pass(c, feats, beam))
+                rate, cpu, recs = e2e_pass(c, paths, beam)
+                best[key] = max(best.get(key, 0.0), rate)
+                cpu_s[key] = min(cpu_s.get(key, 1e9), cpu)
+                captions[key] = [r.get("caption", "") for r in recs]
+                words[key] = sum(len(t.split()) for t in captions[key]) / len(recs)
     fmt = max(("channels-last", "nchw"), key=best.__getitem__)
     enc_rate = best[fmt]
     for f in ("channels-last", "nchw"):
         print(f"encoder only, {f:13s}: {best[f]:6.1f} img/s  ({cpu_s[f]:.3f} CPU s per image)")
-    for beam in (1, 3):
-        rate = best[f"search{beam}"]
-        bound = 1 / (1 + enc_rate / rate)  # encoder and search one after the other, nothing else
-        print(f"search alone, beam {beam}: {rate:6.1f} img/s ({32 / rate:.2f} s per batch of 32; encoder + search "
-              f"in turn would give {bound:.2f} x encoder only)")
-    for beam, ahead in configs:
-        rate = best[f"{beam}{ahead}"]
-        how = "encoder one batch ahead" if ahead else "encode, then search"
-        print(f"end to end, beam {beam} ({how:23s}): {rate:6.1f} img/s  ({rate / enc_rate:.2f} x encoder only; "
-              f"{cpu_s[f'{beam}{ahead}']:.3f} CPU s per image; {words[beam]:.1f} words per caption)")
+    for prec in caps:
+        for beam in (1, 3):
+            key = f"{prec} beam {beam}"
+            rate = best[f"search {key}"]
+            bound = 1 / (1 + enc_rate / rate)  # encoder and search one after the other, nothing else
+            print(f"search alone, {key:15s}: {rate:6.1f} img/s (encoder + search in turn would give {bound:.2f} x "
+                  "encoder only)")
+    for prec in caps:
+        for beam in (1, 3):
+            key = f"{prec} beam {beam}"
+            print(f"end to end, {key:15s}: {best[key]:6.1f} img/s  ({best[key] / enc_rate:.2f} x encoder only; "
+                  f"{cpu_s[key]:.3f} CPU s per image; {words[key]:.1f} words per caption)")
+    same = sum(x == y for x, y in zip(captions["float32 beam 3"], captions["auto beam 3"], strict=True))
+    print(f"beam-3 captions identical in float32 and auto precision: {same}/{len(paths)}")
     print(f"encoder only (best: {fmt}): {enc_rate:.1f} img/s; timings are the best of {a.rounds} rounds")
-    ratio = best[f"3{Captioner.encode_ahead}"] / enc_rate  # the default pipeline, beam 3
+    ratio = best["auto beam 3"] / enc_rate  # the default pipeline, beam 3
     print(f"CPU-time ratio, beam 3 (encoder-only CPU s per image / end-to-end CPU s per image): "
-          f"{cpu_s[fmt] / cpu_s[f'3{Captioner.encode_ahead}']:.2f} -- the wall-clock ratio to expect on an idle "
-          "machine that keeps "
-          "every core busy; wall-clock figures on a loaded machine favour whichever run has more threads")
+          f"{cpu_s[fmt] / cpu_s['auto beam 3']:.2f}")
 
     for n in [int(x) for x in a.rss.split(",") if x.strip()]:
         res = subprocess.run([sys.executable, __file__, str(a.folder), "--checkpoint", str(ckpt), "--device",

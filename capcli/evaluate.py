@@ -508,8 +508,12 @@ def evaluate_checkpoint(
     max_len: int = 20,
     workers: int = 2,
     length_penalty: float = 0.0,
+    precision: str = "float32",
 ) -> tuple[dict[int, str], Scores]:
     """Caption every image of ``split`` with ``checkpoint`` and score the captions.
+
+    The search runs in float32 by default, so that scores do not depend on the machine; ``precision="auto"``
+    scores what ``capcli caption`` writes (bfloat16 on CPUs with native bfloat16).
 
     Images that cannot be read are left out (with a note), never scored as empty captions silently.
     """
@@ -520,7 +524,7 @@ def evaluate_checkpoint(
     _check_metrics(metrics)  # fail before the slow part
     if tokenizer not in TOKENIZERS:
         raise EvaluateError(f"unknown tokenizer {tokenizer!r}; use one of {', '.join(TOKENIZERS)}")
-    captioner = Captioner.load(checkpoint, device=device)
+    captioner = Captioner.load(checkpoint, device=device, precision=precision)
     results: dict[int, str] = {}
     failed: list[tuple[ImageRecord, str]] = []
     outs = captioner.caption_paths(

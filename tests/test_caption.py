@@ -183,6 +183,7 @@ def test_exit_status_when_nothing_or_something_fails(photo_dir, ckpts, tmp_path)
     (["-o", "c.json", "--shard", "x"], "--shard wants I/N"),
     (["nope", "-o", "c.json"], "no such file or folder"),
     (["-o", "c.json", "--top-k", "4"], "--top-k 4 needs --beam >= 4"),
+    (["-o", "c.json", "--precision", "fp16"], "--precision 'fp16': use one of auto, float32, bfloat16"),
 ])
 def test_bad_arguments_give_one_clear_line(photo_dir, ckpts, tmp_path, args, message):
     args = [str(tmp_path / a) if a.startswith("c") and "." in a else a for a in args]
@@ -277,7 +278,8 @@ def test_attention_maps_one_panel_per_word(photo_dir, captioner, tmp_path):
         for rec, photo in zip(recs, photos, strict=True):
             words = rec["words"]
             assert rec["alphas"].shape == (len(words), 49)
-            assert np.allclose(rec["alphas"].sum(1), 1.0, atol=1e-4)
+            tol = 1e-4 if captioner.search_dtype == torch.float32 else 5e-3  # bfloat16: 8-bit mantissa
+            assert np.allclose(rec["alphas"].sum(1), 1.0, atol=tol)
             assert words == rec["caption"].split()
             png = tmp_path / f"{max_len}.png"
             assert save_attention_map(png, photo, words, rec["alphas"], grid=7) == len(words)
@@ -317,6 +319,9 @@ def test_caption_images_and_paths(example_photos, captioner, photo_dir):
     out = list(captioner.caption_paths(paths, beam_size=3, batch_size=2, workers=1, max_len=8))
     assert [o["path"] for o in out] == [str(p) for p in paths]  # input order
     assert "error" in out[0] and [o["caption"] for o in out[1:]] == [r["caption"] for r in recs]
+    # Searching a few images at a time (groups of encoder batches, failures among them) changes nothing.
+    small = list(captioner.caption_paths(paths, beam_size=3, batch_size=2, workers=1, max_len=8, search_batch=3))
+    assert small == out
     with pytest.raises(UsageError):
         captioner.caption_images(imgs, beam_size=2, top_k=3)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from capcli.caption import DEFAULT_MODEL, SHIPPED_MODELS, Captioner
 from capcli.checkpoint import load_checkpoint
@@ -41,6 +42,19 @@ def test_captions_of_the_example_photos_are_sensible(captioner, example_photos) 
     by_name = {p.name: c for p, c in zip(example_photos, captions, strict=True)}
     people = ("man", "men", "woman", "person", "people", "girl", "boy")
     assert any(w in tokenize(by_name["astronaut.jpg"]) for w in people), by_name
+
+
+def test_bfloat16_search_keeps_the_float32_captions(captioner, example_photos) -> None:
+    """The bfloat16 search (the default on CPUs with native bfloat16) rounds only the matrix products."""
+    f32 = Captioner(captioner.model, captioner.encoder, captioner.vocab, captioner.device, precision="float32")
+    bf16 = Captioner(captioner.model, captioner.encoder, captioner.vocab, captioner.device, precision="bfloat16")
+    assert f32.search_dtype == torch.float32 and bf16.search_dtype == torch.bfloat16
+    a = f32.caption_paths(example_photos, beam_size=3, workers=0)
+    b = bf16.caption_paths(example_photos, beam_size=3, workers=0)
+    pairs = list(zip(a, b, strict=True))
+    same = [(x, y) for x, y in pairs if x["caption"] == y["caption"]]
+    assert len(same) >= len(pairs) - 1, pairs
+    assert all(abs(x["logprob"] - y["logprob"]) < 0.15 for x, y in same), same
 
 
 def test_scores_above_a_floor_on_fixed_val_images(captioner, flickr8k_dir) -> None:

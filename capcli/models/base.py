@@ -38,6 +38,7 @@ class CaptionModel(nn.Module):
         raise NotImplementedError
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State, torch.Tensor | None]:
+        """One word for each row: (log-probs (B, V) in float32 whatever the model's dtype, new state, alpha)."""
         raise NotImplementedError
 
     def regularizer(self, alphas: torch.Tensor | None) -> torch.Tensor:

@@ -12,6 +12,25 @@ import torch
 
 from .base import CaptionModel
 
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def search_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype a caption search runs in: ``float32``, ``bfloat16``, or ``auto``.
+
+    ``auto`` is bfloat16 on a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX, through oneDNN): there
+    the search's matrix products run about 2.4x faster and a beam-3 search about 2x; elsewhere float32. Scores
+    still add up in float32 (models return float32 log-probs), so only the products round differently:
+    on Flickr8k val the captions and scores barely change (see the README's benchmarks).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        native = device.type == "cpu" and torch.backends.mkldnn.is_available() and bool(
+            torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return torch.bfloat16 if native else torch.float32
+    return getattr(torch, precision)
+
 
 @dataclass
 class Decoded:

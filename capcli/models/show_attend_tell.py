@@ -135,7 +135,7 @@ class ShowAttendTell(CaptionModel):
         z, alpha = self._attend(a, Wa_a, h)
         h, c = self._cell(torch.cat([Ey, z], 1), h, c)
         logits = self._deep_output(Ey, h, z)  # (B, V)
-        return torch.log_softmax(logits, -1), (a, Wa_a, h, c), alpha
+        return torch.log_softmax(logits.float(), -1), (a, Wa_a, h, c), alpha
 
     def regularizer(self, alphas: torch.Tensor | None) -> torch.Tensor:
         """Doubly stochastic attention (eq. 14): Σ_i (1 - Σ_t α_ti)^2, averaged over the batch.

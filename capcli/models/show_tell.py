@@ -111,4 +111,4 @@ class ShowTell(CaptionModel):
         x = self.embed(tokens).unsqueeze(1)  # (B, 1, E)
         out, hidden = self.rnn(x, self._unpack(state))
         logits = self.out(out.squeeze(1))  # (B, V)
-        return torch.log_softmax(logits, -1), self._pack(hidden), None
+        return torch.log_softmax(logits.float(), -1), self._pack(hidden), None
