@@ -24,6 +24,9 @@ State = tuple[torch.Tensor, ...]
 class CaptionModel(nn.Module):
     arch: ClassVar[str]
     feature_kind: ClassVar[str]  # "pooled" or "grid"
+    # The first ``image_slots`` slots of the decoding state are per image (B rows) and shared by all of an
+    # image's hypotheses; the rest are per hypothesis (B*M rows, M = beams per image, 1 in greedy decoding).
+    image_slots: ClassVar[int] = 0
 
     def config_dict(self) -> dict:
         """JSON-able config with an "arch" key; ``capcli.models.build`` turns it back into a model."""

@@ -119,9 +119,9 @@ def beam_search(model: CaptionModel, features: torch.Tensor, start_id: int, end_
     fin_len = torch.zeros(B, K, dtype=torch.long, device=dev)
     fin_tok = torch.zeros(B, K, max_len, dtype=torch.long, device=dev)
     fin_att: torch.Tensor | None = None
-    # State slots that ``step`` hands back untouched (e.g. the image grid) are the same for every beam of an
-    # image, so reordering beams within an image need not copy them; only dropping images does.
-    constant: list[bool] | None = None
+    # The model's per-image state slots (e.g. the image grid) are shared by an image's beams: never copied per
+    # beam, only narrowed when images leave the batch.
+    shared = model.image_slots
 
     def merge(rows: torch.Tensor, norm: torch.Tensor, logp: torch.Tensor, length: torch.Tensor,
               tok: torch.Tensor, al: torch.Tensor | None) -> None:
@@ -144,7 +144,7 @@ def beam_search(model: CaptionModel, features: torch.Tensor, start_id: int, end_
 
     for t in range(max_len):
         Bact, M = live.shape
-        logp, new_state, alpha = model.step(tokens, state)  # (Bact*M, V), alpha (Bact*M, N) | None
+        logp, state, alpha = model.step(tokens, state)  # (Bact*M, V), alpha (Bact*M, N) | None
         logp = logp.float()  # scores add up in float32, also under autocast
         if banned:  # words never to generate, e.g. <unk>
             logp = logp.index_fill(1, torch.tensor(banned, device=dev), float("-inf"))
@@ -152,9 +152,6 @@ def beam_search(model: CaptionModel, features: torch.Tensor, start_id: int, end_
         V = logp.size(1)
         if V < 2 * K:
             raise ValueError(f"beam size {K} is too large for a vocabulary of {V} words")
-        same = [n is o for n, o in zip(new_state, state, strict=True)]
-        constant = same if constant is None else [c and s for c, s in zip(constant, same, strict=True)]
-        state = new_state
         cand = (live.unsqueeze(2) + logp.view(Bact, M, V)).view(Bact, M * V)
         top, idx = cand.topk(2 * K, dim=1)  # (Bact, 2K), best first: at most M <= K of them end
         parent, word = idx // V, idx % V
@@ -193,10 +190,8 @@ def beam_search(model: CaptionModel, features: torch.Tensor, start_id: int, end_
             att = att[kept] if att is not None else None
         tokens = word.flatten()
         index = (kept.unsqueeze(1) * M + parent[kept]).flatten()  # (Bact'*K,) parent row of each hypothesis
-        firsts = (kept * M).repeat_interleave(K)  # the first row of each kept image, K times
-        # A constant slot needs no copy when beams only moved within their images.
-        state = tuple(s if (c and M == K and everyone) else s.index_select(0, firsts if c else index)
-                      for s, c in zip(state, constant, strict=True))
+        state = tuple((s if everyone else s.index_select(0, kept)) if i < shared else s.index_select(0, index)
+                      for i, s in enumerate(state))
     if live.size(0):  # captions that reached max_len words end there, without an <end> term
         merge(img, _norm(live, max_len, length_penalty), live, torch.full_like(live, max_len, dtype=torch.long),
               seqs, att)

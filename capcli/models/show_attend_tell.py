@@ -52,16 +52,22 @@ class SoftAttention(nn.Module):
         return self.W_a(a)
 
     def forward(self, a: torch.Tensor, Wa_a: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        e = self.w(torch.tanh(Wa_a + self.W_h(h).unsqueeze(1))).squeeze(2)  # (B, L)
-        alpha = torch.softmax(e, dim=1)  # (B, L)
-        context = torch.bmm(alpha.unsqueeze(1), a).squeeze(1)  # Σ_i α_ti a_i: (B, D)
-        return context, alpha
+        """a (B, L, D), Wa_a (B, L, A) per image; h (B*M, H): M hypotheses per image (M beams, or 1).
+
+        The regions are shared by an image's hypotheses, never copied per beam: -> context (B*M, D), α (B*M, L).
+        """
+        B, L, A = Wa_a.shape
+        e = self.w(torch.tanh(Wa_a.unsqueeze(1) + self.W_h(h).view(B, -1, 1, A))).squeeze(3)  # (B, M, L)
+        alpha = torch.softmax(e, dim=2)  # (B, M, L)
+        context = torch.bmm(alpha, a)  # Σ_i α_ti a_i: (B, M, D)
+        return context.flatten(0, 1), alpha.flatten(0, 1)
 
 
 @register
 class ShowAttendTell(CaptionModel):
     arch = "attention"
     feature_kind = "grid"
+    image_slots = 2  # a and W_a a: per image, shared by its beams
 
     def __init__(self, cfg: ShowAttendTellConfig) -> None:
         super().__init__()
