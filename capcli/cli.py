@@ -272,6 +272,11 @@ def train_cmd(
     grad_clip: Annotated[float, typer.Option(help="Max gradient norm (0: off).")] = 5.0,
     alpha_c: Annotated[float, typer.Option(help="Weight of the doubly stochastic attention regulariser.")] = 1.0,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = 0.0,
+    init_from: Annotated[Path | None, typer.Option(help="Start from this checkpoint's model and vocabulary "
+                                                   "(e.g. --scst after cross-entropy training).")] = None,
+    scst: Annotated[bool, typer.Option("--scst", help="Self-critical training: reward sampled captions by "
+                                       "CIDEr-D instead of cross-entropy.")] = False,
+    scst_samples: Annotated[int, typer.Option(help="Captions sampled per image with --scst.")] = 5,
     schedule: Annotated[str, typer.Option(help="plateau (halve the LR when --select stalls) | cosine | "
                                           "none")] = "plateau",
     patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better --select "

@@ -5,7 +5,14 @@ Each epoch shows the model every training caption once (each image with each of 
 
     loss = cross_entropy(logits, next words, ignoring <pad>) + alpha_c * model.regularizer(alphas)
 
-then generates captions for the validation images without teacher forcing (greedy, or beam search
+or, with ``scst`` (self-critical sequence training, Rennie et al. 2017; usually from a cross-entropy
+model given by ``init_from``), each epoch takes every training image once, samples ``scst_samples``
+captions per image and rewards each by its CIDEr-D against the image's references, less the mean reward
+of the image's other samples (the baseline; Luo 2020)::
+
+    loss = -mean((CIDEr-D(w^s) - baseline) * log p(w^s))
+
+Each epoch then generates captions for the validation images without teacher forcing (greedy, or beam search
 with ``val_beam``), scores BLEU-4 and CIDEr with :func:`capcli.evaluate.score`, keeps the best
 checkpoint by ``select`` and stops after ``patience`` epochs without improvement.
 
@@ -40,7 +47,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +111,10 @@ class TrainConfig:
     grad_clip: float = 5.0  # max gradient norm; 0 = off
     alpha_c: float = 1.0  # weight of the doubly stochastic attention regulariser
     label_smoothing: float = 0.0
+    # self-critical sequence training (Rennie et al. 2017), usually after cross-entropy training
+    init_from: str | None = None  # start from this checkpoint's model and vocabulary (a fresh optimiser)
+    scst: bool = False  # reward sampled captions by CIDEr-D instead of teacher-forced cross-entropy
+    scst_samples: int = 5  # captions sampled per image; each one's baseline is the others' mean reward
     schedule: str = "plateau"  # plateau (on the selection metric) | cosine | none
     patience: int = 4  # epochs without improvement before stopping; 0 = never stop early
     max_steps: int | None = None  # stop after this many optimiser steps in all (smoke tests, benchmarks)
@@ -181,6 +192,7 @@ def _check_config(cfg: TrainConfig) -> None:
     need(not (cfg.fine_tune_encoder and cfg.fine_tune_blocks < 1), "--fine-tune-blocks must be at least 1")
     need(not (cfg.freeze_embeddings and not cfg.embeddings), "--freeze-embeddings needs --embeddings PATH")
     need(not (cfg.fine_tune_encoder and cfg.features), "--features and --fine-tune-encoder exclude each other")
+    need(not cfg.scst or cfg.scst_samples >= 2, "--scst-samples must be at least 2 (the baseline needs others)")
     if cfg.val_beam > 1:
         from .models import decoding
 
@@ -667,6 +679,23 @@ def _generate(model: nn.Module, x_groups: Iterator[tuple], groups: Sequence[torc
     return hyps
 
 
+def _self_critical(model: nn.Module, feats: torch.Tensor, images: torch.Tensor, cider: Any, vocab: Vocabulary,
+                   cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-critical loss of one batch and its mean reward: n sampled captions per image, each rewarded by its
+    CIDEr-D less the mean CIDEr-D of the image's other n - 1 samples."""
+    from .models.decoding import sample
+
+    n = cfg.scst_samples
+    words, logp = sample(model, feats, n, vocab.start_id, vocab.end_id, cfg.max_len,
+                         banned=(vocab.pad_id, vocab.start_id, vocab.unk_id))
+    rows = images.tolist()
+    reward = torch.tensor([cider.score(rows[i // n], [vocab.words[w] for w in ws]) for i, ws in enumerate(words)])
+    reward = reward.view(-1, n)
+    baseline = (reward.sum(1, keepdim=True) - reward) / (n - 1)
+    advantage = (reward - baseline).flatten().to(logp.device)
+    return -(advantage * logp).mean(), reward.mean().to(logp.device)
+
+
 def _features(x: torch.Tensor, inverse: torch.Tensor | None, encoder: nn.Module | None, kind: str,
               device: torch.device) -> torch.Tensor:
     """What the model consumes, (B, D) or (B, N, D), for one group: cached features or images."""
@@ -714,6 +743,8 @@ def _train(cfg: TrainConfig, dist: _Dist, progress: Progress) -> TrainResult:
         ckpt = _load_resume(out)
         cfg = _merge_resumed(cfg, ckpt["train_config"], progress)
     _check_config(cfg)
+    if cfg.scst and dist.world > 1:
+        raise UsageError("--scst trains in one process (its sampling loop bypasses DistributedDataParallel)")
     if not cfg.resume and (out / "last.pt").exists() and not cfg.overwrite:
         raise UsageError(f"{out} already holds a training run; pass --resume to continue it, --overwrite to "
                          "start over, or --out DIR to train elsewhere")
@@ -745,24 +776,41 @@ def _train(cfg: TrainConfig, dist: _Dist, progress: Progress) -> TrainResult:
                                 f"images of {ds.name}; run `capcli features {ds.name}` again")
     if ckpt is not None:
         check_encoder(ckpt, spec.name, where)  # (features: checked when opened)
+    init = None  # the checkpoint a new run starts from (--init-from)
+    if cfg.init_from and ckpt is None:
+        init = load_checkpoint(cfg.init_from)
+        check_encoder(init, spec.name, where)
+        if init["config"].get("arch") != cfg.arch:
+            raise UsageError(f"--init-from {cfg.init_from} is a {init['config'].get('arch')!r} model, "
+                             f"not --arch {cfg.arch}")
+        progress.info(f"starting from {cfg.init_from} (its model and vocabulary)")
+    start = ckpt if ckpt is not None else init
     if cfg.val_images:
         val_recs = val_recs[: cfg.val_images]
     val_ids = [r.id for r in val_recs]
     references = {r.id: r.captions for r in val_recs}
 
     # ---- vocabulary and captions --------------------------------------------------------------
-    if ckpt is not None:
-        vocab = Vocabulary.from_dict(ckpt["vocab"])
+    if start is not None:
+        vocab = Vocabulary.from_dict(start["vocab"])
     else:
         vocab = Vocabulary.build((c for r in ds.split("train") for c in _captions_of(r, cfg)), cfg.min_count)
         progress.info(f"vocabulary: {len(vocab)} words seen at least {cfg.min_count} times in the training captions")
-    caps = _training_captions(train_recs, vocab, cfg)
+    # Self-critical training: each image once per epoch (its first caption stands for it), and CIDEr-D
+    # document frequencies from all the training references.
+    caps = _training_captions(train_recs, vocab, replace(cfg, captions_per_image=1) if cfg.scst else cfg)
+    cider = None
+    if cfg.scst:
+        from .cider import CiderD
+        from .vocab import tokenize
+
+        cider = CiderD({r: [tokenize(c) for c in rec.captions] for r, rec in enumerate(train_recs)})
 
     # ---- model, encoder, optimiser ------------------------------------------------------------
     if ckpt is None:
         _seed_all(cfg.seed)  # the same initial weights on every rank
-    if ckpt is not None:
-        model_cfg = ckpt["config"]
+    if start is not None:
+        model_cfg = start["config"]
     else:
         model_cfg = {"arch": cfg.arch, "vocab_size": len(vocab), "feature_dim": feature_dim,
                      "embed_dim": cfg.embed_dim, "hidden_dim": cfg.hidden_dim, "dropout": cfg.dropout,
@@ -770,8 +818,8 @@ def _train(cfg: TrainConfig, dist: _Dist, progress: Progress) -> TrainResult:
         model_cfg.update({"attention_dim": cfg.attention_dim} if cfg.arch == "attention"
                          else {"condition": cfg.condition})
     model = build(model_cfg)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+    if start is not None:
+        model.load_state_dict(start["model"])
     elif cfg.embeddings:
         found, missing = load_embeddings(cfg.embeddings, vocab, model.embed.weight)
         progress.info(f"embeddings: {found} of {found + missing} words from {cfg.embeddings}; "
@@ -934,12 +982,15 @@ def _train(cfg: TrainConfig, dist: _Dist, progress: Progress) -> TrainResult:
                         lengths = lengths.to(device, non_blocking=True)
                         with autocast():
                             feats = _features(x, inverse, train_encoder, kind, device)  # (B, D) | (B, N, D)
-                            logits, alphas = train_model(feats, tokens, lengths)  # (B, T-1, V), (B, T-1, N)
-                            ce = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(),
-                                                 ignore_index=vocab.pad_id, label_smoothing=cfg.label_smoothing)
-                            loss = ce
-                            if alphas is not None and cfg.alpha_c > 0:
-                                loss = ce + cfg.alpha_c * model.regularizer(alphas.float())
+                            if cider is not None:  # ce: the mean reward, for the log
+                                loss, ce = _self_critical(model, feats, caps.image[idx], cider, vocab, cfg)
+                            else:
+                                logits, alphas = train_model(feats, tokens, lengths)  # (B, T-1, V), (B, T-1, N)
+                                ce = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(),
+                                                     ignore_index=vocab.pad_id, label_smoothing=cfg.label_smoothing)
+                                loss = ce
+                                if alphas is not None and cfg.alpha_c > 0:
+                                    loss = ce + cfg.alpha_c * model.regularizer(alphas.float())
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         if cfg.grad_clip > 0:
@@ -991,7 +1042,8 @@ def _train(cfg: TrainConfig, dist: _Dist, progress: Progress) -> TrainResult:
                 ts["stopped_early"] = 0 < cfg.patience <= ts["bad_epochs"]
                 lr = optimizer.param_groups[0]["lr"]
                 ts["epoch"], ts["batch"] = epoch + 1, 0
-                row = {"epoch": epoch + 1, "step": ts["step"], "train_loss": train_loss, "train_ce": train_ce,
+                row = {"epoch": epoch + 1, "step": ts["step"], "train_loss": train_loss,
+                       "train_reward" if cfg.scst else "train_ce": train_ce,
                        **{f"val_{k}": v for k, v in scores.items()}, "lr": lr,
                        "captions_per_s": trained * dist.world / max(train_seconds, 1e-9),
                        "seconds": time.perf_counter() - t0}
@@ -1009,7 +1061,8 @@ def _train(cfg: TrainConfig, dist: _Dist, progress: Progress) -> TrainResult:
                     if time.perf_counter() - last_plot > PLOT_EVERY_S:
                         last_plot = draw_curves()
                     progress.info(
-                        f"epoch {epoch + 1}: loss {train_loss:.3f} (cross-entropy {train_ce:.3f}), "
+                        f"epoch {epoch + 1}: loss {train_loss:.3f} "
+                        f"({'mean CIDEr-D reward' if cfg.scst else 'cross-entropy'} {train_ce:.3f}), "
                         f"val BLEU-4 {scores.get('BLEU-4', 0):.4f} CIDEr {scores.get('CIDEr', 0):.4f}"
                         f"{' (best)' if improved else ''}, lr {lr:.2g}, {row['captions_per_s']:.0f} captions/s")
                     if ts["stopped_early"]:

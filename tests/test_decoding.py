@@ -8,7 +8,7 @@ import torch
 from capcli.encoders import create_encoder, get_spec
 from capcli.images import load_image
 from capcli.models import build
-from capcli.models.decoding import Decoded, beam_search, greedy
+from capcli.models.decoding import Decoded, beam_search, greedy, sample
 from capcli.vocab import Vocabulary
 
 START, END = Vocabulary.start_id, Vocabulary.end_id
@@ -135,3 +135,24 @@ def test_beam_search_on_cuda_matches_cpu(real_grids, arch):
     for c, g in zip(cpu, gpu, strict=True):
         assert [d.tokens for d in c] == [d.tokens for d in g]
         assert [d.logprob for d in c] == pytest.approx([d.logprob for d in g], abs=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["attention", "basic"])
+def test_sampled_captions_carry_their_teacher_forced_log_probability(real_grids, arch):
+    """sample(): n draws per image, image-major; each total log-prob is what teacher forcing gives that caption,
+    and it is differentiable (self-critical training backpropagates through it)."""
+    model = _model(arch, ending=True)
+    feats = model.features_of_kind(real_grids.clone(), model.feature_kind)  # (not an inference-mode tensor)
+    torch.manual_seed(1)
+    words, total = sample(model, feats, 3, START, END, max_len=12, banned=(0, START))
+    assert len(words) == 3 * len(feats) and total.shape == (3 * len(feats),) and total.requires_grad
+    assert len({tuple(w) for w in words}) > len(feats)  # draws differ
+    assert all(0 not in w and START not in w and END not in w and len(w) <= 12 for w in words)
+    for i, w in enumerate(words):
+        caption = torch.tensor([[START, *w] + ([END] if len(w) < 12 else [])])
+        logits, _ = model(feats[i // 3: i // 3 + 1], caption, torch.tensor([caption.size(1)]))
+        logp = torch.log_softmax(logits[0].float().index_fill(1, torch.tensor([0, START]), float("-inf")), -1)
+        forced = logp.gather(1, caption[0, 1:, None]).sum()
+        assert torch.allclose(total[i], forced, atol=1e-4), (i, float(total[i]), float(forced))
+    total.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())

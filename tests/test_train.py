@@ -252,6 +252,29 @@ def test_glove_embeddings_are_loaded_and_frozen(small_flickr8k, small_flickr8k_f
     assert_clean_error(r, "8-d vectors", "--embed-dim 8")
 
 
+def test_self_critical_training_raises_the_cider_reward(small_flickr8k, small_flickr8k_features, tmp_path):
+    """--init-from a cross-entropy model, then --scst: every training image once per epoch, 4 samples each; the
+    mean CIDEr-D reward of the samples climbs, and the run keeps the starting model's vocabulary and config."""
+    xe = train(tiny(small_flickr8k, small_flickr8k_features, tmp_path / "xe", arch="attention", epochs=10,
+                    embed_dim=128, hidden_dim=128, attention_dim=128, batch_size=10, lr=3e-3, dropout=0.0))
+    rec = Recorder()
+    res = train(tiny(small_flickr8k, small_flickr8k_features, tmp_path / "scst", arch="attention", epochs=10,
+                     init_from=str(xe.last_path), scst=True, scst_samples=4, lr=1e-3, batch_size=4, alpha_c=0.0,
+                     dropout=0.0, min_count=5), rec)
+    assert any("starting from" in m for m in rec.messages), rec.messages
+    rows = metrics(tmp_path / "scst")
+    assert "train_ce" not in rows[0] and len(rows) == 10
+    assert rows[0]["step"] == 5  # 20 images, batch 4: each image once per epoch
+    rewards = [r["train_reward"] for r in rows]
+    assert min(rewards[-3:]) > rewards[0] + 0.1, rewards  # (seed 3: 1.49 -> 1.70; a flipped sign falls)
+    start, end = load_checkpoint(xe.best_path), load_checkpoint(res.last_path)
+    assert end["vocab"] == start["vocab"] and end["config"] == start["config"]  # not min_count=5, not dim 32
+
+    r = cli("--data", small_flickr8k.source, "--features", str(small_flickr8k_features), "--out",
+            str(tmp_path / "bad"), "--arch", "basic", "--init-from", str(xe.best_path), "--scst")
+    assert_clean_error(r, "is a 'attention' model, not --arch basic")
+
+
 # ---- the product owner's flow and bad input --------------------------------------------------------
 
 

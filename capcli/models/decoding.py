@@ -206,3 +206,34 @@ def beam_search(model: CaptionModel, features: torch.Tensor, start_id: int, end_
                                 fin_att_c[b, k, :n].clone() if fin_att_c is not None else None))
         out.append(hyps)
     return out
+
+
+def sample(model: CaptionModel, features: torch.Tensor, n: int, start_id: int, end_id: int, max_len: int = 20,
+           banned: Sequence[int] = ()) -> tuple[list[list[int]], torch.Tensor]:
+    """Draw ``n`` captions per image from the model's distribution, WITH gradients (self-critical training).
+
+    Returns the B*n token lists (image-major: rows i*n .. i*n+n-1 are image i's; no <end>) and each one's
+    summed log-probability (B*n,), <end> included, differentiable. ``banned`` ids are never drawn.
+    """
+    B, dev = features.size(0), features.device
+    state = model.init_state(features)
+    state = tuple(s if i < model.image_slots else s.repeat_interleave(n, 0) for i, s in enumerate(state))
+    tokens = torch.full((B * n,), start_id, dtype=torch.long, device=dev)
+    done = torch.zeros(B * n, dtype=torch.bool, device=dev)
+    total = torch.zeros(B * n, device=dev)
+    words: list[torch.Tensor] = []
+    ban = torch.tensor(banned, device=dev) if banned else None
+    for t in range(max_len + 1):
+        logp, state, _ = model.step(tokens, state)  # (B*n, V) float32
+        if ban is not None:
+            logp = torch.log_softmax(logp.index_fill(1, ban, float("-inf")), -1)
+        if t == max_len:  # a caption still going here ends as it is (no <end> term), as in greedy()
+            break
+        tokens = torch.multinomial(logp.detach().exp(), 1).squeeze(1)
+        total = total + torch.where(done, 0.0, logp.gather(1, tokens.unsqueeze(1)).squeeze(1))
+        words.append(torch.where(done, end_id, tokens))
+        done = done | (tokens == end_id)
+        if bool(done.all()):
+            break
+    rows = torch.stack(words, 1).tolist()  # (B*n, T)
+    return [r[: r.index(end_id)] if end_id in r else r for r in rows], total
