@@ -940,7 +940,8 @@ def _train(cfg: TrainConfig, dist: _Dist, progress: Progress) -> TrainResult:
 
     source = f"fine-tuning {spec.name}" if encoder is not None else f"{spec.name} features"
     progress.info(
-        f"training {cfg.arch} on {ds.name}: {len(train_recs)} images, {len(caps)} captions, validating on "
+        f"training {cfg.arch} on {ds.name}: {len(train_recs)} images, "
+        f"{f'self-critical, {cfg.scst_samples} samples each' if cfg.scst else f'{len(caps)} captions'}, validating on "
         f"{len(val_ids)} {cfg.val_split} images; {source}"
         f"; device {device}{' (bf16 autocast)' if use_amp else ''}"
         f"{f', {dist.world} processes' if dist.world > 1 else ''}; run folder {out}")
@@ -962,7 +963,7 @@ def _train(cfg: TrainConfig, dist: _Dist, progress: Progress) -> TrainResult:
                 epoch = ts["epoch"]
                 order = epoch_order(len(caps), cfg.seed, epoch, dist.rank, dist.world)
                 batches = list(order.split(cfg.batch_size))
-                progress.start(f"epoch {epoch + 1}/{cfg.epochs}", total=len(order), unit="cap")
+                progress.start(f"epoch {epoch + 1}/{cfg.epochs}", total=len(order), unit="img" if cfg.scst else "cap")
                 if ts["batch"]:
                     progress.advance(sum(len(b) for b in batches[: ts["batch"]]))
                 t0, trained = time.perf_counter(), 0
