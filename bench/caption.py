@@ -1,8 +1,8 @@
 """Benchmark ``capcli caption``: how close does the whole pipeline get to the encoder alone?
 
-    python bench/caption.py [FOLDER] [--checkpoint CKPT] [--n 96] [--rss 100,1000] [--device cpu]
+    python bench/caption.py [FOLDER] [--checkpoint CKPT] [--n 256] [--rss 100,1000] [--device cpu] [--rounds 3]
 
-On the same photos (default: the first 96 of ../shared/data/flickr8k/images), in one run:
+On the same photos (default: the first 256 of ../shared/data/flickr8k/images), in one run:
 
 1. encoder only: images already decoded into memory, batch 32, the faster of NCHW and channels-last:
    the ceiling for any captioning pipeline;
@@ -17,7 +17,7 @@ On the same photos (default: the first 96 of ../shared/data/flickr8k/images), in
 The model is ``--checkpoint``, else the shipped default model (``capcli.caption.DEFAULT_MODEL``), else a
 random-init attention model with a ~2500-word Flickr8k vocabulary (its captions run to max_len: the worst
 case for beam search cost).
-The last line is ``ratio X.XX`` = end-to-end beam-3 img/s over encoder-only img/s.
+The last line is ``ratio X.XX`` = end-to-end beam-3 img/s (default precision) over encoder-only img/s.
 """
 
 from __future__ import annotations
