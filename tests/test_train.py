@@ -269,6 +269,8 @@ def test_self_critical_training_raises_the_cider_reward(small_flickr8k, small_fl
     assert min(rewards[-3:]) > rewards[0] + 0.1, rewards  # (seed 3: 1.49 -> 1.70; a flipped sign falls)
     start, end = load_checkpoint(xe.best_path), load_checkpoint(res.last_path)
     assert end["vocab"] == start["vocab"] and end["config"] == start["config"]  # not min_count=5, not dim 32
+    more = train(TrainConfig(out=str(tmp_path / "scst"), resume=True, epochs=11))  # resumes as self-critical
+    assert more.epochs_run == 11 and "train_reward" in metrics(tmp_path / "scst")[-1]
 
     r = cli("--data", small_flickr8k.source, "--features", str(small_flickr8k_features), "--out",
             str(tmp_path / "bad"), "--arch", "basic", "--init-from", str(xe.best_path), "--scst")
