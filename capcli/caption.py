@@ -41,7 +41,7 @@ from .errors import CapcliError, CheckpointError, ImageError, UsageError
 from .images import is_image_file, load_image, to_rgb
 from .models import build
 from .models.base import CaptionModel
-from .models.decoding import PRECISIONS, Decoded, beam_search, greedy, search_dtype
+from .models.decoding import Decoded, beam_search, greedy, search_dtype
 from .progress import NULL, Progress
 from .vocab import Vocabulary
 
@@ -80,17 +80,17 @@ class Captioner:
 
     def __init__(self, model: CaptionModel, encoder: Encoder, vocab: Vocabulary, device: torch.device,
                  source: Path | None = None, precision: str = "auto") -> None:
-        if precision not in PRECISIONS:
-            raise UsageError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        try:
+            self.search_dtype = search_dtype(precision, device)  # the search's own dtype (the encoder: float32)
+        except ValueError as e:
+            raise UsageError(f"--{e}") from None
         self.model = model.to(device).eval()
         self.encoder = encoder.to(device).eval()
         self.vocab = vocab
         self.device = device
         self.spec = encoder.spec
         self.source = source
-        # The search runs in its own dtype (the encoder always in float32, as in training): a bfloat16 copy
-        # of the decoder where the CPU computes in bfloat16 natively.
-        self.search_dtype = search_dtype(precision, device)
+        # A bfloat16 copy of the decoder where the CPU computes in bfloat16 natively.
         self._search_model = (self.model if self.search_dtype == torch.float32
                               else copy.deepcopy(self.model).to(self.search_dtype))
 
