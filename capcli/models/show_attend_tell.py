@@ -48,16 +48,20 @@ class SoftAttention(nn.Module):
         self.w = nn.Linear(attention_dim, 1)
 
     def project(self, a: torch.Tensor) -> torch.Tensor:
-        """W_a a_i for all regions, computed once per image: (B, L, D) -> (B, L, A)."""
-        return self.W_a(a)
+        """2 W_a a_i for all regions, computed once per image: (B, L, D) -> (B, L, A); doubled for forward's σ."""
+        return 2 * self.W_a(a)
 
-    def forward(self, a: torch.Tensor, Wa_a: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """a (B, L, D), Wa_a (B, L, A) per image; h (B*M, H): M hypotheses per image (M beams, or 1).
+    def forward(self, a: torch.Tensor, Wa_a2: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """a (B, L, D), Wa_a2 = 2 W_a a (B, L, A) per image; h (B*M, H): M hypotheses per image (M beams, or 1).
 
         The regions are shared by an image's hypotheses, never copied per beam: -> context (B*M, D), α (B*M, L).
         """
-        B, L, A = Wa_a.shape
-        e = self.w(torch.tanh(Wa_a.unsqueeze(1) + self.W_h(h).view(B, -1, 1, A))).squeeze(3)  # (B, M, L)
+        B, L, A = Wa_a2.shape
+        # Eq. 4 through tanh(x) = 2σ(2x) - 1: e = w^T tanh(x) + b = 2 w^T σ(2x) + b - Σ_k w_k, the same numbers.
+        # This (B, M, L, A) tensor is a beam search's biggest elementwise job, and on a CPU σ runs it 2-5x faster
+        # than tanh (measured in float32 and bfloat16).
+        s = (Wa_a2.unsqueeze(1) + 2 * self.W_h(h).view(B, -1, 1, A)).sigmoid_()  # σ(2x)
+        e = 2 * nn.functional.linear(s, self.w.weight).squeeze(3) + (self.w.bias - self.w.weight.sum())  # (B, M, L)
         alpha = torch.softmax(e, dim=2)  # (B, M, L)
         context = torch.bmm(alpha, a)  # Σ_i α_ti a_i: (B, M, D)
         return context.flatten(0, 1), alpha.flatten(0, 1)
@@ -67,7 +71,7 @@ class SoftAttention(nn.Module):
 class ShowAttendTell(CaptionModel):
     arch = "attention"
     feature_kind = "grid"
-    image_slots = 2  # a and W_a a: per image, shared by its beams
+    image_slots = 2  # a and 2 W_a a: per image, shared by its beams
 
     def __init__(self, cfg: ShowAttendTellConfig) -> None:
         super().__init__()
@@ -98,8 +102,8 @@ class ShowAttendTell(CaptionModel):
             return self.cell(x, (h, c))
         return self.cell(x, h), c  # GRU / plain RNN carry no memory cell
 
-    def _attend(self, a: torch.Tensor, Wa_a: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        context, alpha = self.attention(a, Wa_a, h)
+    def _attend(self, a: torch.Tensor, Wa_a2: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        context, alpha = self.attention(a, Wa_a2, h)
         beta = torch.sigmoid(self.f_beta(h))  # gating scalar: (B, 1)
         return beta * context, alpha  # ẑ_t: (B, D)
 
@@ -120,7 +124,7 @@ class ShowAttendTell(CaptionModel):
         steps = lengths - 1  # words to predict per caption, <end> included
         order = torch.argsort(steps, descending=True)
         a, captions, steps = a[order], captions[order], steps[order]
-        a, Wa_a, h, c = self.init_state(a)
+        a, Wa_a2, h, c = self.init_state(a)
         Ey = self.embed(captions[:, :-1])  # E y_{t-1}: (B, T-1, E)
         hs = a.new_zeros(B, T - 1, h.size(1))
         zs = a.new_zeros(B, T - 1, a.size(2))
@@ -128,7 +132,7 @@ class ShowAttendTell(CaptionModel):
         steps_list = steps.tolist()
         for t in range(int(steps_list[0])):
             n = sum(1 for s in steps_list if s > t)  # captions still running at step t
-            z, alpha = self._attend(a[:n], Wa_a[:n], h[:n])
+            z, alpha = self._attend(a[:n], Wa_a2[:n], h[:n])
             h, c = self._cell(torch.cat([Ey[:n, t], z], 1), h[:n], c[:n])
             hs[:n, t], zs[:n, t], alphas[:n, t] = h, z, alpha
         logits = self._deep_output(Ey, hs, zs)  # (B, T-1, V), one matmul for all steps
@@ -136,12 +140,12 @@ class ShowAttendTell(CaptionModel):
         return logits[inverse], alphas[inverse]
 
     def step(self, tokens: torch.Tensor, state: State):
-        a, Wa_a, h, c = state
+        a, Wa_a2, h, c = state
         Ey = self.embed(tokens)  # (B, E)
-        z, alpha = self._attend(a, Wa_a, h)
+        z, alpha = self._attend(a, Wa_a2, h)
         h, c = self._cell(torch.cat([Ey, z], 1), h, c)
         logits = self._deep_output(Ey, h, z)  # (B, V)
-        return torch.log_softmax(logits.float(), -1), (a, Wa_a, h, c), alpha
+        return torch.log_softmax(logits.float(), -1), (a, Wa_a2, h, c), alpha
 
     def regularizer(self, alphas: torch.Tensor | None) -> torch.Tensor:
         """Doubly stochastic attention (eq. 14): Σ_i (1 - Σ_t α_ti)^2, averaged over the batch.
