@@ -157,7 +157,7 @@ def main() -> None:
 
     images = torch.stack([cap.spec.preprocess(load_image(p)) for p in paths])
     caps = {"float32": Captioner(cap.model, cap.encoder, cap.vocab, cap.device, precision="float32"), "auto": cap}
-    print(f"search precision: auto = {str(cap.search_dtype).removeprefix('torch.')} on this machine")
+    print(f"search precision: auto = {cap.precision} on this machine")
     list(cap.caption_paths(paths[:8], beam_size=3, batch_size=8, workers=2))  # warm-up
     # Interleaved rounds, best of each: on a shared machine the load comes and goes, and every figure
     # should see the same quiet moments.

@@ -3,8 +3,9 @@
 Pipeline for many files: photos are decoded and resized (``load_image`` -> ``spec.preprocess``, a uint8 tensor
 per image) beside the encoder, by the same batch source as ``capcli features`` (threads on the CPU, DataLoader
 worker processes for CUDA); the encoder runs over batches of ``batch_size`` and one batched beam search then
-decodes ``SEARCH_BATCH`` images at once (bigger matrix products: ~1.3-2x faster per image on the CPU), in
-bfloat16 where the CPU has native bfloat16 arithmetic (``precision="auto"``). Nothing but the small result
+decodes ``SEARCH_BATCH`` images at once (bigger matrix products: ~1.3-2x faster per image on the CPU), through
+the model's search twin with int8 or bfloat16 products where the CPU computes them natively
+(``precision="auto"``). Nothing but the small result
 records outlives a search group, so memory stays flat however many photos.
 
 Outputs (chosen by the extension of ``-o``):
@@ -20,7 +21,6 @@ the files are listed, and the N shards are disjoint and cover everything.
 
 from __future__ import annotations
 
-import copy
 import csv
 import hashlib
 import io
@@ -40,8 +40,8 @@ from .encoders import Encoder, create_encoder, get_spec
 from .errors import CapcliError, CheckpointError, ImageError, UsageError
 from .images import is_image_file, load_image, to_rgb
 from .models import build
-from .models.base import CaptionModel
-from .models.decoding import Decoded, beam_search, greedy, search_dtype
+from .models.base import CaptionModel, Searchable
+from .models.decoding import Decoded, beam_search, greedy, resolve_precision
 from .progress import NULL, Progress
 from .vocab import Vocabulary
 
@@ -81,7 +81,7 @@ class Captioner:
     def __init__(self, model: CaptionModel, encoder: Encoder, vocab: Vocabulary, device: torch.device,
                  source: Path | None = None, precision: str = "auto") -> None:
         try:
-            self.search_dtype = search_dtype(precision, device)  # the search's own dtype (the encoder: float32)
+            precision = resolve_precision(precision, device)  # of the search's matrix products (encoder: float32)
         except ValueError as e:
             raise UsageError(f"--{e}") from None
         self.model = model.to(device).eval()
@@ -90,17 +90,18 @@ class Captioner:
         self.device = device
         self.spec = encoder.spec
         self.source = source
-        # A bfloat16 copy of the decoder where the CPU computes in bfloat16 natively.
-        self._search_model = (self.model if self.search_dtype == torch.float32
-                              else copy.deepcopy(self.model).to(self.search_dtype))
+        # Below float32 the search runs the model's twin, its products in bfloat16 or int8 (models/packed.py).
+        twin = self.model.for_search(precision) if precision != "float32" else None
+        self._search_model: Searchable = twin if twin is not None else self.model
+        self.precision = precision if twin is not None else "float32"
 
     @classmethod
     def load(cls, checkpoint: str | Path | None = None, device: str | torch.device = "auto",
              precision: str = "auto") -> Captioner:
         """Load a capcli checkpoint (default: the model shipped in the package).
 
-        ``precision`` of the caption search: auto (bfloat16 on a CPU with native bfloat16, else float32) |
-        float32 | bfloat16.
+        ``precision`` of the caption search's matrix products: auto (int8 or bfloat16 on CPUs that compute them
+        natively, see ``models.decoding.resolve_precision``) | float32 | bfloat16 | int8.
         """
         dev = _device(device)
         if checkpoint is None:
@@ -148,14 +149,14 @@ class Captioner:
                 return_alphas: bool) -> list[dict[str, Any]]:
         """Features of a batch -> one record per image."""
         v, model = self.vocab, self._search_model
-        feats = feats.to(self.search_dtype)
         with torch.inference_mode():
             banned = (v.pad_id, v.start_id, v.unk_id)  # alt-text never says "<unk>"
             if beam_size == 1:
                 results = [[d] for d in greedy(model, feats, v.start_id, v.end_id, max_len, banned=banned)]
             else:
-                results = beam_search(model, feats, v.start_id, v.end_id, beam_size=beam_size,
-                                      max_len=max_len, length_penalty=length_penalty, top_k=top_k, banned=banned)
+                results = beam_search(model, feats, v.start_id, v.end_id, beam_size=beam_size, max_len=max_len,
+                                      length_penalty=length_penalty, top_k=top_k, banned=banned,
+                                      with_alphas=return_alphas)
         return [self._record(hyps, top_k, return_alphas) for hyps in results]
 
     def _record(self, hyps: list[Decoded], top_k: int, return_alphas: bool) -> dict[str, Any]:

@@ -513,7 +513,7 @@ def evaluate_checkpoint(
     """Caption every image of ``split`` with ``checkpoint`` and score the captions.
 
     The search runs in float32 by default, so that scores do not depend on the machine; ``precision="auto"``
-    scores what ``capcli caption`` writes (bfloat16 on CPUs with native bfloat16).
+    scores what ``capcli caption`` writes (int8 or bfloat16 products where the CPU computes them natively).
 
     Images that cannot be read are left out (with a note), never scored as empty captions silently.
     """

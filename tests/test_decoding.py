@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from capcli.encoders import create_encoder, get_spec
 from capcli.images import load_image
 from capcli.models import build
-from capcli.models.decoding import Decoded, beam_search, greedy, sample
+from capcli.models.decoding import PRECISIONS, Decoded, beam_search, greedy, resolve_precision, sample
 from capcli.vocab import Vocabulary
 
 START, END = Vocabulary.start_id, Vocabulary.end_id
@@ -111,6 +113,67 @@ def test_batched_beam_matches_reference(real_grids, arch, K, alpha, ending):
             if alpha == 0.0:  # ranked by raw log-prob, best first
                 assert [d.logprob for d in got[i]] == sorted((d.logprob for d in got[i]), reverse=True)
     assert differs > 0  # beam search found captions greedy did not: the beams are meaningful
+
+
+@pytest.mark.parametrize("arch", ["attention", "basic"])
+@pytest.mark.parametrize("alpha", [0.0, 0.7])
+def test_top_1_search_stops_early_with_the_same_best_caption(real_grids, arch, alpha):
+    """With top_k=1 an image stops once its best finished caption beats every live one: same best caption."""
+    model = _model(arch, ending=True)
+    feats = model.features_of_kind(real_grids, model.feature_kind)
+    best = beam_search(model, feats, START, END, beam_size=4, max_len=10, length_penalty=alpha, top_k=1)
+    with torch.no_grad():
+        for i in range(feats.size(0)):
+            want = reference_beam(model, feats[i], 4, 10, alpha, top_k=1)[0]
+            assert best[i][0].tokens == want.tokens
+            assert best[i][0].logprob == pytest.approx(want.logprob, abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["attention", "basic"])
+def test_search_twin_computes_the_model(real_grids, arch):
+    """for_search("float32") regroups the equations only: the same captions, log-probs and attention as the
+    model; in bfloat16 and int8 only the matrix products round (log-probs within 0.25, measured 0.11)."""
+    model = _model(arch, ending=True)
+    feats = model.features_of_kind(real_grids, model.feature_kind)
+    want = beam_search(model, feats, START, END, beam_size=3, max_len=10, top_k=3)
+    got = beam_search(model.for_search("float32"), feats, START, END, beam_size=3, max_len=10, top_k=3)
+    for w, g in zip(want, got, strict=True):
+        assert [d.tokens for d in g] == [d.tokens for d in w]
+        assert [d.logprob for d in g] == pytest.approx([d.logprob for d in w], abs=1e-4)
+        if arch == "attention":
+            assert all(torch.allclose(gd.alphas, wd.alphas, atol=1e-5) for gd, wd in zip(g, w, strict=True))
+    for kind in ("bfloat16", "int8"):
+        twin = model.for_search(kind)
+        with torch.inference_mode():
+            s_model, s_twin = model.init_state(feats), twin.init_state(feats)
+            tokens = torch.full((feats.size(0),), START)
+            for _ in range(6):
+                logp, s_model, _ = model.step(tokens, s_model)
+                logp_twin, s_twin, _ = twin.step(tokens, s_twin)
+                assert logp_twin.dtype == torch.float32
+                assert (logp_twin - logp).abs().max() < 0.25, kind
+                tokens = logp.argmax(1)
+
+
+def test_twins_are_for_lstm_models_only():
+    torch.manual_seed(0)
+    for arch in ("attention", "basic"):
+        gru = build({"arch": arch, "vocab_size": 50, "feature_dim": 16, "embed_dim": 8, "hidden_dim": 8,
+                     "cell": "gru"})
+        assert gru.for_search("int8") is None  # searched as it is, in float32
+
+
+def test_precision_resolution():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for p in PRECISIONS[1:]:
+        assert resolve_precision(p, cpu) == p
+    assert resolve_precision("auto", cuda) == "float32"
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text().split() if cpuinfo.exists() else []
+    vnni = "avx512_vnni" in flags or "avx_vnni" in flags
+    assert (resolve_precision("auto", cpu) == "int8") == vnni
+    with pytest.raises(ValueError, match="use one of auto, float32, bfloat16, int8"):
+        resolve_precision("fp16", cpu)
 
 
 def test_beam_arguments():

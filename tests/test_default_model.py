@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from capcli.caption import DEFAULT_MODEL, SHIPPED_MODELS, Captioner
 from capcli.checkpoint import load_checkpoint
@@ -44,13 +43,14 @@ def test_captions_of_the_example_photos_are_sensible(captioner, example_photos) 
     assert any(w in tokenize(by_name["astronaut.jpg"]) for w in people), by_name
 
 
-def test_bfloat16_search_keeps_the_float32_captions(captioner, example_photos) -> None:
-    """The bfloat16 search (the default on CPUs with native bfloat16) rounds only the matrix products."""
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+def test_reduced_precision_search_keeps_the_float32_captions(captioner, example_photos, precision) -> None:
+    """The search twin with bfloat16 or int8 products (``auto`` picks one on most CPUs) rounds only the products."""
     f32 = Captioner(captioner.model, captioner.encoder, captioner.vocab, captioner.device, precision="float32")
-    bf16 = Captioner(captioner.model, captioner.encoder, captioner.vocab, captioner.device, precision="bfloat16")
-    assert f32.search_dtype == torch.float32 and bf16.search_dtype == torch.bfloat16
+    low = Captioner(captioner.model, captioner.encoder, captioner.vocab, captioner.device, precision=precision)
+    assert f32.precision == "float32" and low.precision == precision
     a = f32.caption_paths(example_photos, beam_size=3, workers=0)
-    b = bf16.caption_paths(example_photos, beam_size=3, workers=0)
+    b = low.caption_paths(example_photos, beam_size=3, workers=0)
     pairs = list(zip(a, b, strict=True))
     same = [(x, y) for x, y in pairs if x["caption"] == y["caption"]]
     assert len(same) >= len(pairs) - 1, pairs

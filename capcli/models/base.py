@@ -8,17 +8,28 @@ A model consumes image features of kind ``feature_kind``:
   attention models, the attention weights alphas (B, T-1, N) (else None).
 - ``init_state(features)`` -> state, a tuple of tensors whose first dim is the batch.
 - ``step(tokens, state)`` -> (log-probs (B, V), new state, alpha (B, N) or None): one decoding step.
-  Decoding (greedy, beam search) uses only init_state/step/select_state.
+  Decoding (greedy, beam search) uses only image_slots/init_state/step: of the model, or of its search twin
+  (``for_search``).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 from torch import nn
 
 State = tuple[torch.Tensor, ...]
+
+
+class Searchable(Protocol):
+    """What decoding needs: a model, or its search twin (``CaptionModel.for_search``)."""
+
+    image_slots: int
+
+    def init_state(self, features: torch.Tensor) -> State: ...
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State, torch.Tensor | None]: ...
 
 
 class CaptionModel(nn.Module):
@@ -43,6 +54,15 @@ class CaptionModel(nn.Module):
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State, torch.Tensor | None]:
         """One word for each row: (log-probs (B, V) in float32 whatever the model's dtype, new state, alpha)."""
         raise NotImplementedError
+
+    def for_search(self, matmul: str) -> CaptionModel | None:
+        """An inference-only twin for the caption search, its matrix products in ``matmul`` arithmetic
+        ("bfloat16" or "int8", see ``packed.py``), or None where there is none (search with the model itself).
+
+        A twin offers ``image_slots``, ``init_state`` and ``step`` like the model, and computes the same
+        equations regrouped for speed; its state is its own.
+        """
+        return None
 
     def regularizer(self, alphas: torch.Tensor | None) -> torch.Tensor:
         """Extra training loss from the attention weights; none for models without attention."""

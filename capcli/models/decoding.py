@@ -10,29 +10,48 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import CaptionModel
+from .base import Searchable
 
-PRECISIONS = ("auto", "float32", "bfloat16")
+PRECISIONS = ("auto", "float32", "bfloat16", "int8")
 
 
-def search_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The dtype a caption search runs in: ``float32``, ``bfloat16``, or ``auto``.
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
-    ``auto`` is bfloat16 on a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX, through oneDNN): there
-    the search's matrix products run about 2.4x faster and a beam-3 search about 2x; elsewhere float32. Scores
-    still add up in float32 (models return float32 log-probs), so only the products round differently:
-    on Flickr8k val the shipped model scores the same (BLEU-4 22.2 either way; README, `capcli caption`).
+
+def _native_bfloat16() -> bool:
+    try:  # a private probe: a torch without it gets float32
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The arithmetic of a caption search's matrix products: ``float32``, ``bfloat16``, ``int8``, or ``auto``.
+
+    ``auto`` on a CPU is int8 where it has VNNI (AVX512-VNNI or AVX-VNNI: int8 products ~2x bfloat16's),
+    else bfloat16 where it computes that natively (AVX512-BF16 or AMX, through oneDNN), else float32; on a GPU,
+    float32. Below float32 the search runs the model's twin (``CaptionModel.for_search``): only the products
+    round differently, everything else stays float32. On Flickr8k val the shipped model scores the same
+    either way (README, `capcli caption`).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        try:  # a private probe: a torch without it gets float32
-            native = device.type == "cpu" and torch.backends.mkldnn.is_available() and bool(
-                torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            native = False
-        return torch.bfloat16 if native else torch.float32
-    return getattr(torch, precision)
+    if precision != "auto":
+        return precision
+    if device.type != "cpu":
+        return "float32"
+    if {"avx512_vnni", "avx_vnni"} & _cpu_flags() and hasattr(torch, "_int_mm"):
+        return "int8"
+    return "bfloat16" if _native_bfloat16() else "float32"
 
 
 @dataclass
@@ -45,7 +64,7 @@ class Decoded:
 
 
 @torch.no_grad()
-def greedy(model: CaptionModel, features: torch.Tensor, start_id: int, end_id: int,
+def greedy(model: Searchable, features: torch.Tensor, start_id: int, end_id: int,
            max_len: int = 20, banned: Sequence[int] = ()) -> list[Decoded]:
     """Most likely word at each step, for a batch of features; stops at <end> or ``max_len`` words.
 
@@ -88,9 +107,9 @@ def _norm(score: torch.Tensor, length: torch.Tensor | int, length_penalty: float
 
 
 @torch.no_grad()
-def beam_search(model: CaptionModel, features: torch.Tensor, start_id: int, end_id: int, beam_size: int = 3,
+def beam_search(model: Searchable, features: torch.Tensor, start_id: int, end_id: int, beam_size: int = 3,
                 max_len: int = 20, length_penalty: float = 0.0, top_k: int = 1,
-                banned: Sequence[int] = ()) -> list[list[Decoded]]:
+                banned: Sequence[int] = (), with_alphas: bool = True) -> list[list[Decoded]]:
     """Beam search over ALL images of a batch at once; per image its ``top_k`` best captions, best first.
 
     The B x K live hypotheses are one flat batch of B*K rows for ``model.step``. At every step each image's
@@ -99,8 +118,9 @@ def beam_search(model: CaptionModel, features: torch.Tensor, start_id: int, end_
     reaching ``max_len`` words is finished as it is (no ``<end>`` term, like :func:`greedy`), so beam 1 equals
     greedy. Finished captions are ranked by ``logprob / len^length_penalty`` (len = scored tokens, ``<end>``
     included); ``logprob`` reported is always the raw sum; ``banned`` token ids are never generated. An image
-    stops early once its K-th best finished caption beats any score its live hypotheses could still reach;
-    stopped images leave the batch.
+    stops early once its ``top_k``-th best finished caption beats any score its live hypotheses could still
+    reach (nothing found later could enter its top_k); stopped images leave the batch. ``with_alphas=False``
+    skips keeping each hypothesis's attention weights (``Decoded.alphas`` is then None).
 
     Everything stays on the features' device: one host sync per step (to drop finished images).
     """
@@ -151,7 +171,7 @@ def beam_search(model: CaptionModel, features: torch.Tensor, start_id: int, end_
         logp = logp.float()  # scores add up in float32, also under autocast
         if banned:  # words never to generate, e.g. <unk>
             logp = logp.index_fill(1, torch.tensor(banned, device=dev), float("-inf"))
-        alpha = alpha.float() if alpha is not None else None
+        alpha = alpha.float() if alpha is not None and with_alphas else None
         V = logp.size(1)
         if V < 2 * K:
             raise ValueError(f"beam size {K} is too large for a vocabulary of {V} words")
@@ -182,7 +202,7 @@ def beam_search(model: CaptionModel, features: torch.Tensor, start_id: int, end_
             break
         # Stop images whose K-th best finished caption no live hypothesis can still beat.
         reach = live[:, 0] / (max_len ** length_penalty if length_penalty > 0 else 1.0)
-        going = fin_norm[img, K - 1] < reach  # (Bact,)
+        going = fin_norm[img, top_k - 1] < reach  # (Bact,)
         if not bool(going.any()):
             live = live[:0]
             break
@@ -211,7 +231,7 @@ def beam_search(model: CaptionModel, features: torch.Tensor, start_id: int, end_
     return out
 
 
-def sample(model: CaptionModel, features: torch.Tensor, n: int, start_id: int, end_id: int, max_len: int = 20,
+def sample(model: Searchable, features: torch.Tensor, n: int, start_id: int, end_id: int, max_len: int = 20,
            banned: Sequence[int] = ()) -> tuple[list[list[int]], torch.Tensor]:
     """Draw ``n`` captions per image from the model's distribution, WITH gradients (self-critical training).
 

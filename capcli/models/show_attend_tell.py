@@ -23,6 +23,7 @@ from torch import nn
 
 from . import register
 from .base import CaptionModel, State
+from .packed import PackedLinear, lstm_update
 
 CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}
 
@@ -147,9 +148,85 @@ class ShowAttendTell(CaptionModel):
         logits = self._deep_output(Ey, h, z)  # (B, V)
         return torch.log_softmax(logits.float(), -1), (a, Wa_a2, h, c), alpha
 
+    def for_search(self, matmul: str) -> SearchShowAttendTell | None:
+        return SearchShowAttendTell(self, matmul) if self.cfg.cell == "lstm" else None
+
     def regularizer(self, alphas: torch.Tensor | None) -> torch.Tensor:
         """Doubly stochastic attention (eq. 14): Σ_i (1 - Σ_t α_ti)^2, averaged over the batch.
 
         ``alphas`` (B, T, L) are zero on padded steps, so the sum over time covers real words only.
         """
         return ((1.0 - alphas.sum(1)) ** 2).sum(1).mean()
+
+
+class SearchShowAttendTell:
+    """Show, Attend and Tell for the caption search only: the same equations, regrouped for a CPU.
+
+    - E y_{t-1}'s share of the LSTM's input product, with both LSTM biases, is a table with a row per word;
+    - the products of h_t are one: L_h h_t (eq. 7) and, for the next step, W_h h_t (eq. 4), f_β(h_t) and the
+      LSTM's W_hh h_t; so are the two of ẑ_t (the LSTM's input, and L_z ẑ_t of eq. 7);
+    - eq. 4, the biggest elementwise job, runs over ``CHUNK`` images at a time, so that its (chunk, M, L, A)
+      block stays in cache;
+    - matrix products in ``matmul`` arithmetic (:class:`PackedLinear`: float32, bfloat16 or int8), the rest in
+      float32; the grid a is kept in bfloat16 unless ``matmul`` is float32.
+
+    State: (a, 2 W_a a, h, c, [W_h h; f_β(h); W_hh h]), the last two per hypothesis.
+    """
+
+    image_slots = 2
+    CHUNK = 16
+
+    def __init__(self, model: ShowAttendTell, matmul: str) -> None:
+        cfg = model.cfg
+        E, H, A = cfg.embed_dim, cfg.hidden_dim, cfg.attention_dim
+        self.E, self.A = E, A
+        self.grid_dtype = torch.float32 if matmul == "float32" else torch.bfloat16
+        with torch.no_grad():
+            f32 = {k: v.detach().float() for k, v in model.state_dict().items()}
+            W_ih = f32["cell.weight_ih"]  # (4H, E + D): [E y; ẑ] in that order
+            self.embed = f32["embed.weight"]  # (V, E)
+            self.word_gates = self.embed @ W_ih[:, :E].t() + f32["cell.bias_ih"] + f32["cell.bias_hh"]  # (V, 4H)
+            self.W_a = PackedLinear(2 * f32["attention.W_a.weight"], 2 * f32["attention.W_a.bias"], matmul)
+            self.init_hc = PackedLinear(torch.cat([f32["init_h.weight"], f32["init_c.weight"]]),
+                                        torch.cat([f32["init_h.bias"], f32["init_c.bias"]]), matmul)
+            self.w = f32["attention.w.weight"].t().contiguous()  # (A, 1)
+            self.w_bias = float(f32["attention.w.bias"] - f32["attention.w.weight"].sum())  # see SoftAttention
+            self.of_z = PackedLinear(torch.cat([W_ih[:, E:], f32["L_z.weight"]]),
+                                     torch.cat([torch.zeros(4 * H), f32["L_z.bias"]]), matmul)  # (4H + E)
+            self.of_h = PackedLinear(
+                torch.cat([f32["L_h.weight"], 2 * f32["attention.W_h.weight"], f32["f_beta.weight"],
+                           f32["cell.weight_hh"]]),
+                torch.cat([f32["L_h.bias"], torch.zeros(A), f32["f_beta.bias"], torch.zeros(4 * H)]), matmul)
+            self.L_o = PackedLinear(f32["L_o.weight"], f32["L_o.bias"], matmul)
+
+    def init_state(self, a: torch.Tensor) -> State:
+        a = a.float()
+        B, L, D = a.shape
+        h, c = torch.tanh(self.init_hc(a.mean(1))).chunk(2, 1)
+        Wa_a2 = self.W_a(a.reshape(B * L, D)).view(B, L, -1)
+        return (a.to(self.grid_dtype), Wa_a2, h, c, self.of_h(h)[:, self.E:])
+
+    def _alpha(self, Wa_a2: torch.Tensor, Wh_h2: torch.Tensor) -> torch.Tensor:
+        """Eq. 4-5 as SoftAttention computes them: (B, L, A) and (B, M, 1, A) -> α (B, M, L)."""
+        B, L, A = Wa_a2.shape
+        M, n = Wh_h2.size(1), self.CHUNK
+        e = Wa_a2.new_empty(B, M, L, 1)
+        block = Wa_a2.new_empty(min(n, B), M, L, A)
+        for s in range(0, B, n):
+            k = min(n, B - s)
+            x = torch.add(Wa_a2[s: s + k].unsqueeze(1), Wh_h2[s: s + k], out=block[:k]).sigmoid_()
+            torch.matmul(x, self.w, out=e[s: s + k])
+        return torch.softmax(e.squeeze(3).mul_(2).add_(self.w_bias), dim=2)
+
+    def step(self, tokens: torch.Tensor, state: State):
+        a, Wa_a2, h, c, of_h = state
+        E, A = self.E, self.A
+        B = a.size(0)
+        alpha = self._alpha(Wa_a2, of_h[:, :A].reshape(B, -1, 1, A))  # (B, M, L)
+        context = torch.bmm(alpha.to(a.dtype), a).flatten(0, 1).float()  # Σ_i α_ti a_i
+        z = torch.sigmoid(of_h[:, A: A + 1]) * context  # ẑ_t = β_t Σ_i α_ti a_i
+        of_z = self.of_z(z)
+        h, c = lstm_update(self.word_gates[tokens] + of_z[:, : -E] + of_h[:, A + 1:], c)
+        of_h = self.of_h(h)
+        logits = self.L_o(self.embed[tokens] + of_h[:, :E] + of_z[:, -E:])  # eq. 7
+        return torch.log_softmax(logits, -1), (a, Wa_a2, h, c, of_h[:, E:]), alpha.flatten(0, 1)

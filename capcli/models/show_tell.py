@@ -18,6 +18,7 @@ from torch import nn
 
 from . import register
 from .base import CaptionModel, State
+from .packed import PackedLinear, lstm_update
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
@@ -112,3 +113,39 @@ class ShowTell(CaptionModel):
         out, hidden = self.rnn(x, self._unpack(state))
         logits = self.out(out.squeeze(1))  # (B, V)
         return torch.log_softmax(logits.float(), -1), self._pack(hidden), None
+
+    def for_search(self, matmul: str) -> SearchShowTell | None:
+        return SearchShowTell(self, matmul) if self._lstm else None
+
+
+class SearchShowTell:
+    """Show and Tell for the caption search only: the same equations, regrouped.
+
+    W_e S_t's share of the LSTM's input product, with both biases, is a table with a row per word; W_o h_t and,
+    for the next step, the LSTM's W_hh h_t are one matrix product, in ``matmul`` arithmetic (:class:`PackedLinear`).
+    State: (h, c, W_hh h), all per hypothesis.
+    """
+
+    image_slots = 0
+
+    def __init__(self, model: ShowTell, matmul: str) -> None:
+        self.model = model  # for the image step, once per image
+        with torch.no_grad():
+            f32 = {k: v.detach().float() for k, v in model.state_dict().items()}
+            self.V = f32["out.weight"].size(0)
+            self.word_gates = f32["embed.weight"] @ f32["rnn.weight_ih_l0"].t() + f32["rnn.bias_ih_l0"] \
+                + f32["rnn.bias_hh_l0"]  # (V, 4H)
+            self.of_h = PackedLinear(torch.cat([f32["out.weight"], f32["rnn.weight_hh_l0"]]),
+                                     torch.cat([f32["out.bias"], torch.zeros(f32["rnn.weight_hh_l0"].size(0))]),
+                                     matmul)
+
+    def init_state(self, features: torch.Tensor) -> State:
+        with torch.no_grad():
+            h, c = (x[0].float() for x in self.model._initial_hidden(features.float()))  # (B, H) each
+        return (h, c, self.of_h(h)[:, self.V:])
+
+    def step(self, tokens: torch.Tensor, state: State):
+        h, c, hh = state
+        h, c = lstm_update(self.word_gates[tokens] + hh, c)
+        of_h = self.of_h(h)
+        return torch.log_softmax(of_h[:, : self.V], -1), (h, c, of_h[:, self.V:]), None
