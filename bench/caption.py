@@ -9,7 +9,7 @@ On the same photos (default: the first 256 of ../shared/data/flickr8k/images), i
 2. the search alone (greedy and beam 3) over features already computed, and end to end through
    ``Captioner.caption_paths`` (files decoded in 2 threads, encoder batch 32, one batched search per 128
    images), greedy (beam 1) and beam 3, both with the search in float32 and in the default precision
-   (``auto``: bfloat16 on a CPU with native bfloat16 arithmetic);
+   (``auto``: the model's search twin with int8 or bfloat16 products where the CPU computes them natively);
 3. peak memory (VmHWM; on the CPU decoding runs in threads of that process, with CUDA also the largest
    DataLoader worker process) of a whole ``caption_files`` run to a .json file on 100 and 1000 images (the
    photos repeated through symlinks), each in a fresh subprocess.
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from capcli.caption import DEFAULT_MODEL, SEARCH_BATCH, Captioner, caption_files  # noqa: E402
-from capcli.features import tune_cpu_allocator  # noqa: E402
+from capcli.features import collate_images, tune_cpu_allocator  # noqa: E402
 from capcli.images import is_image_file, load_image  # noqa: E402
 
 DEFAULT_FOLDER = ROOT.parent / "shared" / "data" / "flickr8k" / "images"
@@ -70,6 +70,7 @@ def encoder_pass(cap: Captioner, images: torch.Tensor, fmt: str, batch: int = 32
         x = enc.normalise(x.to(cap.device)).contiguous(memory_format=mf)
         return enc._forward_grid(x).flatten(2).transpose(1, 2)  # (B, N, D), as Encoder.forward
 
+    images = images.contiguous(memory_format=mf)  # the batches arrive in the format they are encoded in
     with torch.inference_mode():
         run(images[:batch])  # warm-up (memory format change)
         sync(cap)
@@ -155,7 +156,7 @@ def main() -> None:
     print(f"{len(paths)} photos from {a.folder}; device {cap.device}; torch threads {torch.get_num_threads()}; "
           f"{os.cpu_count()} CPUs; glibc allocator tuned for both: {tuned}")
 
-    images = torch.stack([cap.spec.preprocess(load_image(p)) for p in paths])
+    images = collate_images([(i, cap.spec.preprocess(load_image(p))) for i, p in enumerate(paths)])[1]  # as decoded
     caps = {"float32": Captioner(cap.model, cap.encoder, cap.vocab, cap.device, precision="float32"), "auto": cap}
     print(f"search precision: auto = {cap.precision} on this machine")
     list(cap.caption_paths(paths[:8], beam_size=3, batch_size=8, workers=2))  # warm-up

@@ -45,14 +45,16 @@ class EncoderSpec:
     def preprocess(self, img: Image.Image) -> torch.Tensor:
         """RGB PIL image -> uint8 tensor (3, S, S). Squashes to a square so no content is cropped.
 
-        Pure PIL + numpy (no torch kernels): cheap and single-threaded in any decoding thread or worker.
+        The tensor is PIL's (S, S, 3) pixels seen as (3, S, S): channels-last, the layout the encoder runs in,
+        so nothing is transposed here (that took as long as decoding a 224-px JPEG). Pure PIL + numpy (no torch
+        kernels): cheap and single-threaded in any decoding thread or worker.
         """
         if img.mode != "RGB":
             img = img.convert("RGB")
         size = (self.input_size, self.input_size)
         if img.size != size:
             img = img.resize(size, Image.BILINEAR)
-        return torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)))  # (3, S, S) uint8
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1)  # (3, S, S) uint8, channels-last strides
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,11 +95,13 @@ class Encoder(nn.Module):
         self.spec = spec
         self.trunk = trunk
         self._forward_grid = forward_grid
-        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+        std = torch.tensor(spec.std).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1.0 / std, persistent=False)
+        self.register_buffer("shift", -torch.tensor(spec.mean).view(1, 3, 1, 1) / std, persistent=False)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.float() - self.mean) / self.std
+        """(x - mean) / std as one fused x * (1/std) - mean/std: ~4x faster on channels-last batches."""
+        return torch.addcmul(self.shift, images.float(), self.scale)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.normalise(images).contiguous(memory_format=torch.channels_last)  # (B, 3, S, S)

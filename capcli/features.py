@@ -128,15 +128,17 @@ class ImageItems:
             return image_id, file, f"{file}: cannot read ({type(e).__name__}: {e})"
 
 
-def _collate(batch: list) -> tuple:
+def collate_images(batch: list) -> tuple:
     """Stack the readable images; pass the failures on as (id, file, reason) triples."""
     import torch
 
     good = [b for b in batch if len(b) == 2]
     failed = [b for b in batch if len(b) == 3]
     ids = torch.tensor([b[0] for b in good], dtype=torch.int64)
-    # numpy, not torch.stack: single-threaded, so a decoding thread never starts an OpenMP team
-    images = torch.from_numpy(np.stack([b[1].numpy() for b in good])) if good else None  # (B, 3, S, S) uint8
+    # numpy, not torch.stack: single-threaded, so a decoding thread never starts an OpenMP team. Stacked as
+    # (B, S, S, 3) pixels and seen as (B, 3, S, S): channels-last, as preprocess gives them and the encoder runs.
+    images = (torch.from_numpy(np.stack([b[1].permute(1, 2, 0).numpy() for b in good])).permute(0, 3, 1, 2)
+              if good else None)  # (B, 3, S, S) uint8
     return ids, images, failed, len(batch)
 
 
@@ -162,7 +164,7 @@ class _ThreadBatches:
             self._submit()
 
     def _decode(self, batch: list[int]) -> tuple:
-        return _collate([self._items[i] for i in batch])
+        return collate_images([self._items[i] for i in batch])
 
     def _submit(self) -> None:
         batch = next(self._todo, None)
@@ -189,7 +191,7 @@ class _InlineBatches:
     """workers=0: decode each batch in the calling thread, when it is asked for."""
 
     def __init__(self, items: ImageItems, batches: list[list[int]]) -> None:
-        self._gen = (_collate([items[i] for i in b]) for b in batches)
+        self._gen = (collate_images([items[i] for i in b]) for b in batches)
 
     def __iter__(self):  # noqa: ANN204
         return self._gen
@@ -205,7 +207,7 @@ class _ProcessBatches:
         import torch
 
         loader = torch.utils.data.DataLoader(
-            items, batch_sampler=batches, num_workers=workers, collate_fn=_collate, pin_memory=pin,
+            items, batch_sampler=batches, num_workers=workers, collate_fn=collate_images, pin_memory=pin,
             prefetch_factor=4,
         )
         self._it = iter(loader)  # starts the workers now
