@@ -136,12 +136,18 @@ def test_search_twin_computes_the_model(real_grids, arch):
     model = _model(arch, ending=True)
     feats = model.features_of_kind(real_grids, model.feature_kind)
     want = beam_search(model, feats, START, END, beam_size=3, max_len=10, top_k=3)
-    got = beam_search(model.for_search("float32"), feats, START, END, beam_size=3, max_len=10, top_k=3)
-    for w, g in zip(want, got, strict=True):
-        assert [d.tokens for d in g] == [d.tokens for d in w]
-        assert [d.logprob for d in g] == pytest.approx([d.logprob for d in w], abs=1e-4)
-        if arch == "attention":
-            assert all(torch.allclose(gd.alphas, wd.alphas, atol=1e-5) for gd, wd in zip(g, w, strict=True))
+    twins = [model.for_search("float32")]
+    if arch == "attention":  # eq. 4 through e^-u e^-v (used when W_h is small enough), and through σ
+        assert twins[0].exp_form
+        twins.append(model.for_search("float32"))
+        twins[1].exp_form = False
+    for twin in twins:
+        got = beam_search(twin, feats, START, END, beam_size=3, max_len=10, top_k=3)
+        for w, g in zip(want, got, strict=True):
+            assert [d.tokens for d in g] == [d.tokens for d in w]
+            assert [d.logprob for d in g] == pytest.approx([d.logprob for d in w], abs=1e-4)
+            if arch == "attention":
+                assert all(torch.allclose(gd.alphas, wd.alphas, atol=1e-5) for gd, wd in zip(g, w, strict=True))
     for kind in ("bfloat16", "int8"):
         twin = model.for_search(kind)
         with torch.inference_mode():

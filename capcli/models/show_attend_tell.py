@@ -166,15 +166,20 @@ class SearchShowAttendTell:
     - the products of h_t are one: L_h h_t (eq. 7) and, for the next step, W_h h_t (eq. 4), f_β(h_t) and the
       LSTM's W_hh h_t; so are the two of ẑ_t (the LSTM's input, and L_z ẑ_t of eq. 7);
     - eq. 4, the biggest elementwise job, runs over ``CHUNK`` images at a time, so that its (chunk, M, L, A)
-      block stays in cache;
+      block stays in cache, and without an exp per element: with u = 2 W_a a_i (once per image) and
+      v = 2 W_h h (per hypothesis), σ(u + v) = 1 / (1 + e^-u e^-v), so e^-u is kept instead of u. That
+      needs e^-u and e^-v in float32's range: |v| <= 2 max_j ||W_h[j]||_1 since |h| < 1, which must be at most
+      ``EXP_V_MAX`` (53 for the shipped model; else σ it is), and u is clipped to ±80 before its exp, which
+      moves σ(u + v) by less than e^-(80 - 60) -- where it is within that of 0 or 1 anyway;
     - matrix products in ``matmul`` arithmetic (:class:`PackedLinear`: float32, bfloat16 or int8), the rest in
       float32; the grid a is kept in bfloat16 unless ``matmul`` is float32.
 
-    State: (a, 2 W_a a, h, c, [W_h h; f_β(h); W_hh h]), the last two per hypothesis.
+    State: (a, e^-u (or u), h, c, [2 W_h h; f_β(h); W_hh h]), the last three per hypothesis.
     """
 
     image_slots = 2
     CHUNK = 16
+    EXP_V_MAX = 60.0
 
     def __init__(self, model: ShowAttendTell, matmul: str) -> None:
         cfg = model.cfg
@@ -198,35 +203,43 @@ class SearchShowAttendTell:
                            f32["cell.weight_hh"]]),
                 torch.cat([f32["L_h.bias"], torch.zeros(A), f32["f_beta.bias"], torch.zeros(4 * H)]), matmul)
             self.L_o = PackedLinear(f32["L_o.weight"], f32["L_o.bias"], matmul)
+            self.exp_form = float(2 * f32["attention.W_h.weight"].abs().sum(1).max()) <= self.EXP_V_MAX
 
     def init_state(self, a: torch.Tensor) -> State:
         a = a.float()
         B, L, D = a.shape
         h, c = torch.tanh(self.init_hc(a.mean(1))).chunk(2, 1)
-        Wa_a2 = self.W_a(a.reshape(B * L, D)).view(B, L, -1)
-        return (a.to(self.grid_dtype), Wa_a2, h, c, self.of_h(h)[:, self.E:])
+        u = self.W_a(a.reshape(B * L, D)).view(B, L, -1)  # 2 W_a a_i
+        u = torch.exp(-u.clamp_(-80.0, 80.0)) if self.exp_form else u
+        return (a.to(self.grid_dtype), u, h, c, self.of_h(h)[:, self.E:])
 
-    def _alpha(self, Wa_a2: torch.Tensor, Wh_h2: torch.Tensor) -> torch.Tensor:
-        """Eq. 4-5 as SoftAttention computes them: (B, L, A) and (B, M, 1, A) -> α (B, M, L)."""
-        B, L, A = Wa_a2.shape
-        M, n = Wh_h2.size(1), self.CHUNK
-        e = Wa_a2.new_empty(B, M, L, 1)
-        block = Wa_a2.new_empty(min(n, B), M, L, A)
+    def _alpha(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Eq. 4-5 as SoftAttention computes them, from u (B, L, A) as kept in the state and v = 2 W_h h
+        (B, M, 1, A) -> α (B, M, L)."""
+        B, L, A = u.shape
+        M, n = v.size(1), self.CHUNK
+        e = u.new_empty(B, M, L, 1)
+        block = u.new_empty(min(n, B), M, L, A)
+        if self.exp_form:
+            v, one = torch.exp(-v), u.new_ones(())
         for s in range(0, B, n):
             k = min(n, B - s)
-            x = torch.add(Wa_a2[s: s + k].unsqueeze(1), Wh_h2[s: s + k], out=block[:k]).sigmoid_()
+            if self.exp_form:  # σ(2x) = 1 / (1 + e^-u e^-v)
+                x = torch.addcmul(one, u[s: s + k].unsqueeze(1), v[s: s + k], out=block[:k]).reciprocal_()
+            else:
+                x = torch.add(u[s: s + k].unsqueeze(1), v[s: s + k], out=block[:k]).sigmoid_()
             torch.matmul(x, self.w, out=e[s: s + k])
         return torch.softmax(e.squeeze(3).mul_(2).add_(self.w_bias), dim=2)
 
     def step(self, tokens: torch.Tensor, state: State):
-        a, Wa_a2, h, c, of_h = state
+        a, u, h, c, of_h = state
         E, A = self.E, self.A
         B = a.size(0)
-        alpha = self._alpha(Wa_a2, of_h[:, :A].reshape(B, -1, 1, A))  # (B, M, L)
+        alpha = self._alpha(u, of_h[:, :A].reshape(B, -1, 1, A))  # (B, M, L)
         context = torch.bmm(alpha.to(a.dtype), a).flatten(0, 1).float()  # Σ_i α_ti a_i
         z = torch.sigmoid(of_h[:, A: A + 1]) * context  # ẑ_t = β_t Σ_i α_ti a_i
         of_z = self.of_z(z)
         h, c = lstm_update(self.word_gates[tokens] + of_z[:, : -E] + of_h[:, A + 1:], c)
         of_h = self.of_h(h)
         logits = self.L_o(self.embed[tokens] + of_h[:, :E] + of_z[:, -E:])  # eq. 7
-        return torch.log_softmax(logits, -1), (a, Wa_a2, h, c, of_h[:, E:]), alpha.flatten(0, 1)
+        return torch.log_softmax(logits, -1), (a, u, h, c, of_h[:, E:]), alpha.flatten(0, 1)
