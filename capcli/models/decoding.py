@@ -145,6 +145,7 @@ def beam_search(model: Searchable, features: torch.Tensor, start_id: int, end_id
     # The model's per-image state slots (e.g. the image grid) are shared by an image's beams: never copied per
     # beam, only narrowed when images leave the batch.
     shared = model.image_slots
+    ban = torch.tensor(banned, device=dev) if banned else None
 
     def merge(rows: torch.Tensor, norm: torch.Tensor, logp: torch.Tensor, length: torch.Tensor,
               tok: torch.Tensor, al: torch.Tensor | None) -> None:
@@ -169,8 +170,8 @@ def beam_search(model: Searchable, features: torch.Tensor, start_id: int, end_id
         Bact, M = live.shape
         logp, state, alpha = model.step(tokens, state)  # (Bact*M, V), alpha (Bact*M, N) | None
         logp = logp.float()  # scores add up in float32, also under autocast
-        if banned:  # words never to generate, e.g. <unk>
-            logp = logp.index_fill(1, torch.tensor(banned, device=dev), float("-inf"))
+        if ban is not None:  # words never to generate, e.g. <unk> (logp is this step's own tensor)
+            logp.index_fill_(1, ban, float("-inf"))
         alpha = alpha.float() if alpha is not None and with_alphas else None
         V = logp.size(1)
         if V < 2 * K:
