@@ -176,22 +176,26 @@ def beam_search(model: Searchable, features: torch.Tensor, start_id: int, end_id
         V = logp.size(1)
         if V < 2 * K:
             raise ValueError(f"beam size {K} is too large for a vocabulary of {V} words")
-        cand = (live.unsqueeze(2) + logp.view(Bact, M, V)).view(Bact, M * V)
-        top, idx = cand.topk(2 * K, dim=1)  # (Bact, 2K), best first: at most M <= K of them end
-        parent, word = idx // V, idx % V
+        # The 2K best continuations of each image are among the 2K best words of each of its hypotheses.
+        word_top, word_idx = logp.view(Bact, M, V).topk(2 * K, dim=2)  # (Bact, M, 2K)
+        top, j = (live.unsqueeze(2) + word_top).view(Bact, M * 2 * K).topk(2 * K, dim=1)  # (Bact, 2K), best first
+        parent, word = j // (2 * K), word_idx.view(Bact, M * 2 * K).gather(1, j)  # at most M <= K of them end
         ends = word == end_id
         rank = torch.arange(2 * K, device=dev)
-        # Finished: <end> among the K best. Their words are the parent's (t words, t+1 scored tokens).
-        fin_mask = ends[:, :K]
-        p = parent[:, :K]
-        cand_tok = seqs.gather(1, p.unsqueeze(2).expand(-1, -1, t))  # (Bact, K, t)
-        cand_att = None
         if alpha is not None:
             a_hist = alpha.view(Bact, M, 1, -1)
             a_hist = a_hist if att is None else torch.cat([att, a_hist], 2)  # (Bact, M, t+1, N)
-            cand_att = a_hist.gather(1, p[:, :, None, None].expand(-1, -1, t + 1, a_hist.size(3)))[:, :, :t]
-        norm = torch.where(fin_mask, _norm(top[:, :K], t + 1, length_penalty), float("-inf"))
-        merge(img, norm, top[:, :K], torch.full_like(p, t), cand_tok, cand_att)
+        # Finished: <end> among the K best. Their words are the parent's (t words, t+1 scored tokens).
+        rows = torch.nonzero(ends[:, :K].any(1)).flatten()  # the images where a caption ends now
+        if rows.numel():
+            p, top_r = parent[rows, :K], top[rows, :K]
+            cand_tok = seqs[rows].gather(1, p.unsqueeze(2).expand(-1, -1, t))  # (R, K, t)
+            cand_att = None
+            if alpha is not None:
+                idx = p[:, :, None, None].expand(-1, -1, t + 1, a_hist.size(3))
+                cand_att = a_hist[rows].gather(1, idx)[:, :, :t]
+            norm = torch.where(ends[rows, :K], _norm(top_r, t + 1, length_penalty), float("-inf"))
+            merge(img[rows], norm, top_r, torch.full_like(p, t), cand_tok, cand_att)
         # Live: the K best continuations that do not end (ending ones sort after all others).
         keep = (ends.long() * 2 * K + rank).argsort(dim=1)[:, :K]  # (Bact, K)
         live = top.gather(1, keep)
