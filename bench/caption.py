@@ -156,7 +156,8 @@ def main() -> None:
     print(f"{len(paths)} photos from {a.folder}; device {cap.device}; torch threads {torch.get_num_threads()}; "
           f"{os.cpu_count()} CPUs; glibc allocator tuned for both: {tuned}")
 
-    images = collate_images([(i, cap.spec.preprocess(load_image(p))) for i, p in enumerate(paths)])[1]  # as decoded
+    S = cap.spec.input_size
+    images = collate_images([(i, cap.spec.preprocess(load_image(p, S))) for i, p in enumerate(paths)])[1]  # as decoded
     caps = {"float32": Captioner(cap.model, cap.encoder, cap.vocab, cap.device, precision="float32"), "auto": cap}
     print(f"search precision: auto = {cap.precision} on this machine")
     list(cap.caption_paths(paths[:8], beam_size=3, batch_size=8, workers=2))  # warm-up

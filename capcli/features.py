@@ -93,7 +93,7 @@ def tune_cpu_allocator() -> bool:
 def preprocessing(spec: EncoderSpec) -> dict:
     """How images were turned into encoder input, for the manifest."""
     return {
-        "loader": "capcli.images.load_image (EXIF upright, RGB, alpha on white)",
+        "loader": "capcli.images.load_image (EXIF upright, RGB, alpha on white; JPEGs decoded at >= size)",
         "resize": "squash to square (no crop)",
         "size": spec.input_size,
         "interpolation": "bilinear",
@@ -121,7 +121,7 @@ class ImageItems:
 
         image_id, path, file = self.items[i]
         try:
-            return image_id, self.spec.preprocess(load_image(path))
+            return image_id, self.spec.preprocess(load_image(path, self.spec.input_size))
         except ImageError as e:
             return image_id, file, str(e)
         except Exception as e:  # noqa: BLE001 - any decoder surprise must not kill a long run

@@ -375,7 +375,7 @@ class _ImageRows(torch.utils.data.Dataset):
         images, failed, slot = [], [], torch.full((len(uniq),), -1, dtype=torch.long)
         for j, r in enumerate(uniq.tolist()):
             try:
-                images.append(self.spec.preprocess(load_image(self.files[r])))
+                images.append(self.spec.preprocess(load_image(self.files[r], self.spec.input_size)))
                 slot[j] = len(images) - 1
             except ImageError as e:
                 failed.append((r, str(e)))

@@ -51,6 +51,28 @@ def test_exif_orientation_is_applied(tmp_path) -> None:
     assert b > 200 and r < 60
 
 
+def test_big_jpeg_decodes_small_when_the_encoder_needs_small(tmp_path, example_photos) -> None:
+    """min_size: a big JPEG decodes at a DCT scale that is still >= min_size, upright, and preprocesses to nearly
+    the same encoder input as the full decode."""
+    from capcli.encoders import get_spec
+
+    photo = next(p for p in example_photos if p.name == "chelsea.jpg")
+    big = Image.open(photo).convert("RGB").resize((1800, 1200), Image.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways
+    big.save(tmp_path / "big.jpg", quality=92, exif=exif)
+    full, small = load_image(tmp_path / "big.jpg"), load_image(tmp_path / "big.jpg", min_size=224)
+    assert full.size == (1200, 1800)  # upright
+    assert small.size == (300, 450)  # 1/4 scale: the smallest that keeps both sides >= 224, upright too
+    spec = get_spec("efficientnet-lite0")
+    a = spec.preprocess(full).float()
+    b = spec.preprocess(small).float()
+    assert (a - b).abs().mean() < 1.5  # grey levels of 255
+    png = tmp_path / "big.png"
+    big.save(png)
+    assert load_image(png, min_size=224).size == (1800, 1200)  # not a JPEG: decoded whole
+
+
 def test_cmyk_jpeg(tmp_path) -> None:
     Image.new("CMYK", (32, 24), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", quality=95)  # red in CMYK
     with Image.open(tmp_path / "cmyk.jpg") as raw:
