@@ -51,7 +51,7 @@ class Recorder(Progress):
 def _direct(ds: Dataset, ids: list[int]) -> torch.Tensor:
     """The encoder applied directly, without the pipeline: (n, N, D) float32."""
     spec = get_spec(DEFAULT_ENCODER)
-    batch = torch.stack([spec.preprocess(load_image(ds.path(ds.get(i)))) for i in ids])
+    batch = torch.stack([spec.preprocess(load_image(ds.path(ds.get(i)), spec.input_size)) for i in ids])
     with torch.inference_mode():
         return create_encoder()(batch)
 
