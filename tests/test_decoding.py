@@ -180,6 +180,8 @@ def test_precision_resolution():
     assert (resolve_precision("auto", cpu) == "int8") == vnni
     with pytest.raises(ValueError, match="use one of auto, float32, bfloat16, int8"):
         resolve_precision("fp16", cpu)
+    with pytest.raises(ValueError, match="is for CPUs"):
+        resolve_precision("int8", cuda)
 
 
 def test_beam_arguments():

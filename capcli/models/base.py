@@ -55,7 +55,7 @@ class CaptionModel(nn.Module):
         """One word for each row: (log-probs (B, V) in float32 whatever the model's dtype, new state, alpha)."""
         raise NotImplementedError
 
-    def for_search(self, matmul: str) -> CaptionModel | None:
+    def for_search(self, matmul: str) -> Searchable | None:
         """An inference-only twin for the caption search, its matrix products in ``matmul`` arithmetic
         ("bfloat16" or "int8", see ``packed.py``), or None where there is none (search with the model itself).
 

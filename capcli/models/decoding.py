@@ -45,6 +45,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and device.type != "cpu":
+        raise ValueError("precision 'int8' is for CPUs: on a GPU use float32 or bfloat16")
     if precision != "auto":
         return precision
     if device.type != "cpu":
@@ -122,7 +124,7 @@ def beam_search(model: Searchable, features: torch.Tensor, start_id: int, end_id
     reach (nothing found later could enter its top_k); stopped images leave the batch. ``with_alphas=False``
     skips keeping each hypothesis's attention weights (``Decoded.alphas`` is then None).
 
-    Everything stays on the features' device: one host sync per step (to drop finished images).
+    Everything stays on the features' device: a few host syncs per step (to find endings, drop finished images).
     """
     if beam_size < 1 or not 1 <= top_k <= beam_size:
         raise ValueError(f"need beam_size >= 1 and 1 <= top_k <= beam_size (got {beam_size}, {top_k})")
