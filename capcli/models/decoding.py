@@ -207,7 +207,7 @@ def beam_search(model: Searchable, features: torch.Tensor, start_id: int, end_id
             att = a_hist.gather(1, parent[:, :, None, None].expand(-1, -1, t + 1, a_hist.size(3)))
         if t == max_len - 1:
             break
-        # Stop images whose K-th best finished caption no live hypothesis can still beat.
+        # Stop images whose top_k-th best finished caption no live hypothesis can still beat.
         reach = live[:, 0] / (max_len ** length_penalty if length_penalty > 0 else 1.0)
         going = fin_norm[img, top_k - 1] < reach  # (Bact,)
         if not bool(going.any()):
