@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from capcli.caption import DEFAULT_MODEL, SEARCH_BATCH, Captioner, caption_files  # noqa: E402
 from capcli.features import collate_images, tune_cpu_allocator  # noqa: E402
-from capcli.images import is_image_file, load_image  # noqa: E402
+from capcli.images import is_image_file  # noqa: E402
 
 DEFAULT_FOLDER = ROOT.parent / "shared" / "data" / "flickr8k" / "images"
 
@@ -156,8 +156,7 @@ def main() -> None:
     print(f"{len(paths)} photos from {a.folder}; device {cap.device}; torch threads {torch.get_num_threads()}; "
           f"{os.cpu_count()} CPUs; glibc allocator tuned for both: {tuned}")
 
-    S = cap.spec.input_size
-    images = collate_images([(i, cap.spec.preprocess(load_image(p, S))) for i, p in enumerate(paths)])[1]  # as decoded
+    images = collate_images([(i, cap.spec.read(p)) for i, p in enumerate(paths)])[1]  # as the pipeline decodes them
     caps = {"float32": Captioner(cap.model, cap.encoder, cap.vocab, cap.device, precision="float32"), "auto": cap}
     print(f"search precision: auto = {cap.precision} on this machine")
     list(cap.caption_paths(paths[:8], beam_size=3, batch_size=8, workers=2))  # warm-up

@@ -25,7 +25,7 @@ import torch
 
 from capcli.encoders import DEFAULT_ENCODER, create_encoder, get_spec
 from capcli.features import extract_features, resolve_device, tune_cpu_allocator
-from capcli.images import is_image_file, load_image
+from capcli.images import is_image_file
 from capcli.layout import Dataset, ImageRecord
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +86,7 @@ def main() -> None:
     if not files:
         raise SystemExit(f"no photos in {args.images}")
     spec = get_spec(DEFAULT_ENCODER)
-    images = torch.stack([spec.preprocess(load_image(f)) for f in files])  # (N, 3, S, S) uint8
+    images = torch.stack([spec.read(f) for f in files])  # (N, 3, S, S) uint8, as the pipeline decodes them
     ds = Dataset("bench", args.images, [ImageRecord(i + 1, f.name, "train") for i, f in enumerate(files)])
     print(f"{len(files)} photos from {args.images}, {DEFAULT_ENCODER}, batch {args.batch}, "
           f"device {device}, torch threads {torch.get_num_threads()}, workers {args.workers}")

@@ -5,8 +5,8 @@ per image) beside the encoder, by the same batch source as ``capcli features`` (
 worker processes for CUDA); the encoder runs over batches of ``batch_size`` and one batched beam search then
 decodes ``SEARCH_BATCH`` images at once (bigger matrix products: ~1.3-2x faster per image on the CPU), through
 the model's search twin with int8 or bfloat16 products where the CPU computes them natively
-(``precision="auto"``). Nothing but the small result
-records outlives a search group, so memory stays flat however many photos.
+(``precision="auto"``). Nothing but the small result records outlives a search group, so memory stays flat
+however many photos.
 
 Outputs (chosen by the extension of ``-o``):
 

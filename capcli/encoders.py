@@ -56,6 +56,12 @@ class EncoderSpec:
             img = img.resize(size, Image.BILINEAR)
         return torch.from_numpy(np.array(img)).permute(2, 0, 1)  # (3, S, S) uint8, channels-last strides
 
+    def read(self, path: str | Path) -> torch.Tensor:
+        """A photo file as this encoder's input: decoded no larger than needed (``load_image``), preprocessed."""
+        from .images import load_image
+
+        return self.preprocess(load_image(path, self.input_size))
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -117,11 +117,9 @@ class ImageItems:
         return len(self.items)
 
     def __getitem__(self, i: int):  # noqa: ANN204
-        from .images import load_image
-
         image_id, path, file = self.items[i]
         try:
-            return image_id, self.spec.preprocess(load_image(path, self.spec.input_size))
+            return image_id, self.spec.read(path)
         except ImageError as e:
             return image_id, file, str(e)
         except Exception as e:  # noqa: BLE001 - any decoder surprise must not kill a long run

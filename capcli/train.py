@@ -369,13 +369,11 @@ class _ImageRows(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, rows: torch.Tensor) -> tuple:
-        from .images import load_image
-
         uniq, inverse = torch.unique(rows, return_inverse=True)
         images, failed, slot = [], [], torch.full((len(uniq),), -1, dtype=torch.long)
         for j, r in enumerate(uniq.tolist()):
             try:
-                images.append(self.spec.preprocess(load_image(self.files[r], self.spec.input_size)))
+                images.append(self.spec.read(self.files[r]))
                 slot[j] = len(images) - 1
             except ImageError as e:
                 failed.append((r, str(e)))

@@ -18,7 +18,6 @@ from capcli.cli import app
 from capcli.encoders import DEFAULT_ENCODER, create_encoder, get_spec
 from capcli.errors import DatasetError, FeaturesError
 from capcli.features import MANIFEST, FeatureStore, extract_features, shard_name
-from capcli.images import load_image
 from capcli.layout import Dataset, ImageRecord
 from capcli.progress import Progress
 
@@ -51,7 +50,7 @@ class Recorder(Progress):
 def _direct(ds: Dataset, ids: list[int]) -> torch.Tensor:
     """The encoder applied directly, without the pipeline: (n, N, D) float32."""
     spec = get_spec(DEFAULT_ENCODER)
-    batch = torch.stack([spec.preprocess(load_image(ds.path(ds.get(i)), spec.input_size)) for i in ids])
+    batch = torch.stack([spec.read(ds.path(ds.get(i))) for i in ids])
     with torch.inference_mode():
         return create_encoder()(batch)
 
