@@ -229,7 +229,10 @@ def batch_source(items: ImageItems, batches: list[list[int]], workers: int, deco
         return _InlineBatches(items, batches)
     if decode == "processes" or (decode == "auto" and dev.startswith("cuda")):
         return _ProcessBatches(items, batches, workers, pin=dev.startswith("cuda"))
-    return _ThreadBatches(items, batches, workers, prefetch=2 * workers)
+    # One batch ahead per thread: a thread decodes 32 small photos in ~15 ms against the encoder's ~400 ms on two
+    # cores, and a deeper queue only adds a burst of decoding beside the first batch (measured: 4 ahead made that
+    # batch 14% slower, 2 ahead 2%).
+    return _ThreadBatches(items, batches, workers, prefetch=workers)
 
 
 def _ids_digest(ids: Iterable[int]) -> str:
