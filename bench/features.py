@@ -34,7 +34,7 @@ DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "flickr8k" / "images"
 
 def encoder_only(images: torch.Tensor, batch: int, channels_last: bool, device: str) -> float:
     """img/s of the encoder on uint8 images (N, 3, S, S) already in memory (on the device)."""
-    enc = create_encoder(DEFAULT_ENCODER).to(device)
+    enc = create_encoder(DEFAULT_ENCODER).for_inference().to(device)  # as extract_features runs it
     if not channels_last:
         enc = enc.to(memory_format=torch.contiguous_format)
     images = images.to(device)

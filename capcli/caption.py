@@ -132,7 +132,7 @@ class Captioner:
                 encoder.load_state_dict(ckpt["encoder_state"])
             except (RuntimeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{path}: its fine-tuned encoder weights do not fit {spec.name}") from e
-        return cls(model, encoder, vocab, dev, source=path, precision=precision)
+        return cls(model, encoder.for_inference(), vocab, dev, source=path, precision=precision)
 
     @property
     def has_attention(self) -> bool:

@@ -478,7 +478,7 @@ def _check_some_read(manifest: dict) -> None:
 def _create(encoder: str, weights: str | Path | None):  # noqa: ANN202
     from .encoders import create_encoder
 
-    return create_encoder(encoder, weights)
+    return create_encoder(encoder, weights).for_inference()
 
 
 def _forward(enc, images, dev: str) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001

@@ -106,6 +106,23 @@ def test_pretrained_weights_are_really_loaded(classifier, lite0, batch, grids) -
         assert classifier(x[i : i + 1].float()).argmax().item() not in IMAGENET_CATS
 
 
+def test_inference_encoder_folds_batchnorm_and_gives_the_same_grid(lite0, batch, grids) -> None:
+    """for_inference folds every BatchNorm (and the symmetric padding) into the convolutions: the same grid on the
+    real photos; create_encoder alone keeps them, so the encoder can still be fine-tuned."""
+    fused = create_encoder().for_inference()
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules()) == 0
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in lite0.modules()) == 49
+    assert not fused.training
+    with torch.inference_mode():
+        out = fused(batch[1])
+    assert out.shape == grids.shape
+    assert float((out - grids).norm() / grids.norm()) < 1e-5
+    torch.testing.assert_close(out, grids, atol=5e-4, rtol=0)  # the grid runs 0..6 (ReLU6)
+    assert fused.for_inference() is fused  # a second call must not fold again (it would scale weights twice)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(batch[1]), out)
+
+
 def test_torchvision_encoder_without_weights_is_a_clear_error(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty cache
     with pytest.raises(EncoderError) as e:
