@@ -1,8 +1,8 @@
 """Captioning photos with a trained model: the :class:`Captioner` API and ``capcli caption``'s file handling.
 
-Pipeline for many files: photos are decoded and resized (``load_image`` -> ``spec.preprocess``, a uint8 tensor
-per image) beside the encoder, by the same batch source as ``capcli features`` (threads on the CPU, DataLoader
-worker processes for CUDA); the encoder runs over batches of ``batch_size`` and one batched beam search then
+Pipeline for many files: photos are decoded and resized (``spec.read``, a uint8 tensor per image) beside the
+encoder, by the same batch source as ``capcli features`` (threads on the CPU, DataLoader worker processes for
+CUDA); the encoder, folded for inference, runs over batches of ``batch_size`` and one batched beam search then
 decodes ``SEARCH_BATCH`` images at once (bigger matrix products: ~1.3-2x faster per image on the CPU), through
 the model's search twin with int8 or bfloat16 products where the CPU computes them natively
 (``precision="auto"``). Nothing but the small result records outlives a search group, so memory stays flat
