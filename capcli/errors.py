@@ -41,3 +41,7 @@ class FetchError(CapcliError):
 
 class EvaluateError(CapcliError):
     """Results or references cannot be scored."""
+
+
+class GroundingError(CapcliError):
+    """The ImageNet word table (grounded captions) is missing or malformed."""

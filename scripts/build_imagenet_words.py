@@ -176,6 +176,7 @@ _OVERRIDES: list[tuple[int, str, str | None, str]] = [
     (458, "brass", "plaque", "a memorial brass is a plaque"),
     (459, "brassiere", "bra", "the everyday word"),
     (461, "breastplate", "armor", "the rule's 'plate' is a dinner plate"),
+    (473, "can opener", None, "no one-word name: 'opener' alone is not what a caption says"),
     (477, "carpenter's kit", "toolbox", "a box of tools"),
     (482, "cassette player", "stereo", "no one-word name; a stereo"),
     (485, "CD player", "stereo", "no one-word name; a stereo"),
@@ -346,7 +347,7 @@ def open_wordnet():
     lexnames = _LEXNAMES.split()
     tmp = tempfile.mkdtemp(prefix="wordnet30-")
     for f in DEBIAN_WORDNET.iterdir():
-        if f.is_file() and re.fullmatch(r"(data|index)\.(noun|verb|adj|adv)|\w+\.exc", f.name):
+        if f.is_file() and re.fullmatch(r"(data|index)\.(noun|verb|adj|adv)|\w+\.exc|cntlist\.rev", f.name):
             shutil.copy(f, tmp)
     with open(os.path.join(tmp, "lexnames"), "w") as fh:
         fh.writelines(f"{i:02d}\t{n}\t{1 if n.startswith('noun') else 2}\n" for i, n in enumerate(lexnames))
@@ -459,13 +460,27 @@ def distance(a: dict, b: dict) -> int | None:
     return min(a[x] + b[x] for x in common) if common else None
 
 
+# The sense an override word means where nearest_sense's guess is wrong (reviewed).
+WORD_SENSES = {"beehive": "beehive.n.04", "horn": "french_horn.n.01", "net": "net.n.06", "pin": "pin.n.09",
+               "pad": "pad.n.04", "sunglasses": "sunglasses.n.01", "television": "television_receiver.n.01",
+               "toilet": "toilet.n.02", "van": "van.n.05", "corn": "corn.n.03", "pumpkin": "pumpkin.n.02",
+               "chocolate": "chocolate.n.02"}
+
+
 def nearest_sense(wn, word: str, synset):
-    """The noun sense of ``word`` closest to ``synset`` (the class it names), e.g. rocket -> rocket.n.01."""
+    """The noun sense of an override's ``word`` meant for the class ``synset`` (sink -> sink.n.01, not cesspool).
+
+    Among the senses in the class's lexicographer file (an artifact names an artifact), the one with the least
+    hypernym distance to the class plus 2 per step down WordNet's frequency order.
+    """
+    if word in WORD_SENSES:
+        return wn.synset(WORD_SENSES[word])
     senses = wn.synsets(word, "n")
     if not senses:
         raise SystemExit(f"{word!r} is not a WordNet noun")
+    same = [(i, s) for i, s in enumerate(senses) if s.lexname() == synset.lexname()] or list(enumerate(senses))
     up = ancestors(synset)
-    scored = [(d if (d := distance(up, ancestors(s))) is not None else 99, i, s) for i, s in enumerate(senses)]
+    scored = [((d if (d := distance(up, ancestors(s))) is not None else 99) + 2 * i, i, s) for i, s in same]
     return min(scored)[2]
 
 
@@ -495,18 +510,54 @@ CONCRETE = {"noun.animal", "noun.artifact", "noun.food", "noun.plant", "noun.obj
             "noun.substance"}
 
 
+# Plurals the rules below get wrong: invariant nouns, and WordNet's rarer variant first.
+PLURAL_FIXES = {"sheep": [], "fish": ["fishes"], "deer": [], "bison": [], "taxi": ["taxis"], "bus": ["buses"],
+                "buffalo": ["buffaloes", "buffalos"]}
+
+
 def plurals(wn, word: str) -> list[str]:
-    """Plural forms: WordNet's irregular ones (noun.exc), else the regular English rule."""
+    """Plural forms, the usual one first: WordNet's irregular ones (noun.exc), else the regular English rule.
+
+    A Latin plural (camerae, vacua, abaci) comes after the English one.
+    """
+    if word in PLURAL_FIXES:
+        return PLURAL_FIXES[word]
     if word in PLURAL_ONLY:
         return []
-    irregular = sorted(k for k, v in wn._exception_map["n"].items() if word in v and k != word)
-    if irregular:
-        return irregular
     if re.search(r"(s|x|z|ch|sh)$", word):
-        return [word + "es"]
-    if re.search(r"[^aeiou]y$", word):
-        return [word[:-1] + "ies"]
-    return [word + "s"]
+        regular = word + "es"
+    elif re.search(r"[^aeiou]y$", word):
+        regular = word[:-1] + "ies"
+    else:
+        regular = word + "s"
+    irregular = sorted(k for k, v in wn._exception_map["n"].items() if word in v and k != word)
+    if not irregular:
+        return [regular]
+    latin = [f for f in irregular if f.endswith(("ae", "i", "a")) or (word.endswith("is") and f.endswith("es"))]
+    return [regular, *latin] if latin else irregular
+
+
+# Vocabulary words whose caption sense is not WordNet's first noun sense (bat: the animal; crane: a writer).
+CAPTION_SENSE = {"bat": "bat.n.05", "crane": "crane.n.04", "tiger": "tiger.n.02", "seal": "seal.n.09",
+                 "chicken": "chicken.n.02", "monitor": "monitor.n.04", "dalmatian": "dalmatian.n.02",
+                 "bunny": "bunny.n.02", "puck": "puck.n.02", "climber": "climber.n.04", "sidecar": "sidecar.n.02",
+                 "glass": "glass.n.02", "dolphin": "dolphin.n.02"}
+
+
+def mostly_noun(wn, word: str) -> bool:
+    """Whether ``word`` is used as a noun more than otherwise (SemCor counts); "white", "young", "down" are not."""
+    def tagged(pos: str) -> int:
+        return sum(lm.count() for s in wn.synsets(word, pos) for lm in s.lemmas() if lm.name().lower() == word)
+
+    others = [p for p in "vasr" if wn.synsets(word, p)]
+    return not others or tagged("n") > sum(tagged(p) for p in others)
+
+
+# Never relatives: adjectives in captions ("a male dog"), and plural tokens of another vocabulary word
+# ("arms" is WordNet's weapons).
+NOT_RELATIVES = _words("""male female facing stand hanging young down same he i as be have cutout works arms
+cows steps bars waters shades falls fields seats boards digs rings rails eats tails beads colors cords weeds""")
+MAX_RELATIVE_DISTANCE = 8  # hypernym steps; farther than this a "relative" only shares "physical entity"
 
 
 class Relatives:
@@ -514,38 +565,44 @@ class Relatives:
 
     def __init__(self, wn, vocab: list[str], counts: Counter) -> None:
         self.counts = counts
-        self.pool = []  # (word, ancestors of its first noun sense)
+        self.pool = []  # (word, ancestors of its caption sense)
         for w in vocab:
-            if not w.isalpha() or counts[w] < MIN_COUNT or w in TOO_GENERAL or w in SUBORDINATE:
+            if not w.isalpha() or counts[w] < MIN_COUNT or w in TOO_GENERAL | SUBORDINATE | NOT_RELATIVES:
                 continue
             senses = wn.synsets(w, "n")
-            if senses and wn.morphy(w, "n") == w and senses[0].lexname() in CONCRETE:
-                self.pool.append((w, ancestors(senses[0])))
+            if not senses or wn.morphy(w, "n") != w or not mostly_noun(wn, w):
+                continue
+            sense = wn.synset(CAPTION_SENSE[w]) if w in CAPTION_SENSE else senses[0]
+            if sense.lexname() in CONCRETE:
+                self.pool.append((w, ancestors(sense)))
 
     def of(self, word: str, sense, in_vocab: bool, k: int = 5) -> list[str]:
         up = ancestors(sense)
         scored = []
         for w, anc in self.pool:
             d = distance(up, anc)
-            if d is not None and w != word:
+            if d is not None and d <= MAX_RELATIVE_DISTANCE and w != word:
                 scored.append((d, -self.counts[w], w))
         best = [w for _, _, w in sorted(scored)]
         return ([word] + best)[:k] if in_vocab else best[:k]
 
 
-# Worn items that are photographed on their own more often than on a person (reviewed out of person_classes).
+# Worn items that ImageNet mostly shows on their own, not on a person (reviewed out of person_classes): footwear,
+# hosiery and small accessories photographed as products.
 NOT_WORN_IN_PHOTO = {"Christmas stocking", "Loafer", "running shoe", "clog", "sandal", "cowboy boot", "sock",
-                     "knee pad", "diaper", "bib", "hair slide", "wig", "bathing cap", "shower cap", "mitten",
-                     "Band Aid", "seat belt", "cloak", "stole", "feather boa", "handkerchief", "apron"}
+                     "knee pad", "hair slide", "wig", "Band Aid", "seat belt", "handkerchief", "mitten"}
+# Worn over the face but filed under "covering", not "clothing", in WordNet (reviewed in).
+WORN_EXTRA = {"ski mask", "gasmask"}
 
 
 def person_classes(wn, classes) -> list[int]:
-    """Classes whose photos imply a person: people (groom, scuba diver) and clothing, less NOT_WORN_IN_PHOTO."""
+    """Classes whose photos imply a person: people (groom, scuba diver) and clothing, reviewed as above."""
     roots = {wn.synset("person.n.01"), wn.synset("clothing.n.01")}
     out = []
     for index, (wnid, name) in enumerate(classes):
         synset = wn.synset_from_pos_and_offset(wnid[0], int(wnid[1:]))
-        if roots & ancestors(synset).keys() and name not in NOT_WORN_IN_PHOTO:
+        derived = bool(roots & ancestors(synset).keys()) and name not in NOT_WORN_IN_PHOTO
+        if derived or name in WORN_EXTRA:
             out.append(index)
     return out
 
