@@ -364,7 +364,8 @@ def evaluate(
     ] = "auto",
     root: DataRoot = None,
 ) -> None:
-    """Score captions with the COCO caption toolkit (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D; SPICE if installed)."""
+    """Score captions with the COCO caption toolkit (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D; SPICE if installed) and
+    object hallucination (CHAIR_s, CHAIR_i)."""
     from . import evaluate as ev
     from .errors import UsageError
     from .layout import open_dataset

@@ -13,6 +13,9 @@ ordinary captions: the Java tokenizer splits lines at ``\\r``, form feeds and Un
 (which silently shifts every later caption onto the wrong image), and METEOR can hang when its
 process stops answering. Captions are cleaned of line breaks, the tokenizer's output is checked with a
 sentinel line, and METEOR runs under a watchdog.
+
+Beside the toolkit's metrics, :func:`evaluate_results` and :func:`evaluate_checkpoint` add CHAIR_s / CHAIR_i
+(object hallucination, :mod:`capcli.chair`), which is capcli's own code: the toolkit has no such metric.
 """
 
 from __future__ import annotations
