@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -27,6 +27,9 @@ from typer.core import TyperGroup
 from . import __version__
 from .errors import CapcliError
 from .progress import Progress
+
+if TYPE_CHECKING:
+    from .chair import ChairScores
 
 console = Console()
 err_console = Console(stderr=True)
@@ -361,7 +364,8 @@ def evaluate(
     ] = "auto",
     root: DataRoot = None,
 ) -> None:
-    """Score captions with the COCO caption toolkit (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D; SPICE if installed)."""
+    """Score captions with the COCO caption toolkit (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D; SPICE if installed) and
+    object hallucination (CHAIR_s, CHAIR_i)."""
     from . import evaluate as ev
     from .errors import UsageError
     from .layout import open_dataset
@@ -411,11 +415,25 @@ def evaluate(
             t.add_row(key, f"{scores.values[key]:.4f}", kind)
         elif key in scores.skipped:
             t.add_row(key, "-", "[dim]skipped[/]")
+    _add_chair_rows(t, scores.chair)
     console.print(t)
+    if scores.chair is not None and scores.chair.top_hallucinated:
+        top = ", ".join(f"{c} {n}" for c, n in scores.chair.top_hallucinated)
+        console.print(f"most often hallucinated: {top}", highlight=False, soft_wrap=True)
     for note in scores.notes:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     for path in written:
         console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
+def _add_chair_rows(table: Table, chair: ChairScores | None) -> None:
+    """CHAIR_s and CHAIR_i (percent, lower is better) under the toolkit's metrics, with their counts."""
+    if chair is None:
+        return
+    table.add_row("CHAIR_s", f"{chair.chair_s:.1f}%",
+                  f"{chair.captions_hallucinating} of {chair.captions} captions hallucinate (lower is better)")
+    table.add_row("CHAIR_i", f"{chair.chair_i:.1f}%" if chair.chair_i is not None else "-",
+                  f"{chair.hallucinated} of {chair.mentioned} objects mentioned are hallucinated")
 
 
 # --- caption ---------------------------------------------------------------------------------------

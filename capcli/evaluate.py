@@ -13,6 +13,9 @@ ordinary captions: the Java tokenizer splits lines at ``\\r``, form feeds and Un
 (which silently shifts every later caption onto the wrong image), and METEOR can hang when its
 process stops answering. Captions are cleaned of line breaks, the tokenizer's output is checked with a
 sentinel line, and METEOR runs under a watchdog.
+
+Beside the toolkit's metrics, :func:`evaluate_results` and :func:`evaluate_checkpoint` add CHAIR_s / CHAIR_i
+(object hallucination, :mod:`capcli.chair`), which is capcli's own code: the toolkit has no such metric.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from . import atomic
+from .chair import ChairScores
+from .chair import chair as chair_scores
 from .errors import CapcliError, EvaluateError
 from .layout import Dataset, ImageRecord, open_dataset
 from .progress import NULL, Progress
@@ -69,6 +74,7 @@ class Scores:
     notes: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     tokenizer: str = ""  # "ptb" (the toolkit's Java PTBTokenizer) or "python" (capcli.vocab.tokenize)
+    chair: ChairScores | None = None  # object hallucination (capcli.chair), set by evaluate_results/_checkpoint
 
 
 # ---- text preparation ---------------------------------------------------------------------------
@@ -395,6 +401,12 @@ def score(
     return out
 
 
+def add_chair(scores: Scores, captions: Mapping[int, str], references: Mapping[int, Sequence[str]]) -> Scores:
+    """Set ``scores.chair``: CHAIR_s / CHAIR_i of the captions (:mod:`capcli.chair`; needs no Java)."""
+    scores.chair = chair_scores(captions, references)
+    return scores
+
+
 # ---- datasets and results files ------------------------------------------------------------------
 def split_records(dataset: Dataset, split: str) -> list[ImageRecord]:
     """The images of ``split`` that have references (raises if there are none)."""
@@ -486,7 +498,7 @@ def evaluate_results(
     """Score a COCO results file against ``split`` of ``dataset``."""
     results = load_results(path, dataset, split, allow_missing=allow_missing)
     refs = dataset.references(split)
-    scores = score(results, refs, metrics=metrics, tokenizer=tokenizer, progress=progress)
+    scores = add_chair(score(results, refs, metrics=metrics, tokenizer=tokenizer, progress=progress), results, refs)
     if len(results) < len(refs):
         scores.notes.insert(
             0, f"scored {len(results)} of the {len(refs)} images of split {split!r}: "
@@ -548,7 +560,8 @@ def evaluate_checkpoint(
             f"no image of split {split!r} could be captioned"
             + (f" (first: {ds.path(first[0])}: {first[1]})" if first else "")
         )
-    scores = score(results, ds.references(split), metrics=metrics, tokenizer=tokenizer, progress=progress)
+    refs = ds.references(split)
+    scores = add_chair(score(results, refs, metrics=metrics, tokenizer=tokenizer, progress=progress), results, refs)
     if failed:
         rec, why = failed[0]
         scores.notes.insert(
@@ -591,11 +604,14 @@ def metrics_document(
     doc["beam"] = beam
     if length_penalty is not None:
         doc["length_penalty"] = length_penalty
+    if scores.chair is not None:
+        doc["chair"] = scores.chair.to_json()
     return doc
 
 
 def write_metrics(path: str | Path, scores: Scores, split: str, n_images: int, **source: Any) -> Path:
-    """The metrics JSON: ``{"metrics", "official", "notes", "split", "n_images", "checkpoint"|"results", "beam"}``."""
+    """The metrics JSON: ``{"metrics", "official", "notes", "split", "n_images", "checkpoint"|"results", "beam"}``,
+    and ``"chair"`` (:meth:`capcli.chair.ChairScores.to_json`) when CHAIR was computed."""
     return atomic.write_json(Path(path), metrics_document(scores, split, n_images, **source))
 
 
@@ -621,6 +637,8 @@ ul.refs{margin:.3em 0;padding-left:1.2em;color:#555}
 .score{font-variant-numeric:tabular-nums;white-space:nowrap}
 .approx{color:#a60}
 .nav a,.nav button{margin-right:1em}
+.obj{display:inline-block;border-radius:.6em;padding:0 .5em;margin:.2em .3em 0 0;font-size:.85em;background:#e8eef4}
+.obj.hal{background:#c62828;color:#fff;font-weight:600}
 """
 
 _JS = """
@@ -641,7 +659,8 @@ def write_html(
     progress: Progress = NULL,
     thumb_size: int = 160,
 ) -> Path:
-    """A self-contained HTML report: per image its thumbnail, caption, references and CIDEr.
+    """A self-contained HTML report: per image its thumbnail, caption, references and CIDEr, and with
+    ``scores.chair`` the caption's COCO objects as badges (hallucinated ones in red) and CHAIR_s / CHAIR_i.
 
     Rows are sorted worst to best CIDEr; links jump to either end and a button flips the order.
     Thumbnails are embedded as base64 JPEGs; the page loads nothing from elsewhere.
@@ -669,7 +688,8 @@ def write_html(
             )
             rows.append(
                 f'<tr{anchor} data-id="{i}"><td class="score">#{rank}</td><td class="img">{img}</td>'
-                f'<td><div class="cap">{esc(results[i])}</div><ul class="refs">{refs}</ul>'
+                f'<td><div class="cap">{esc(results[i])}</div>{_chair_badges(scores.chair, i)}'
+                f'<ul class="refs">{refs}</ul>'
                 f'<div class="score">image {i} · {esc(rec.file)}</div></td>'
                 f'<td class="score"><b>{esc(str(key))} {per(i, key):.3f}</b><br>{esc(detail)}</td></tr>'
             )
@@ -687,7 +707,7 @@ def write_html(
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title><style>{_CSS}</style></head>
 <body><h1>{esc(title)}</h1>
 <p>Dataset {esc(dataset.name)}, split {esc(split)}, {len(ids)} images.</p>
-<table class="m">{metric_rows}</table>
+<table class="m">{metric_rows}{_chair_rows(scores.chair)}</table>
 {f'<ul class="notes">{notes}</ul>' if notes else ''}
 <p class="nav"><a href="#worst">worst</a><a href="#best">best</a>
 <button type="button" onclick="flipOrder()">flip order</button> showing <span id="order">worst first</span>
@@ -699,3 +719,29 @@ def write_html(
 </body></html>
 """
     return atomic.write_text(path, page)
+
+
+# ---- CHAIR in the HTML report ---------------------------------------------------------------------
+def _chair_rows(chair: ChairScores | None) -> str:
+    """Summary rows for the report's metric table (empty without CHAIR)."""
+    if chair is None:
+        return ""
+    ci = f"{chair.chair_i:.1f}%" if chair.chair_i is not None else "-"
+    top = ", ".join(f"{c} {n}" for c, n in chair.top_hallucinated)
+    how = (f"{chair.captions_hallucinating} of {chair.captions} captions, {chair.hallucinated} of "
+           f"{chair.mentioned} objects mentioned; most often: {top or 'none'}")
+    return (f'<tr><th>CHAIR_s</th><td class="score">{chair.chair_s:.1f}%</td><td>lower is better</td></tr>'
+            f'<tr><th>CHAIR_i</th><td class="score">{ci}</td><td>hallucinated objects: {html.escape(how)}</td></tr>')
+
+
+def _chair_badges(chair: ChairScores | None, image_id: int) -> str:
+    """The caption's COCO objects as badges, hallucinated ones (not named by any reference) in red."""
+    one = chair.per_image.get(image_id) if chair is not None else None
+    if one is None or not one.mentioned:
+        return ""
+    bad = set(one.hallucinated)
+    return "<div>" + "".join(
+        f'<span class="obj hal" title="not in any reference">{html.escape(o)}</span>' if o in bad
+        else f'<span class="obj">{html.escape(o)}</span>'
+        for o in one.mentioned
+    ) + "</div>"

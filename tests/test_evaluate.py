@@ -410,3 +410,4 @@ def test_evaluate_checkpoint_leaves_out_unreadable_images_with_a_note(untrained_
     assert scores.notes[0].startswith(f"1 of the 10 images could not be read and were left out (first: {val[3].file}")
     assert set(scores.per_image) == set(results)
     assert scores.values == ev.score(results, ds.references("val"), metrics=("bleu", "cider")).values
+    assert scores.chair is not None and set(scores.chair.per_image) == set(results)  # CHAIR on the same captions
