@@ -49,6 +49,8 @@ def train(cfg: TrainConfig, progress: Progress = NULL) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, dist: Dist, progress: Progress) -> TrainResult:
+    """Set up (run folder, data, model, optimiser, state), then per epoch: train, validate (rank 0), select,
+    log and save. Ctrl-C saves a resumable last.pt on the way out."""
     run = open_run(cfg, dist, progress)
     cfg, files = run.cfg, run.files
     data = load_data(cfg, run.ds, run.resumed, dist, progress)
