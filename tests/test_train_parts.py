@@ -208,9 +208,15 @@ def test_ddp_ranks_end_with_identical_weights(tmp_path):
     procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "ddp_rank.py"), str(tmp_path)],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    for p in procs:
-        out, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, out[-3000:]
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=120)
+            assert p.returncode == 0, out[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:  # a rank left waiting for its peer
+                p.kill()
+                p.wait()
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     initial = torch.load(tmp_path / "initial.pt")
     assert ranks[0]["steps"] == ranks[1]["steps"] == 3  # 24 captions, 12 a rank, batches of 4
