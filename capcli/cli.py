@@ -25,6 +25,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from . import __version__
+from .config import TrainConfig
 from .errors import CapcliError
 from .progress import Progress
 
@@ -237,79 +238,86 @@ def features(
 
 
 # --- train -----------------------------------------------------------------------------------------
-# Defaults mirror capcli.train.TrainConfig (tests/test_train.py checks they agree); kept literal here so that
-# `capcli --help` does not import torch.
+# Every default is TrainConfig's (capcli.config imports no torch, so `capcli --help` stays fast).
+_TC = TrainConfig()
+
+
 @app.command("train")
 def train_cmd(
-    arch: Annotated[str, typer.Option(help="basic (Show and Tell) | attention (Show, Attend and Tell)")] = "attention",
+    arch: Annotated[str, typer.Option(help="basic (Show and Tell) | attention (Show, Attend and Tell)")] = _TC.arch,
     dataset: Annotated[str, typer.Option(help="Prepared dataset name under the data root; 'coco' picks coco2014, "
-                                         "else coco2017.")] = "coco",
-    data: Annotated[Path | None, typer.Option(help="A prepared dataset folder (instead of --dataset).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Run folder (default: ROOT/runs/DATASET-ARCH).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue OUT/last.pt where it stopped.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in an OUT that holds a run.")] = False,
+                                         "else coco2017.")] = _TC.dataset,
+    data: Annotated[Path | None, typer.Option(help="A prepared dataset folder (instead of --dataset).")] = _TC.data,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default: ROOT/runs/DATASET-ARCH).")] = _TC.out,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue OUT/last.pt where it stopped.")] = _TC.resume,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in an OUT that holds a "
+                                            "run.")] = _TC.overwrite,
     encoder: Annotated[str | None, typer.Option(help="Encoder of the features (default: efficientnet-lite0, or "
-                                                "the --features folder's).")] = None,
+                                                "the --features folder's).")] = _TC.encoder,
     features: Annotated[Path | None, typer.Option(help="Features folder (default: ROOT/features/DATASET/ENCODER, "
-                                                  "extracted first when missing).")] = None,
+                                                  "extracted first when missing).")] = _TC.features,
     no_extract: Annotated[bool, typer.Option("--no-extract", help="Fail instead of extracting missing "
-                                             "features.")] = False,
+                                             "features.")] = _TC.no_extract,
     root: DataRoot = None,
-    embed_dim: Annotated[int, typer.Option(help="Word embedding size.")] = 512,
-    hidden_dim: Annotated[int, typer.Option(help="RNN hidden size.")] = 512,
-    attention_dim: Annotated[int, typer.Option(help="Attention MLP size (attention).")] = 512,
-    dropout: Annotated[float, typer.Option(help="Dropout probability.")] = 0.5,
-    cell: Annotated[str, typer.Option(help="lstm | gru | rnn")] = "lstm",
-    condition: Annotated[str, typer.Option(help="basic: first-step (the paper) | init-state")] = "first-step",
-    embeddings: Annotated[Path | None, typer.Option(help="Pretrained word vectors, GloVe text format.")] = None,
-    freeze_embeddings: Annotated[bool, typer.Option("--freeze-embeddings", help="Keep --embeddings fixed.")] = False,
-    min_count: Annotated[int, typer.Option(help="Rarer words become <unk>.")] = 5,
-    max_len: Annotated[int, typer.Option(help="Captions are truncated to this many words.")] = 20,
+    embed_dim: Annotated[int, typer.Option(help="Word embedding size.")] = _TC.embed_dim,
+    hidden_dim: Annotated[int, typer.Option(help="RNN hidden size.")] = _TC.hidden_dim,
+    attention_dim: Annotated[int, typer.Option(help="Attention MLP size (attention).")] = _TC.attention_dim,
+    dropout: Annotated[float, typer.Option(help="Dropout probability.")] = _TC.dropout,
+    cell: Annotated[str, typer.Option(help="lstm | gru | rnn")] = _TC.cell,
+    condition: Annotated[str, typer.Option(help="basic: first-step (the paper) | init-state")] = _TC.condition,
+    embeddings: Annotated[Path | None, typer.Option(help="Pretrained word vectors, GloVe text "
+                                                    "format.")] = _TC.embeddings,
+    freeze_embeddings: Annotated[bool, typer.Option("--freeze-embeddings", help="Keep --embeddings "
+                                                    "fixed.")] = _TC.freeze_embeddings,
+    min_count: Annotated[int, typer.Option(help="Rarer words become <unk>.")] = _TC.min_count,
+    max_len: Annotated[int, typer.Option(help="Captions are truncated to this many words.")] = _TC.max_len,
     captions_per_image: Annotated[int | None, typer.Option(help="Train on the first K captions of each image "
-                                                           "(default: all).")] = None,
-    epochs: Annotated[int, typer.Option(help="Most epochs to train.")] = 20,
-    batch_size: Annotated[int, typer.Option(help="Captions per step.")] = 64,
-    lr: Annotated[float, typer.Option(help="Decoder learning rate (Adam).")] = 4e-4,
-    encoder_lr: Annotated[float, typer.Option(help="Encoder learning rate with --fine-tune-encoder.")] = 1e-4,
-    weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = 0.0,
-    grad_clip: Annotated[float, typer.Option(help="Max gradient norm (0: off).")] = 5.0,
-    alpha_c: Annotated[float, typer.Option(help="Weight of the doubly stochastic attention regulariser.")] = 1.0,
-    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = 0.0,
+                                                           "(default: all).")] = _TC.captions_per_image,
+    epochs: Annotated[int, typer.Option(help="Most epochs to train.")] = _TC.epochs,
+    batch_size: Annotated[int, typer.Option(help="Captions per step.")] = _TC.batch_size,
+    lr: Annotated[float, typer.Option(help="Decoder learning rate (Adam).")] = _TC.lr,
+    encoder_lr: Annotated[float, typer.Option(help="Encoder learning rate with --fine-tune-encoder.")] = _TC.encoder_lr,
+    weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = _TC.weight_decay,
+    grad_clip: Annotated[float, typer.Option(help="Max gradient norm (0: off).")] = _TC.grad_clip,
+    alpha_c: Annotated[float, typer.Option(help="Weight of the doubly stochastic attention "
+                                           "regulariser.")] = _TC.alpha_c,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = _TC.label_smoothing,
     init_from: Annotated[Path | None, typer.Option(help="Start from this checkpoint's model and vocabulary "
-                                                   "(e.g. --scst after cross-entropy training).")] = None,
+                                                   "(e.g. --scst after cross-entropy training).")] = _TC.init_from,
     scst: Annotated[bool, typer.Option("--scst", help="Self-critical training: reward sampled captions by "
-                                       "CIDEr-D instead of cross-entropy.")] = False,
-    scst_samples: Annotated[int, typer.Option(help="Captions sampled per image with --scst.")] = 5,
+                                       "CIDEr-D instead of cross-entropy.")] = _TC.scst,
+    scst_samples: Annotated[int, typer.Option(help="Captions sampled per image with --scst.")] = _TC.scst_samples,
     schedule: Annotated[str, typer.Option(help="plateau (halve the LR when --select stalls) | cosine | "
-                                          "none")] = "plateau",
+                                          "none")] = _TC.schedule,
     patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better --select "
-                                          "(0: never).")] = 4,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimiser steps.")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed (initialisation, data order, dropout).")] = 0,
-    select: Annotated[str, typer.Option(help="cider | bleu4: metric for best.pt and early stopping.")] = "cider",
-    val_split: Annotated[str, typer.Option(help="Split to validate on.")] = "val",
-    val_images: Annotated[int | None, typer.Option(help="Validate on the first N images only.")] = None,
-    val_beam: Annotated[int, typer.Option(help="Beam size for validation captions (1: greedy).")] = 1,
-    val_batch_size: Annotated[int, typer.Option(help="Images per validation batch.")] = 100,
-    val_tokenizer: Annotated[str, typer.Option(help="auto | java | python (fast, approximate scores)")] = "auto",
+                                          "(0: never).")] = _TC.patience,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimiser steps.")] = _TC.max_steps,
+    seed: Annotated[int, typer.Option(help="Random seed (initialisation, data order, dropout).")] = _TC.seed,
+    select: Annotated[str, typer.Option(help="cider | bleu4: metric for best.pt and early stopping.")] = _TC.select,
+    val_split: Annotated[str, typer.Option(help="Split to validate on.")] = _TC.val_split,
+    val_images: Annotated[int | None, typer.Option(help="Validate on the first N images only.")] = _TC.val_images,
+    val_beam: Annotated[int, typer.Option(help="Beam size for validation captions (1: greedy).")] = _TC.val_beam,
+    val_batch_size: Annotated[int, typer.Option(help="Images per validation batch.")] = _TC.val_batch_size,
+    val_tokenizer: Annotated[str, typer.Option(help="auto | java | python (fast, approximate "
+                                               "scores)")] = _TC.val_tokenizer,
     fine_tune_encoder: Annotated[bool, typer.Option("--fine-tune-encoder", help="Train end to end from the "
-                                                    "photos, fine-tuning the encoder's last blocks.")] = False,
-    fine_tune_blocks: Annotated[int, typer.Option(help="Encoder blocks to fine-tune.")] = 2,
+                                                    "photos, fine-tuning the encoder's last "
+                                                    "blocks.")] = _TC.fine_tune_encoder,
+    fine_tune_blocks: Annotated[int, typer.Option(help="Encoder blocks to fine-tune.")] = _TC.fine_tune_blocks,
     encoder_weights: Annotated[Path | None, typer.Option(help="Encoder weights file (torchvision state "
-                                                         "dict).")] = None,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-    amp: Annotated[bool, typer.Option(help="bfloat16 autocast on CUDA.")] = True,
+                                                         "dict).")] = _TC.encoder_weights,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = _TC.workers,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = _TC.device,
+    amp: Annotated[bool, typer.Option(help="bfloat16 autocast on CUDA.")] = _TC.amp,
     preload: Annotated[bool, typer.Option(help="Hold the features in memory (falls back when they do not "
-                                          "fit).")] = True,
-    save_dtype: Annotated[str, typer.Option(help="float32 | float16 for best.pt.")] = "float32",
+                                          "fit).")] = _TC.preload,
+    save_dtype: Annotated[str, typer.Option(help="float32 | float16 for best.pt.")] = _TC.save_dtype,
 ) -> None:
     """Train Show and Tell (basic) or Show, Attend and Tell (attention) on cached features or end to end.
 
     Under `torchrun --nproc_per_node N` it trains with DistributedDataParallel.
     """
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
-    from .train import TrainConfig
     from .train import train as run_train
 
     res = run_train(TrainConfig(**options), progress=RichProgress())

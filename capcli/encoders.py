@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .errors import EncoderError
+from .errors import EncoderError, UsageError
 
 DEFAULT_ENCODER = "efficientnet-lite0"
 
@@ -231,3 +231,18 @@ def create_encoder(name: str = DEFAULT_ENCODER, weights: str | Path | None = Non
     enc = builder(spec, Path(weights) if weights else None)
     enc.to(memory_format=torch.channels_last)
     return enc.eval()
+
+
+def trainable_parts(encoder: Encoder, k: int) -> list[nn.Module]:
+    """The parts of ``encoder`` that fine-tuning trains: the last ``k`` blocks of its trunk (plus, for
+    EfficientNet-Lite0, its head convolution and BatchNorm)."""
+    trunk = encoder.trunk
+    if hasattr(trunk, "_blocks"):  # EfficientNet-Lite0
+        blocks = list(trunk._blocks)
+        if k > len(blocks):
+            raise UsageError(f"--fine-tune-blocks {k}: {encoder.spec.name} has {len(blocks)} blocks")
+        return [*blocks[-k:], trunk._conv_head, trunk._bn1]
+    children = list(trunk.children())
+    if k > len(children):
+        raise UsageError(f"--fine-tune-blocks {k}: {encoder.spec.name} has {len(children)} blocks")
+    return children[-k:]

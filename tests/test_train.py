@@ -23,12 +23,14 @@ from typer.testing import CliRunner
 from capcli import paths
 from capcli.checkpoint import load_checkpoint
 from capcli.cli import app
+from capcli.config import TrainConfig
+from capcli.evaluate import score
 from capcli.features import FeatureStore
 from capcli.layout import Dataset
 from capcli.models import build
-from capcli.models.decoding import greedy
+from capcli.models.decoding import beam_search, greedy
 from capcli.progress import Progress
-from capcli.train import TrainConfig, epoch_order, train
+from capcli.train import epoch_order, train
 from capcli.vocab import Vocabulary, tokenize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,12 +173,47 @@ def test_resume_gives_identical_weights(small_flickr8k, small_flickr8k_features,
 
 def test_refuses_to_overwrite_a_run(small_flickr8k, small_flickr8k_features, tmp_path):
     cfg = tiny(small_flickr8k, small_flickr8k_features, tmp_path / "run", epochs=1, arch="basic", val_beam=3)
-    assert train(cfg).best_metrics["CIDEr"] >= 0  # validation captions by beam search
+    best = train(cfg).best_metrics
+    # validation captions by beam search: best.pt's own beam-3 captions of the 10 val photos score the same
+    ck = load_checkpoint(tmp_path / "run" / "best.pt")
+    model = build(ck["config"]).eval()
+    model.load_state_dict(ck["model"])
+    vocab = Vocabulary.from_dict(ck["vocab"])
+    recs = small_flickr8k.split("val")
+    feats = FeatureStore(small_flickr8k_features).get_many([r.id for r in recs], model.feature_kind)
+    beams = beam_search(model, torch.from_numpy(feats).float(), vocab.start_id, vocab.end_id, max_len=20, beam_size=3)
+    hyps = {r.id: vocab.to_text(b[0].tokens) for r, b in zip(recs, beams, strict=True)}
+    again = score(hyps, {r.id: r.captions for r in recs}, metrics=("bleu", "cider"), tokenizer="python").values
+    assert (best["epoch"], best["split"], best["images"], best["select"]) == (1, "val", 10, "CIDEr")
+    assert best["CIDEr"] == pytest.approx(again["CIDEr"]) and best["BLEU-4"] == pytest.approx(again["BLEU-4"])
+    assert best["CIDEr"] == metrics(tmp_path / "run")[0]["val_CIDEr"]
     r = cli("--data", small_flickr8k.source, "--features", str(small_flickr8k_features), "--out", str(tmp_path / "run"))
     assert_clean_error(r, "already holds a training run", "--resume")
     # finished runs resume to nothing
     res = train(TrainConfig(out=str(tmp_path / "run"), resume=True))
     assert res.epochs_run == 1 and res.notes
+
+
+# Recorded with the training loop before its refactor into capcli/train/ (commit 5352441): the same seed and
+# settings must give the same losses and learning rates. (Relative 1e-5 absorbs other CPUs' float rounding.)
+PINNED = {
+    "basic": (dict(arch="basic", label_smoothing=0.1, schedule="cosine", captions_per_image=2, epochs=3),
+              [5.189330259958903, 5.17390791575114, 5.168654441833496], [7.5e-4, 2.5e-4, 0.0], [3, 6, 9]),
+    "attention-gru": (dict(arch="attention", cell="gru", preload=False, workers=0, weight_decay=1e-4),
+                      [33.61850084577288, 34.0025885445731], [1e-3, 1e-3], [7, 14]),
+}
+
+
+@pytest.mark.parametrize("name", PINNED)
+def test_losses_match_the_recorded_run(small_flickr8k, small_flickr8k_features, tmp_path, name):
+    """A short fixed-seed run's per-epoch losses (cross-entropy with label smoothing; cross-entropy plus the
+    attention regulariser), learning rates (cosine: (1 + cos(pi k / 9)) / 2 after k of 9 steps) and steps."""
+    kw, losses, lrs, steps = PINNED[name]
+    train(tiny(small_flickr8k, small_flickr8k_features, tmp_path / name, **kw))
+    rows = metrics(tmp_path / name)
+    assert [r["train_loss"] for r in rows] == pytest.approx(losses, rel=1e-5)
+    assert [r["lr"] for r in rows] == pytest.approx(lrs, abs=1e-12)
+    assert [r["step"] for r in rows] == steps
 
 
 # ---- data paths ----------------------------------------------------------------------------------

@@ -1,0 +1,339 @@
+"""The training loop: :func:`train` and the parts each epoch runs (see :mod:`capcli.train`)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import SELECT, TrainConfig, check_config
+from ..errors import CheckpointError
+from ..progress import NULL, Progress
+from ..vocab import Vocabulary
+from .data import Data, epoch_order, load_data, open_sources
+from .distributed import Dist
+from .model import Net, Optim, build_model, configure_optimizers, steps_per_epoch
+from .run import GracefulStop, Run, RunFiles, RunLog, RunState, TornUpdate, open_run, resume_state, save_checkpoint
+from .sources import model_input
+
+
+@dataclass
+class TrainResult:
+    best_path: Path
+    last_path: Path
+    best_metrics: dict[str, Any]
+    epochs_run: int
+    out: Path = Path()
+    stopped_early: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def train(cfg: TrainConfig, progress: Progress = NULL) -> TrainResult:
+    """Train a captioning model as ``cfg`` says; see :mod:`capcli.train`. Returns where the checkpoints are."""
+    check_config(cfg)
+    dist = Dist.setup(cfg.device)
+    try:
+        result = _train(cfg, dist, progress if dist.main else NULL)
+        dist.barrier()  # leave together: a rank tearing down gloo while rank 0 still saves can abort the peer
+        return result
+    finally:
+        dist.close()
+
+
+def _train(cfg: TrainConfig, dist: Dist, progress: Progress) -> TrainResult:
+    """Set up (run folder, data, model, optimiser, state), then per epoch: train, validate (rank 0), select,
+    log and save. Ctrl-C saves a resumable last.pt on the way out."""
+    run = open_run(cfg, dist, progress)
+    cfg, files = run.cfg, run.files
+    data = load_data(cfg, run.ds, run.resumed, dist, progress)
+    net = build_model(cfg, data, run.resumed, files.last, dist, progress)
+    opt = configure_optimizers(cfg, net, steps_per_epoch(len(data.caps), cfg.batch_size, dist.world), dist.device)
+    state = resume_state(run.resumed, opt, files, progress) if run.resumed is not None else RunState()
+    log = RunLog(files, progress)
+    if dist.main:
+        log.start(state.epoch if run.resumed is not None else None)
+    open_sources(data, net.model.feature_kind, cfg, dist, progress)
+    _announce(cfg, run, data, net, dist, progress)
+    epochs_before = state.epoch
+    try:
+        with GracefulStop() as stop:
+            while state.epoch < cfg.epochs and not state.stopped_early and not _steps_done(cfg, state):
+                t0 = time.perf_counter()
+                trained = train_epoch(cfg, data, net, opt, state, dist, stop, progress)
+                train_seconds = time.perf_counter() - t0
+                progress.done()
+                train_loss = dist.mean(state.loss_sum / max(state.loss_batches, 1))
+                train_ce = dist.mean(state.ce_sum / max(state.loss_batches, 1))
+                scores = validate(cfg, data, net.model, net.encoder, dist.device, stop, progress) if dist.main else {}
+                value = dist.broadcast([scores.get(SELECT[cfg.select], 0.0)])[0]
+                chosen = select(state, value, cfg.patience)
+                state.best, state.best_epoch, state.bad_epochs, state.stopped_early = chosen
+                if cfg.schedule == "plateau":
+                    opt.scheduler.step(value)
+                lr = opt.optimizer.param_groups[0]["lr"]
+                state.epoch, state.batch = state.epoch + 1, 0
+                row = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss,
+                       "train_reward" if cfg.scst else "train_ce": train_ce,
+                       **{f"val_{k}": v for k, v in scores.items()}, "lr": lr,
+                       "captions_per_s": trained * dist.world / max(train_seconds, 1e-9),
+                       "seconds": time.perf_counter() - t0}
+                state.loss_sum, state.ce_sum, state.loss_batches = 0.0, 0.0, 0
+                if dist.main:
+                    log.append(row)
+                    _save_epoch(row, scores, chosen.improved, cfg, data, net, opt, state, files, dist.world)
+                    log.draw()
+                    _report(row, chosen.improved, cfg, state, progress)
+                dist.barrier()
+    except KeyboardInterrupt as e:
+        progress.done()
+        if dist.main:
+            _save_interrupted(e, cfg, data, net, opt, state, files, dist.world, progress)
+        raise
+    if dist.main and files.metrics.is_file() and state.epoch > epochs_before:
+        log.draw(force=True)
+    if dist.main and not files.best.is_file():
+        raise CheckpointError(f"training ended before any validation, so there is no {files.best}")
+    return TrainResult(files.best, files.last, state.best_metrics if dist.main else {}, state.epoch, out=files.out,
+                       stopped_early=bool(state.stopped_early),
+                       notes=[] if state.epoch > epochs_before else ["nothing to do: the run had already finished"])
+
+
+def _steps_done(cfg: TrainConfig, state: RunState) -> bool:
+    return cfg.max_steps is not None and state.step >= cfg.max_steps
+
+
+def _announce(cfg: TrainConfig, run: Run, data: Data, net: Net, dist: Dist, progress: Progress) -> None:
+    source = f"fine-tuning {data.spec.name}" if net.encoder is not None else f"{data.spec.name} features"
+    amp = " (bf16 autocast)" if _use_amp(cfg, dist.device) else ""
+    progress.info(
+        f"training {cfg.arch} on {run.ds.name}: {len(data.train_recs)} images, "
+        f"{f'self-critical, {cfg.scst_samples} samples each' if cfg.scst else f'{len(data.caps)} captions'}, "
+        f"validating on {len(data.val_recs)} {cfg.val_split} images; {source}; device {dist.device}{amp}"
+        f"{f', {dist.world} processes' if dist.world > 1 else ''}; run folder {run.files.out}")
+
+
+def _use_amp(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.amp and device.type == "cuda"
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> Any:
+    """bfloat16 autocast on CUDA (with ``amp``), else nothing."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if _use_amp(cfg, device) else nullcontext()
+
+
+# ---- one epoch -----------------------------------------------------------------------------------
+
+
+def train_epoch(cfg: TrainConfig, data: Data, net: Net, opt: Optim, state: RunState, dist: Dist,
+                stop: GracefulStop, progress: Progress) -> int:
+    """The rest of epoch ``state.epoch`` (all of it unless resumed mid-epoch), or up to ``max_steps``: one
+    optimiser step per batch of this rank's share of the caption order. Returns the captions trained on."""
+    order = epoch_order(len(data.caps), cfg.seed, state.epoch, dist.rank, dist.world)
+    batches = list(order.split(cfg.batch_size))
+    progress.start(f"epoch {state.epoch + 1}/{cfg.epochs}", total=len(order), unit="img" if cfg.scst else "cap")
+    if state.batch:
+        progress.advance(sum(len(b) for b in batches[: state.batch]))
+    net.train_model.train()
+    todo = batches[state.batch:]
+    loss_sum = torch.tensor(state.loss_sum, dtype=torch.float64, device=dist.device)  # kept on the device: no sync
+    ce_sum = torch.tensor(state.ce_sum, dtype=torch.float64, device=dist.device)
+    trained, shown_loss = 0, math.nan
+    try:
+        for idx, (x, inverse, failed) in zip(todo, data.train_src.iterate([data.caps.image[b] for b in todo]),
+                                             strict=True):
+            idx = _readable(idx, inverse, failed, data, progress)
+            if x is not None and len(idx):
+                with autocast(cfg, dist.device):
+                    loss, ce = batch_loss(cfg, data, net, model_input(x, inverse, net.train_encoder,
+                                                                      net.model.feature_kind, dist.device), idx)
+                _backward(loss, opt, cfg.grad_clip)
+                try:  # parameters, optimiser state and counters change together
+                    opt.optimizer.step()
+                    if cfg.schedule == "cosine":
+                        opt.scheduler.step()
+                    loss_sum += loss.detach()
+                    ce_sum += ce.detach()
+                    state.step += 1
+                    state.loss_batches += 1
+                except KeyboardInterrupt:
+                    raise TornUpdate from None
+                trained += len(idx)
+                if state.step % 10 == 1 or dist.device.type == "cpu" or math.isnan(shown_loss):
+                    shown_loss = loss.item()  # (a device sync: not every step on a GPU)
+            state.batch += 1
+            progress.advance(len(idx), batch=f"{state.batch}/{len(batches)}", loss=round(shown_loss, 4),
+                             lr=opt.optimizer.param_groups[0]["lr"])
+            if stop.requested:
+                raise KeyboardInterrupt
+            if _steps_done(cfg, state):
+                break
+    finally:
+        state.loss_sum, state.ce_sum = float(loss_sum), float(ce_sum)
+    return trained
+
+
+def _readable(idx: torch.Tensor, inverse: torch.Tensor | None, failed: list, data: Data,
+              progress: Progress) -> torch.Tensor:
+    """The captions of ``idx`` whose images could be read (each unreadable image is reported once)."""
+    for r, why in failed:
+        if r not in data.unreadable:
+            data.unreadable.add(r)
+            progress.warn(f"skipping image {data.train_recs[r].id}: {why}")
+    return idx[inverse >= 0] if inverse is not None and failed else idx
+
+
+def _backward(loss: torch.Tensor, opt: Optim, grad_clip: float) -> None:
+    opt.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(opt.params, grad_clip)
+
+
+def batch_loss(cfg: TrainConfig, data: Data, net: Net, feats: torch.Tensor,
+               idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to minimise, what the log shows: the cross-entropy, or with ``scst`` the mean reward) of the
+    captions ``idx`` given their images' model input ``feats`` (B, D) or (B, N, D)."""
+    if data.cider is not None:
+        return scst_loss(net.model, feats, data.caps.image[idx], data.cider, data.vocab, cfg.scst_samples,
+                         cfg.max_len)
+    lengths = data.caps.lengths[idx]
+    tokens = data.caps.tokens[idx, : int(lengths.max())].to(feats.device, non_blocking=True)  # (B, T)
+    logits, alphas = net.train_model(feats, tokens, lengths.to(feats.device, non_blocking=True))
+    return ce_loss(net.model, logits, alphas, tokens, data.vocab.pad_id, cfg.label_smoothing, cfg.alpha_c)
+
+
+def ce_loss(model: nn.Module, logits: torch.Tensor, alphas: torch.Tensor | None, tokens: torch.Tensor, pad_id: int,
+            label_smoothing: float, alpha_c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced cross-entropy of logits (B, T-1, V) against the next words tokens[:, 1:] (ignoring <pad>),
+    plus ``alpha_c`` times the model's attention regulariser of alphas (B, T-1, N). Returns (loss, cross-entropy)."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=pad_id,
+                         label_smoothing=label_smoothing)
+    if alphas is not None and alpha_c > 0:
+        return ce + alpha_c * model.regularizer(alphas.float()), ce
+    return ce, ce
+
+
+def scst_loss(model: nn.Module, feats: torch.Tensor, images: torch.Tensor, cider: Any, vocab: Vocabulary, n: int,
+              max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-critical loss of one batch and its mean reward: n sampled captions per image, each rewarded by its
+    CIDEr-D less the mean CIDEr-D of the image's other n - 1 samples."""
+    from ..models.decoding import sample
+
+    words, logp = sample(model, feats, n, vocab.start_id, vocab.end_id, max_len,
+                         banned=(vocab.pad_id, vocab.start_id, vocab.unk_id))
+    rows = images.tolist()
+    reward = torch.tensor([cider.score(rows[i // n], [vocab.words[w] for w in ws]) for i, ws in enumerate(words)])
+    reward = reward.view(-1, n)
+    baseline = (reward.sum(1, keepdim=True) - reward) / (n - 1)
+    advantage = (reward - baseline).flatten().to(logp.device)
+    return -(advantage * logp).mean(), reward.mean().to(logp.device)
+
+
+# ---- validation, selection, saving ---------------------------------------------------------------
+
+
+def validate(cfg: TrainConfig, data: Data, model: nn.Module, encoder: nn.Module | None, device: torch.device,
+             stop: GracefulStop, progress: Progress) -> dict[str, float]:
+    """BLEU and CIDEr of captions generated (greedy, or beam ``val_beam``) for the validation images."""
+    from ..evaluate import score
+
+    model.eval()
+    ids = data.val_ids
+    groups = list(torch.arange(len(ids)).split(cfg.val_batch_size))
+    progress.start("validate", total=len(ids), unit="img")
+    hyps = _generate(model, data.val_src.iterate(groups), groups, ids, data.vocab, cfg, device, encoder, progress)
+    progress.done()
+    if stop.requested:
+        raise KeyboardInterrupt
+    return score(hyps, data.references, metrics=("bleu", "cider"), tokenizer=cfg.val_tokenizer).values
+
+
+@torch.no_grad()
+def _generate(model: nn.Module, x_groups: Iterator[tuple], groups: Sequence[torch.Tensor], ids: Sequence[int],
+              vocab: Vocabulary, cfg: TrainConfig, device: torch.device, encoder: nn.Module | None,
+              progress: Progress) -> dict[int, str]:
+    """Captions, without teacher forcing, for the images of ``groups`` (rows into ``ids``)."""
+    from ..models.decoding import beam_search, greedy
+
+    hyps: dict[int, str] = {}
+    for rows, (x, inverse, failed) in zip(groups, x_groups, strict=True):
+        for r, why in failed:
+            progress.warn(f"validation skips image {ids[r]}: {why}")
+        if x is not None:
+            with autocast(cfg, device):
+                feats = model_input(x, inverse, encoder, model.feature_kind, device)
+                if inverse is not None:
+                    rows = rows[inverse >= 0]
+                if cfg.val_beam > 1:
+                    out = [beams[0] for beams in beam_search(model, feats, vocab.start_id, vocab.end_id,
+                                                             max_len=cfg.max_len, beam_size=cfg.val_beam)]
+                else:
+                    out = greedy(model, feats, vocab.start_id, vocab.end_id, max_len=cfg.max_len)
+            for r, d in zip(rows.tolist(), out, strict=True):
+                hyps[int(ids[r])] = vocab.to_text(d.tokens)
+        progress.advance(len(rows))
+    return hyps
+
+
+class Selection(NamedTuple):
+    best: float
+    best_epoch: int
+    bad_epochs: int
+    stop: bool
+
+    @property
+    def improved(self) -> bool:
+        return self.bad_epochs == 0
+
+
+def select(state: RunState, value: float, patience: int) -> Selection:
+    """After validating epoch ``state.epoch + 1`` at ``value``: the best so far, its epoch, the epochs since, and
+    whether to stop (``patience`` epochs without improvement; 0 = never)."""
+    if value > state.best:
+        best, best_epoch, bad = value, state.epoch + 1, 0
+    else:
+        best, best_epoch, bad = state.best, state.best_epoch, state.bad_epochs + 1
+    return Selection(best, best_epoch, bad, 0 < patience <= bad)
+
+
+def _save_epoch(row: dict, scores: dict, improved: bool, cfg: TrainConfig, data: Data, net: Net, opt: Optim,
+                state: RunState, files: RunFiles, world: int) -> None:
+    """Rank 0 after each epoch: best.pt when the selection metric improved (its metrics kept in the state for
+    the result), then last.pt with everything ``--resume`` needs."""
+    if improved:
+        state.best_metrics = {"epoch": row["epoch"], "step": state.step, "select": SELECT[cfg.select],
+                              "split": cfg.val_split, "images": len(data.val_recs), **scores}
+        save_checkpoint(files.best, state.best_metrics, cfg, data, net)
+    save_checkpoint(files.last, row, cfg, data, net, (state, opt, world))
+
+
+def _report(row: dict, improved: bool, cfg: TrainConfig, state: RunState, progress: Progress) -> None:
+    train_ce = row["train_reward" if cfg.scst else "train_ce"]
+    progress.info(
+        f"epoch {row['epoch']}: loss {row['train_loss']:.3f} "
+        f"({'mean CIDEr-D reward' if cfg.scst else 'cross-entropy'} {train_ce:.3f}), "
+        f"val BLEU-4 {row.get('val_BLEU-4', 0):.4f} CIDEr {row.get('val_CIDEr', 0):.4f}"
+        f"{' (best)' if improved else ''}, lr {row['lr']:.2g}, {row['captions_per_s']:.0f} captions/s")
+    if state.stopped_early:
+        progress.info(f"no better {SELECT[cfg.select]} for {state.bad_epochs} epochs: stopping early "
+                      f"(best {state.best:.4f} at epoch {state.best_epoch})")
+
+
+def _save_interrupted(e: KeyboardInterrupt, cfg: TrainConfig, data: Data, net: Net, opt: Optim, state: RunState,
+                      files: RunFiles, world: int, progress: Progress) -> None:
+    """Ctrl-C: save a resumable last.pt where the run stands, unless it stopped in the middle of an update."""
+    if isinstance(e, TornUpdate):
+        progress.warn(f"interrupted in the middle of an update: {files.last} keeps the last epoch's state")
+        return
+    interrupted = {"interrupted": True, "epoch": state.epoch + 1, "batch": state.batch, "step": state.step}
+    save_checkpoint(files.last, interrupted, cfg, data, net, (state, opt, world))
+    progress.warn(f"interrupted at epoch {state.epoch + 1}, batch {state.batch}: saved {files.last}; "
+                  f"resume with `capcli train --out {files.out} --resume`")
