@@ -38,6 +38,8 @@ from . import atomic
 from .checkpoint import load_checkpoint
 from .encoders import Encoder, create_encoder, get_spec
 from .errors import CapcliError, CheckpointError, ImageError, UsageError
+from .grounding import MODES as GROUNDING_MODES
+from .grounding import Grounder, GroundingPolicy, Plan, fix_articles
 from .images import is_image_file, load_image, to_rgb
 from .models import build
 from .models.base import CaptionModel, Searchable
@@ -79,11 +81,19 @@ class Captioner:
     """
 
     def __init__(self, model: CaptionModel, encoder: Encoder, vocab: Vocabulary, device: torch.device,
-                 source: Path | None = None, precision: str = "auto") -> None:
+                 source: Path | None = None, precision: str = "auto", grounding: str = "auto",
+                 policy: GroundingPolicy | None = None) -> None:
         try:
             precision = resolve_precision(precision, device)  # of the search's matrix products (encoder: float32)
         except ValueError as e:
             raise UsageError(f"--{e}") from None
+        if grounding not in GROUNDING_MODES:
+            raise UsageError(f"--grounding {grounding!r}: use one of {', '.join(GROUNDING_MODES)}")
+        # Grounding (grounding.py) needs the encoder's ImageNet head; it may add words to the model and vocabulary.
+        self.grounder: Grounder | None = None
+        if grounding == "auto" and encoder.has_head:
+            self.grounder, model, vocab = Grounder.for_model(model, vocab, encoder.spec.name,
+                                                             policy or GroundingPolicy())
         self.model = model.to(device).eval()
         self.encoder = encoder.to(device).eval()
         self.vocab = vocab
@@ -97,11 +107,13 @@ class Captioner:
 
     @classmethod
     def load(cls, checkpoint: str | Path | None = None, device: str | torch.device = "auto",
-             precision: str = "auto") -> Captioner:
+             precision: str = "auto", grounding: str = "auto") -> Captioner:
         """Load a capcli checkpoint (default: the model shipped in the package).
 
         ``precision`` of the caption search's matrix products: auto (int8 or bfloat16 on CPUs that compute them
         natively, see ``models.decoding.resolve_precision``) | float32 | bfloat16 | int8.
+        ``grounding``: auto (ground captions in the encoder's ImageNet evidence where the encoder has its ImageNet
+        head, see ``capcli/grounding.py``) | off. A fine-tuned encoder's head no longer reads its features: off.
         """
         dev = _device(device)
         if checkpoint is None:
@@ -132,39 +144,74 @@ class Captioner:
                 encoder.load_state_dict(ckpt["encoder_state"])
             except (RuntimeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{path}: its fine-tuned encoder weights do not fit {spec.name}") from e
-        return cls(model, encoder.for_inference(), vocab, dev, source=path, precision=precision)
+            grounding = "off"
+        return cls(model, encoder.for_inference(), vocab, dev, source=path, precision=precision, grounding=grounding)
 
     @property
     def has_attention(self) -> bool:
         """Whether captions come with attention weights over the image grid (Show, Attend and Tell)."""
         return self.model.feature_kind == "grid"
 
-    def _encode(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 images (B, 3, S, S) -> what the model consumes."""
+    def _encode(self, images: torch.Tensor) -> tuple[torch.Tensor, list[Plan] | None]:
+        """uint8 images (B, 3, S, S) -> what the model consumes, and the grounding plan of each image."""
         with torch.inference_mode():
             grid = self.encoder(images.to(self.device, non_blocking=True))  # (B, N, D)
-            return self.model.features_of_kind(grid, self.model.feature_kind)
+            plans = None
+            if self.grounder is not None:
+                plans = self.grounder.plans(self.encoder.imagenet_logits(grid), grid.mean(1))
+            return self.model.features_of_kind(grid, self.model.feature_kind), plans
 
-    def _decode(self, feats: torch.Tensor, beam_size: int, max_len: int, top_k: int, length_penalty: float,
-                return_alphas: bool) -> list[dict[str, Any]]:
-        """Features of a batch -> one record per image."""
+    def _decode(self, feats: torch.Tensor, plans: list[Plan] | None, beam_size: int, max_len: int, top_k: int,
+                length_penalty: float, return_alphas: bool) -> list[dict[str, Any]]:
+        """Features of a batch (and their grounding plans) -> one record per image."""
         v, model = self.vocab, self._search_model
         with torch.inference_mode():
             banned = (v.pad_id, v.start_id, v.unk_id)  # alt-text never says "<unk>"
-            if beam_size == 1:
+            if plans is not None:
+                results = self._grounded_search(feats, plans, beam_size, max_len, length_penalty, top_k, banned,
+                                                return_alphas)
+            elif beam_size == 1:
                 results = [[d] for d in greedy(model, feats, v.start_id, v.end_id, max_len, banned=banned)]
             else:
                 results = beam_search(model, feats, v.start_id, v.end_id, beam_size=beam_size, max_len=max_len,
                                       length_penalty=length_penalty, top_k=top_k, banned=banned,
                                       with_alphas=return_alphas)
-        return [self._record(hyps, top_k, return_alphas) for hyps in results]
+        plans = plans if plans is not None else [None] * len(results)
+        return [self._record(hyps, plan, top_k, return_alphas) for hyps, plan in zip(results, plans, strict=True)]
 
-    def _record(self, hyps: list[Decoded], top_k: int, return_alphas: bool) -> dict[str, Any]:
+    def _grounded_search(self, feats: torch.Tensor, plans: list[Plan], beam_size: int, max_len: int,
+                         length_penalty: float, top_k: int, banned: tuple[int, ...],
+                         return_alphas: bool) -> list[list[Decoded]]:
+        """The search with each photo's held-back words banned; then, for the photos whose caption misses a word
+        the plan says, the constrained search (one beam set per subset of those words met) on those alone."""
+        g, v, model = self.grounder, self.vocab, self._search_model
+        assert g is not None
+
+        def search(x: torch.Tensor, ps: list[Plan], with_say: bool) -> list[list[Decoded]]:
+            return beam_search(model, x, v.start_id, v.end_id, beam_size=beam_size, max_len=max_len,
+                               length_penalty=length_penalty, top_k=top_k, banned=banned, with_alphas=return_alphas,
+                               constraints=g.constraints(ps, with_say, x.device))
+
+        results = search(feats, plans, False)
+        redo = [i for i, (hyps, plan) in enumerate(zip(results, plans, strict=True))
+                if plan.say and not g.says(plan, hyps[0].tokens)]
+        if redo:
+            again = search(feats[torch.tensor(redo, device=feats.device)], [plans[i] for i in redo], True)
+            for i, hyps in zip(redo, again, strict=True):
+                results[i] = hyps
+        return results
+
+    def _text(self, tokens: list[int]) -> str:
+        words = self.vocab.decode(tokens)
+        return " ".join(fix_articles(words) if self.grounder is not None else words)
+
+    def _record(self, hyps: list[Decoded], plan: Plan | None, top_k: int, return_alphas: bool) -> dict[str, Any]:
         best = hyps[0]
-        rec: dict[str, Any] = {"caption": self.vocab.to_text(best.tokens), "logprob": round(best.logprob, 4)}
+        rec: dict[str, Any] = {"caption": self._text(best.tokens), "logprob": round(best.logprob, 4)}
         if top_k > 1:
-            rec["alternatives"] = [{"caption": self.vocab.to_text(h.tokens), "logprob": round(h.logprob, 4)}
-                                   for h in hyps]
+            rec["alternatives"] = [{"caption": self._text(h.tokens), "logprob": round(h.logprob, 4)} for h in hyps]
+        if plan is not None:
+            rec["labels"] = [{"word": w, "p": p} for w, p in plan.labels]
         if return_alphas and best.alphas is not None:
             rec["words"] = [self.vocab.words[i] for i in best.tokens]  # one per row of alphas
             rec["alphas"] = best.alphas.float().numpy()  # (L, N)
@@ -188,7 +235,7 @@ class Captioner:
         out: list[dict[str, Any]] = []
         for s in range(0, len(images), batch_size):
             chunk = [self.spec.preprocess(to_rgb(ImageOps.exif_transpose(im))) for im in images[s: s + batch_size]]
-            out += self._decode(self._encode(torch.stack(chunk)), beam_size, max_len, top_k, length_penalty,
+            out += self._decode(*self._encode(torch.stack(chunk)), beam_size, max_len, top_k, length_penalty,
                                 return_alphas)
         return out
 
@@ -218,14 +265,17 @@ class Captioner:
         progress.start("captioning", total=len(paths), unit="img")
         failed = 0
         # Encoded batches wait here until one search takes search_batch images of them at once.
-        group: list[tuple[list[int], list[tuple[int, str]], torch.Tensor | None]] = []
+        # (ids, decoding errors, (features, grounding plans) or None)
+        group: list[tuple[list[int], list[tuple[int, str]], tuple[torch.Tensor, list[Plan] | None] | None]] = []
 
         def search_group() -> list[dict[str, Any]]:
             records = {i: {"path": str(paths[i]), "error": err} for _, errors, _ in group for i, err in errors}
             ok = [i for ids, _, f in group if f is not None for i in ids]
             if ok:
-                feats = torch.cat([f for _, _, f in group if f is not None])
-                done = self._decode(feats, beam_size, max_len, top_k, length_penalty, return_alphas)
+                encoded = [f for _, _, f in group if f is not None]
+                feats = torch.cat([f for f, _ in encoded])
+                plans = None if self.grounder is None else [p for _, ps in encoded for p in ps or []]
+                done = self._decode(feats, plans, beam_size, max_len, top_k, length_penalty, return_alphas)
                 records.update({i: {"path": str(paths[i]), **rec} for i, rec in zip(ok, done, strict=True)})
             group.clear()
             return [records[i] for i in sorted(records)]

@@ -97,10 +97,14 @@ class Encoder(nn.Module):
     """A CNN trunk that maps a uint8 image batch to its feature grid (B, N, D)."""
 
     def __init__(self, spec: EncoderSpec, trunk: nn.Module, forward_grid: Callable[[torch.Tensor], torch.Tensor],
-                 fuse: Callable[[nn.Module], None] | None = None):
+                 fuse: Callable[[nn.Module], None] | None = None, head: nn.Linear | None = None):
         super().__init__()
         self.spec = spec
         self.trunk = trunk
+        # The network's own ImageNet-1k classifier over the pooled grid (None where it has none that reads the
+        # mean of the grid): the evidence that grounds captions (capcli/grounding.py). Kept out of the module's
+        # state dict (a tuple is not registered), so fine-tuned encoder states stay loadable either way.
+        self._head: tuple[nn.Linear, ...] = (head,) if head is not None else ()
         self._forward_grid = forward_grid
         self._fuse = fuse
         std = torch.tensor(spec.std).view(1, 3, 1, 1)
@@ -125,6 +129,20 @@ class Encoder(nn.Module):
                 self._fuse(self.trunk)
             self._fuse = None
         return self
+
+    @property
+    def has_head(self) -> bool:
+        return bool(self._head)
+
+    def imagenet_logits(self, grid: torch.Tensor) -> torch.Tensor:
+        """The ImageNet-1k logits of grids (B, N, D) -> (B, 1000): the head over the pooled grid, as the network
+        computes them from an image (global average pool, then the linear classifier)."""
+        if not self._head:
+            raise EncoderError(f"{self.spec.name} has no ImageNet head here")
+        head = self._head[0]
+        if head.weight.device != grid.device:
+            head.to(grid.device)
+        return nn.functional.linear(grid.float().mean(1), head.weight, head.bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.normalise(images).contiguous(memory_format=torch.channels_last)  # (B, 3, S, S)
@@ -157,8 +175,8 @@ def _lite0(spec: EncoderSpec, weights: Path | None) -> Encoder:
             net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(path))
         except Exception as e:  # an untrusted file: torch.load raises all kinds
             raise EncoderError(f"cannot load efficientnet-lite0 weights from {path}: {_reason(e)}") from e
-    net._fc = nn.Identity()
-    return Encoder(spec, net, net.extract_features, fuse=_fuse_lite0)
+    head, net._fc = net._fc, nn.Identity()
+    return Encoder(spec, net, net.extract_features, fuse=_fuse_lite0, head=head)
 
 
 def _fuse_lite0(net: nn.Module) -> None:
@@ -210,6 +228,7 @@ def _torchvision(spec: EncoderSpec, weights: Path | None) -> Encoder:
         net.load_state_dict(state)
     except Exception as e:  # an untrusted file: torch.load raises all kinds
         raise EncoderError(f"cannot load {spec.name} weights from {weights}: {_reason(e)}") from e
+    head = getattr(net, "fc", None) if spec.name != "vgg16" else None  # VGG's classifier reads a 7x7 grid, flat
     if spec.name.startswith("resnet"):
         trunk = nn.Sequential(*list(net.children())[:-2])
     elif spec.name == "vgg16":
@@ -219,7 +238,7 @@ def _torchvision(spec: EncoderSpec, weights: Path | None) -> Encoder:
                  "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
                  "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"]
         trunk = nn.Sequential(*[getattr(net, n) for n in names])
-    return Encoder(spec, trunk, trunk)
+    return Encoder(spec, trunk, trunk, head=head)
 
 
 def create_encoder(name: str = DEFAULT_ENCODER, weights: str | Path | None = None) -> Encoder:

@@ -108,10 +108,128 @@ def _norm(score: torch.Tensor, length: torch.Tensor | int, length_penalty: float
     return score / length.clamp(min=1).to(score.dtype) ** length_penalty
 
 
+@dataclass
+class Constraints:
+    """Per-image rules for a search: words each caption must contain (constrained beam search, Anderson et al.,
+    2017) and words it must not.
+
+    ``tokens`` (B, C, T): for each image up to C constraints, each met by any one of its T token ids (a word and
+    its plural, say); -1 pads. A constraint with no token (all -1) is met from the start, so images with fewer
+    constraints than C share the batch. The constraints' token sets must be disjoint.
+    ``banned`` (B, V) bool or None: words never generated for that image (on top of the search's ``banned``).
+    """
+
+    tokens: torch.Tensor
+    banned: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, per_image: Sequence[Sequence[Sequence[int]]], banned: Sequence[Sequence[int]] | None = None,
+           vocab_size: int = 0, device: torch.device | str = "cpu") -> Constraints:
+        """From lists: per image, a list of constraints (each a list of token ids) and a list of banned ids."""
+        C = max((len(c) for c in per_image), default=0)
+        T = max((len(t) for c in per_image for t in c), default=1)
+        tok = torch.full((len(per_image), C, T), -1, dtype=torch.long)
+        for b, cons in enumerate(per_image):
+            for c, ids in enumerate(cons):
+                tok[b, c, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+        ban = None
+        if banned is not None and any(banned):
+            ban = torch.zeros(len(per_image), vocab_size, dtype=torch.bool)
+            for b, ids in enumerate(banned):
+                ban[b, list(ids)] = True
+            ban = ban.to(device)
+        return cls(tok.to(device), ban)
+
+    @property
+    def count(self) -> int:
+        return self.tokens.size(1)
+
+
+class _Sets:
+    """The beam sets of a constrained search: one per subset of constraints met, numbered by bit mask.
+
+    Set s holds hypotheses that have met exactly the constraints of s; a word of an unmet constraint c moves a
+    hypothesis from s to s | 2^c. Captions may end in any set, but one that misses constraints ranks below every
+    caption that meets them all (``MISSING`` per constraint), so it is what comes out only where none does.
+    """
+
+    MISSING = -1e4
+
+    def __init__(self, cons: Constraints | None, dev: torch.device) -> None:
+        C = cons.count if cons is not None else 0
+        self.C, self.S, self.full = C, 1 << C, (1 << C) - 1
+        self.active = cons is not None and (C > 0 or cons.banned is not None)
+        self.banned = cons.banned if cons is not None else None  # (B, V) | None
+        self.tokens = cons.tokens if cons is not None and C > 0 else None  # (B, C, T)
+        self._stay_bias: torch.Tensor | None = None
+        if self.tokens is None:
+            return
+        assert cons is not None
+        S = self.S
+        bits = torch.tensor([[(s >> c) & 1 for c in range(C)] for s in range(S)], device=dev, dtype=torch.bool)
+        # Constraints whose tokens are all padding are met from the start: each image's first set.
+        empty = (cons.tokens < 0).all(2)  # (B, C)
+        self.first = (empty.long() * (1 << torch.arange(C, device=dev))).sum(1)  # (B,)
+        self.source = torch.tensor([[s ^ (1 << c) for c in range(C)] for s in range(S)], device=dev)  # (S, C)
+        self.valid = bits  # target set s is reached through constraint c only if s has c
+        missing = C - bits.sum(1)  # (S,)
+        self.penalty = missing.float() * self.MISSING  # (S,)
+
+    def stay_bias(self, V: int, dev: torch.device) -> torch.Tensor:
+        """(B, S, V): -inf for an image's banned words and for the words of the constraints a set has not met
+        (such a word is no "stay" move: it changes the set, see ``transitions``), else 0."""
+        if self._stay_bias is None:
+            B = self.banned.size(0) if self.banned is not None else self.tokens.size(0)  # type: ignore[union-attr]
+            bias = torch.zeros(B, self.S, V, device=dev)
+            if self.banned is not None:
+                bias.masked_fill_(self.banned[:, None, :V], float("-inf"))
+            for c in range(self.C):
+                assert self.tokens is not None
+                tok = self.tokens[:, c]  # (B, T)
+                rows, cols = torch.nonzero(tok >= 0, as_tuple=True)
+                for s in range(self.S):
+                    if not (s >> c) & 1:
+                        bias[rows, s, tok[rows, cols]] = float("-inf")
+            self._stay_bias = bias
+        return self._stay_bias
+
+    def initial(self, B: int, dev: torch.device) -> torch.Tensor:
+        """Scores (B, S, 1) before the first word: 0 in each image's first set, -inf (empty) elsewhere."""
+        if self.tokens is None:
+            return torch.zeros(B, 1, 1, device=dev)
+        live = torch.full((B, self.S, 1), float("-inf"), device=dev)
+        live[torch.arange(B, device=dev), self.first, 0] = 0.0
+        return live
+
+    def transitions(self, lp: torch.Tensor, live: torch.Tensor, img: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Candidates that meet one more constraint: for each target set s and constraint c in s, every
+        hypothesis of s - {c} followed by c's likeliest token. lp (Bact, S, M, V), live (Bact, S, M) ->
+        scores, words, parents (hypothesis index s*M + m): each (Bact, S, C*M)."""
+        assert self.tokens is not None
+        Bact, S, M, _ = lp.shape
+        C, tok = self.C, self.tokens[img]  # (Bact, C, T)
+        T = tok.size(2)
+        safe = tok.clamp(min=0).view(Bact, 1, 1, C * T).expand(Bact, S, M, C * T)
+        g = lp.gather(3, safe).view(Bact, S, M, C, T).masked_fill((tok < 0).view(Bact, 1, 1, C, T), float("-inf"))
+        best, arg = g.max(4)  # (Bact, S, M, C): from source set s, the best token of constraint c
+        word = safe.view(Bact, S, M, C, T).gather(4, arg.unsqueeze(4)).squeeze(4)
+        score = live.unsqueeze(3) + best
+        c_idx = torch.arange(C, device=lp.device).expand(S, C)
+        # Advanced indices on dims 1 and 3 -> (S, C, Bact, M); then (Bact, S, C, M).
+        score = score[:, self.source, :, c_idx].permute(2, 0, 1, 3)
+        word = word[:, self.source, :, c_idx].permute(2, 0, 1, 3)
+        score = score.masked_fill(~self.valid.view(1, S, C, 1), float("-inf"))
+        parent = (self.source.view(1, S, C, 1) * M + torch.arange(M, device=lp.device).view(1, 1, 1, M))
+        return score.reshape(Bact, S, C * M), word.reshape(Bact, S, C * M), parent.expand(Bact, S, C, M).reshape(
+            Bact, S, C * M)
+
+
 @torch.no_grad()
 def beam_search(model: Searchable, features: torch.Tensor, start_id: int, end_id: int, beam_size: int = 3,
                 max_len: int = 20, length_penalty: float = 0.0, top_k: int = 1,
-                banned: Sequence[int] = (), with_alphas: bool = True) -> list[list[Decoded]]:
+                banned: Sequence[int] = (), with_alphas: bool = True,
+                constraints: Constraints | None = None) -> list[list[Decoded]]:
     """Beam search over ALL images of a batch at once; per image its ``top_k`` best captions, best first.
 
     The B x K live hypotheses are one flat batch of B*K rows for ``model.step``. At every step each image's
@@ -124,118 +242,189 @@ def beam_search(model: Searchable, features: torch.Tensor, start_id: int, end_id
     reach (nothing found later could enter its top_k); stopped images leave the batch. ``with_alphas=False``
     skips keeping each hypothesis's attention weights (``Decoded.alphas`` is then None).
 
+    ``constraints``: words each image's caption must contain. Each image then keeps one beam of K per subset of
+    its constraints met (:class:`_Sets`, 2^C beams), all in the same flat batch; with none, this is the plain
+    search, step for step.
+
     Everything stays on the features' device: a few host syncs per step (to find endings, drop finished images).
     """
     if beam_size < 1 or not 1 <= top_k <= beam_size:
         raise ValueError(f"need beam_size >= 1 and 1 <= top_k <= beam_size (got {beam_size}, {top_k})")
     if max_len < 1:
         raise ValueError("max_len must be at least 1")
-    K, dev = beam_size, features.device
-    B = features.size(0)
-    state = model.init_state(features)
-    tokens = torch.full((B,), start_id, dtype=torch.long, device=dev)
-    img = torch.arange(B, device=dev)  # images still searching: their ids in the batch
-    live = torch.zeros(B, 1, device=dev)  # (Bact, M) raw scores; M = 1 before the first step, then K
-    seqs = torch.zeros(B, 1, 0, dtype=torch.long, device=dev)  # (Bact, M, t) words so far
-    att: torch.Tensor | None = None  # (Bact, M, t, N) attention per word, for attention models
-    # The K best finished captions of every image, padded to max_len.
-    fin_norm = torch.full((B, K), float("-inf"), device=dev)
-    fin_logp = torch.full((B, K), float("-inf"), device=dev)
-    fin_len = torch.zeros(B, K, dtype=torch.long, device=dev)
-    fin_tok = torch.zeros(B, K, max_len, dtype=torch.long, device=dev)
-    fin_att: torch.Tensor | None = None
-    # The model's per-image state slots (e.g. the image grid) are shared by an image's beams: never copied per
-    # beam, only narrowed when images leave the batch.
-    shared = model.image_slots
-    ban = torch.tensor(banned, device=dev) if banned else None
+    search = _BeamSearch(model, features, start_id, end_id, beam_size, max_len, length_penalty, top_k, banned,
+                         with_alphas, constraints)
+    return search.run()
 
-    def merge(rows: torch.Tensor, norm: torch.Tensor, logp: torch.Tensor, length: torch.Tensor,
+
+class _BeamSearch:
+    """The state of one batched beam search (see :func:`beam_search`); shapes use Bact images still searching,
+    S beam sets (1 without constraints), M hypotheses per set (1 before the first word, then K) and H = S*M."""
+
+    def __init__(self, model: Searchable, features: torch.Tensor, start_id: int, end_id: int, K: int, max_len: int,
+                 length_penalty: float, top_k: int, banned: Sequence[int], with_alphas: bool,
+                 constraints: Constraints | None) -> None:
+        self.model, self.K, self.max_len, self.lp, self.top_k = model, K, max_len, length_penalty, top_k
+        self.end_id, self.with_alphas = end_id, with_alphas
+        self.dev = dev = features.device
+        B = self.B = features.size(0)
+        self.sets = _Sets(constraints, dev)
+        S = self.sets.S
+        state = model.init_state(features)
+        # The model's per-image state slots (e.g. the image grid) are shared by an image's beams: never copied per
+        # beam, only narrowed when images leave the batch. Per-hypothesis slots start as one row per set.
+        self.shared = model.image_slots
+        if S > 1:
+            state = tuple(s if i < self.shared else s.repeat_interleave(S, 0) for i, s in enumerate(state))
+        self.state = state
+        self.tokens = torch.full((B * S,), start_id, dtype=torch.long, device=dev)
+        self.img = torch.arange(B, device=dev)  # images still searching: their ids in the batch
+        self.live = self.sets.initial(B, dev)  # (Bact, S, M) raw scores
+        self.seqs = torch.zeros(B, S, 0, dtype=torch.long, device=dev)  # (Bact, H, t) words so far
+        self.att: torch.Tensor | None = None  # (Bact, H, t, N) attention per word, for attention models
+        # The K best finished captions of every image, padded to max_len.
+        self.fin_norm = torch.full((B, K), float("-inf"), device=dev)
+        self.fin_logp = torch.full((B, K), float("-inf"), device=dev)
+        self.fin_len = torch.zeros(B, K, dtype=torch.long, device=dev)
+        self.fin_tok = torch.zeros(B, K, max_len, dtype=torch.long, device=dev)
+        self.fin_att: torch.Tensor | None = None
+        self.ban = torch.tensor(banned, device=dev) if banned else None
+
+    def merge(self, rows: torch.Tensor, norm: torch.Tensor, logp: torch.Tensor, length: torch.Tensor,
               tok: torch.Tensor, al: torch.Tensor | None) -> None:
-        """Fold new finished candidates (Bact, C) of images ``rows`` into their K best finished."""
-        nonlocal fin_att
+        """Fold new finished candidates (Bact, X) of images ``rows`` into their K best finished."""
+        K, max_len = self.K, self.max_len
         pad = max_len - tok.size(2)
         tok = torch.nn.functional.pad(tok, (0, pad))
-        all_norm = torch.cat([fin_norm[rows], norm], 1)  # (Bact, K + C)
+        all_norm = torch.cat([self.fin_norm[rows], norm], 1)  # (Bact, K + X)
         best = all_norm.topk(K, dim=1).indices  # (Bact, K)
-        fin_norm[rows] = all_norm.gather(1, best)
-        fin_logp[rows] = torch.cat([fin_logp[rows], logp], 1).gather(1, best)
-        fin_len[rows] = torch.cat([fin_len[rows], length], 1).gather(1, best)
-        fin_tok[rows] = torch.cat([fin_tok[rows], tok], 1).gather(1, best.unsqueeze(2).expand(-1, -1, max_len))
+        self.fin_norm[rows] = all_norm.gather(1, best)
+        self.fin_logp[rows] = torch.cat([self.fin_logp[rows], logp], 1).gather(1, best)
+        self.fin_len[rows] = torch.cat([self.fin_len[rows], length], 1).gather(1, best)
+        self.fin_tok[rows] = torch.cat([self.fin_tok[rows], tok], 1).gather(
+            1, best.unsqueeze(2).expand(-1, -1, max_len))
         if al is not None:
-            if fin_att is None:
-                fin_att = torch.zeros(B, K, max_len, al.size(3), device=dev)
+            if self.fin_att is None:
+                self.fin_att = torch.zeros(self.B, K, max_len, al.size(3), device=self.dev)
             al = torch.nn.functional.pad(al, (0, 0, 0, pad))
             idx = best[:, :, None, None].expand(-1, -1, max_len, al.size(3))
-            fin_att[rows] = torch.cat([fin_att[rows], al], 1).gather(1, idx)
+            self.fin_att[rows] = torch.cat([self.fin_att[rows], al], 1).gather(1, idx)
 
-    for t in range(max_len):
-        Bact, M = live.shape
-        logp, state, alpha = model.step(tokens, state)  # (Bact*M, V), alpha (Bact*M, N) | None
-        logp = logp.float()  # scores add up in float32, also under autocast
-        if ban is not None:  # words never to generate, e.g. <unk> (logp is this step's own tensor)
-            logp.index_fill_(1, ban, float("-inf"))
-        alpha = alpha.float() if alpha is not None and with_alphas else None
-        V = logp.size(1)
-        if V < 2 * K:
-            raise ValueError(f"beam size {K} is too large for a vocabulary of {V} words")
-        # The 2K best continuations of each image are among the 2K best words of each of its hypotheses.
-        word_top, word_idx = logp.view(Bact, M, V).topk(2 * K, dim=2)  # (Bact, M, 2K)
-        top, j = (live.unsqueeze(2) + word_top).view(Bact, M * 2 * K).topk(2 * K, dim=1)  # (Bact, 2K), best first
-        parent, word = j // (2 * K), word_idx.view(Bact, M * 2 * K).gather(1, j)  # at most M <= K of them end
-        ends = word == end_id
+    def candidates(self, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This step's 2K best continuations of each beam set: scores, parents (index into H), words; each
+        (Bact, S, 2K), best first."""
+        Bact, S, M = self.live.shape
+        V, K2 = logp.size(1), 2 * self.K
+        lp = logp.view(Bact, S, M, V)
+        stay = lp + self.sets.stay_bias(V, self.dev)[self.img].unsqueeze(2) if self.sets.active else lp
+        # The 2K best continuations of each set are among the 2K best words of each of its hypotheses.
+        word_top, word_idx = stay.topk(K2, dim=3)  # (Bact, S, M, 2K)
+        scores = (self.live.unsqueeze(3) + word_top).view(Bact, S, M * K2)
+        words = word_idx.view(Bact, S, M * K2)
+        if self.sets.tokens is None:
+            top, j = scores.topk(K2, dim=2)  # (Bact, S, 2K), best first
+            return top, j // K2, words.gather(2, j)  # at most M <= K of them end
+        in_set = torch.arange(S, device=self.dev).view(1, S, 1) * M
+        parents = (in_set + torch.arange(M * K2, device=self.dev).view(1, 1, -1) // K2).expand(Bact, S, M * K2)
+        t_scores, t_words, t_parents = self.sets.transitions(lp, self.live, self.img)
+        scores, words = torch.cat([scores, t_scores], 2), torch.cat([words, t_words], 2)
+        parents = torch.cat([parents, t_parents], 2)
+        top, j = scores.topk(K2, dim=2)
+        return top, parents.gather(2, j), words.gather(2, j)
+
+    def finish(self, t: int, top: torch.Tensor, parent: torch.Tensor, ends: torch.Tensor,
+               a_hist: torch.Tensor | None) -> None:
+        """Captions ending now (<end> among a set's K best) join their image's finished ones; their words are the
+        parent's (t words, t+1 scored tokens)."""
+        K, S = self.K, self.sets.S
+        rows = torch.nonzero(ends[:, :, :K].flatten(1).any(1)).flatten()  # the images where a caption ends now
+        if not rows.numel():
+            return
+        R = rows.numel()
+        p, top_r = parent[rows, :, :K].reshape(R, S * K), top[rows, :, :K].reshape(R, S * K)
+        cand_tok = self.seqs[rows].gather(1, p.unsqueeze(2).expand(-1, -1, t))  # (R, S*K, t)
+        cand_att = None
+        if a_hist is not None:
+            idx = p[:, :, None, None].expand(-1, -1, t + 1, a_hist.size(3))
+            cand_att = a_hist[rows].gather(1, idx)[:, :, :t]
+        norm = _norm(top_r, t + 1, self.lp)
+        if S > 1:
+            norm = norm + self.sets.penalty.repeat_interleave(K).view(1, S * K)
+        norm = torch.where(ends[rows, :, :K].reshape(R, S * K), norm, float("-inf"))
+        self.merge(self.img[rows], norm, top_r, torch.full_like(p, t), cand_tok, cand_att)
+
+    def run(self) -> list[list[Decoded]]:
+        K, S, dev = self.K, self.sets.S, self.dev
         rank = torch.arange(2 * K, device=dev)
-        if alpha is not None:
-            a_hist = alpha.view(Bact, M, 1, -1)
-            a_hist = a_hist if att is None else torch.cat([att, a_hist], 2)  # (Bact, M, t+1, N)
-        # Finished: <end> among the K best. Their words are the parent's (t words, t+1 scored tokens).
-        rows = torch.nonzero(ends[:, :K].any(1)).flatten()  # the images where a caption ends now
-        if rows.numel():
-            p, top_r = parent[rows, :K], top[rows, :K]
-            cand_tok = seqs[rows].gather(1, p.unsqueeze(2).expand(-1, -1, t))  # (R, K, t)
-            cand_att = None
+        for t in range(self.max_len):
+            Bact, _, M = self.live.shape
+            logp, self.state, alpha = self.model.step(self.tokens, self.state)  # (Bact*H, V), alpha (Bact*H, N)
+            logp = logp.float()  # scores add up in float32, also under autocast
+            if self.ban is not None:  # words never to generate, e.g. <unk> (logp is this step's own tensor)
+                logp.index_fill_(1, self.ban, float("-inf"))
+            if logp.size(1) < 2 * K:
+                raise ValueError(f"beam size {K} is too large for a vocabulary of {logp.size(1)} words")
+            alpha = alpha.float() if alpha is not None and self.with_alphas else None
+            top, parent, word = self.candidates(logp)
+            ends = word == self.end_id
+            a_hist = None
             if alpha is not None:
-                idx = p[:, :, None, None].expand(-1, -1, t + 1, a_hist.size(3))
-                cand_att = a_hist[rows].gather(1, idx)[:, :, :t]
-            norm = torch.where(ends[rows, :K], _norm(top_r, t + 1, length_penalty), float("-inf"))
-            merge(img[rows], norm, top_r, torch.full_like(p, t), cand_tok, cand_att)
-        # Live: the K best continuations that do not end (ending ones sort after all others).
-        keep = (ends.long() * 2 * K + rank).argsort(dim=1)[:, :K]  # (Bact, K)
-        live = top.gather(1, keep)
-        parent, word = parent.gather(1, keep), word.gather(1, keep)
-        seqs = torch.cat([seqs.gather(1, parent.unsqueeze(2).expand(-1, -1, t)), word.unsqueeze(2)], 2)
-        if alpha is not None:
-            att = a_hist.gather(1, parent[:, :, None, None].expand(-1, -1, t + 1, a_hist.size(3)))
-        if t == max_len - 1:
-            break
-        # Stop images whose top_k-th best finished caption no live hypothesis can still beat.
-        reach = live[:, 0] / (max_len ** length_penalty if length_penalty > 0 else 1.0)
-        going = fin_norm[img, top_k - 1] < reach  # (Bact,)
+                a_hist = alpha.view(Bact, S * M, 1, -1)
+                a_hist = a_hist if self.att is None else torch.cat([self.att, a_hist], 2)  # (Bact, H, t+1, N)
+            self.finish(t, top, parent, ends, a_hist)
+            # Live: the K best continuations of each set that do not end (ending ones sort after all others).
+            keep = (ends.long() * 2 * K + rank).argsort(dim=2)[:, :, :K]  # (Bact, S, K)
+            self.live = top.gather(2, keep)
+            parent, word = parent.gather(2, keep).view(Bact, S * K), word.gather(2, keep).view(Bact, S * K)
+            self.seqs = torch.cat([self.seqs.gather(1, parent.unsqueeze(2).expand(-1, -1, t)),
+                                   word.unsqueeze(2)], 2)
+            if a_hist is not None:
+                self.att = a_hist.gather(1, parent[:, :, None, None].expand(-1, -1, t + 1, a_hist.size(3)))
+            if t == self.max_len - 1 or not self.narrow(parent, word, S * M):
+                break
+        return self.results()
+
+    def narrow(self, parent: torch.Tensor, word: torch.Tensor, H: int) -> bool:
+        """Stop images whose top_k-th best finished caption no live hypothesis can still beat; reorder the state
+        for the next step. False when no image goes on."""
+        reach = self.live[:, :, 0].max(1).values / (self.max_len ** self.lp if self.lp > 0 else 1.0)
+        going = self.fin_norm[self.img, self.top_k - 1] < reach  # (Bact,)
         if not bool(going.any()):
-            live = live[:0]
-            break
+            self.live = self.live[:0]
+            return False
+        Bact = going.size(0)
         everyone = bool(going.all())
-        kept = torch.arange(Bact, device=dev) if everyone else torch.nonzero(going).flatten()
+        kept = torch.arange(Bact, device=self.dev) if everyone else torch.nonzero(going).flatten()
         if not everyone:
-            img, live, seqs, word = img[kept], live[kept], seqs[kept], word[kept]
-            att = att[kept] if att is not None else None
-        tokens = word.flatten()
-        index = (kept.unsqueeze(1) * M + parent[kept]).flatten()  # (Bact'*K,) parent row of each hypothesis
-        state = tuple((s if everyone else s.index_select(0, kept)) if i < shared else s.index_select(0, index)
-                      for i, s in enumerate(state))
-    if live.size(0):  # captions that reached max_len words end there, without an <end> term
-        merge(img, _norm(live, max_len, length_penalty), live, torch.full_like(live, max_len, dtype=torch.long),
-              seqs, att)
-    fin_logp_c, fin_len_c, fin_tok_c = fin_logp.cpu(), fin_len.cpu(), fin_tok.cpu()
-    fin_att_c = fin_att.cpu() if fin_att is not None else None
-    out: list[list[Decoded]] = []
-    for b in range(B):
-        hyps = []
-        for k in range(top_k):
-            n = int(fin_len_c[b, k])
-            hyps.append(Decoded(fin_tok_c[b, k, :n].tolist(), float(fin_logp_c[b, k]),
-                                fin_att_c[b, k, :n].clone() if fin_att_c is not None else None))
-        out.append(hyps)
-    return out
+            self.img, self.live, self.seqs, word = self.img[kept], self.live[kept], self.seqs[kept], word[kept]
+            self.att = self.att[kept] if self.att is not None else None
+        self.tokens = word.flatten()
+        index = (kept.unsqueeze(1) * H + parent[kept]).flatten()  # (Bact'*S*K,) parent row of each hypothesis
+        self.state = tuple((s if everyone else s.index_select(0, kept)) if i < self.shared
+                           else s.index_select(0, index) for i, s in enumerate(self.state))
+        return True
+
+    def results(self) -> list[list[Decoded]]:
+        S, K = self.sets.S, self.K
+        if self.live.size(0):  # captions that reached max_len words end there, without an <end> term
+            Bact = self.live.size(0)
+            live = self.live.view(Bact, S * K)
+            norm = _norm(live, self.max_len, self.lp)
+            if S > 1:
+                norm = norm + self.sets.penalty.repeat_interleave(K).view(1, S * K)
+            self.merge(self.img, norm, live, torch.full_like(live, self.max_len, dtype=torch.long), self.seqs,
+                       self.att)
+        fin_logp_c, fin_len_c, fin_tok_c = self.fin_logp.cpu(), self.fin_len.cpu(), self.fin_tok.cpu()
+        fin_att_c = self.fin_att.cpu() if self.fin_att is not None else None
+        out: list[list[Decoded]] = []
+        for b in range(self.B):
+            hyps = []
+            for k in range(self.top_k):
+                n = int(fin_len_c[b, k])
+                hyps.append(Decoded(fin_tok_c[b, k, :n].tolist(), float(fin_logp_c[b, k]),
+                                    fin_att_c[b, k, :n].clone() if fin_att_c is not None else None))
+            out.append(hyps)
+        return out
 
 
 def sample(model: Searchable, features: torch.Tensor, n: int, start_id: int, end_id: int, max_len: int = 20,
