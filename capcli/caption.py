@@ -182,21 +182,22 @@ class Captioner:
     def _grounded_search(self, feats: torch.Tensor, plans: list[Plan], beam_size: int, max_len: int,
                          length_penalty: float, top_k: int, banned: tuple[int, ...],
                          return_alphas: bool) -> list[list[Decoded]]:
-        """The search with each photo's held-back words banned; then, for the photos whose caption misses a word
-        the plan says, the constrained search (one beam set per subset of those words met) on those alone."""
+        """Today's search; then, for the photos whose caption breaks its plan (a held-back word said, a word to
+        say missing), the search again with the plan's bans and constraints (one beam set per subset of the words
+        to say met), on those photos alone. Captions that keep their plan stay exactly as they were."""
         g, v, model = self.grounder, self.vocab, self._search_model
         assert g is not None
 
-        def search(x: torch.Tensor, ps: list[Plan], with_say: bool) -> list[list[Decoded]]:
+        def search(x: torch.Tensor, ps: list[Plan] | None) -> list[list[Decoded]]:
             return beam_search(model, x, v.start_id, v.end_id, beam_size=beam_size, max_len=max_len,
                                length_penalty=length_penalty, top_k=top_k, banned=banned, with_alphas=return_alphas,
-                               constraints=g.constraints(ps, with_say, x.device))
+                               constraints=g.constraints(ps, feats.device) if ps is not None else None)
 
-        results = search(feats, plans, False)
+        results = search(feats, None)
         redo = [i for i, (hyps, plan) in enumerate(zip(results, plans, strict=True))
-                if plan.say and not g.says(plan, hyps[0].tokens)]
+                if not g.keeps(plan, hyps[0].tokens)]
         if redo:
-            again = search(feats[torch.tensor(redo, device=feats.device)], [plans[i] for i in redo], True)
+            again = search(feats[torch.tensor(redo, device=feats.device)], [plans[i] for i in redo])
             for i, hyps in zip(redo, again, strict=True):
                 results[i] = hyps
         return results

@@ -345,7 +345,8 @@ def evaluate(
     data: Annotated[str, typer.Option("--data", help="Prepared dataset folder, or a dataset name under the root.")] = (
         ""
     ),
-    split: Annotated[str, typer.Option(help="Split to score: val | test.")] = "val",
+    split: Annotated[str, typer.Option(help="Split to score: val | test | train; several joined by +, e.g. train+val.")
+                     ] = "val",
     results: Annotated[
         Path | None, typer.Option("--results", help="Score this COCO results file instead of a checkpoint.")
     ] = None,
@@ -364,6 +365,8 @@ def evaluate(
         help="Search arithmetic: float32 (exact, the same on every machine) | auto (as `capcli caption`) | bfloat16 "
         "| int8."
     )] = "float32",
+    grounding: Annotated[str, typer.Option(
+        help="auto (ground captions in the encoder's ImageNet evidence, as `capcli caption`) | off.")] = "auto",
     allow_missing: Annotated[
         bool, typer.Option("--allow-missing", help="With --results: score only the images that have a caption.")
     ] = False,
@@ -396,15 +399,15 @@ def evaluate(
         captions, scores = ev.evaluate_checkpoint(checkpoint, ds, split, beam_size=beam, batch_size=batch_size,
                                                   device=device, progress=RichProgress(), metrics=metrics,
                                                   tokenizer=tokenizer, length_penalty=length_penalty,
-                                                  precision=precision)
+                                                  precision=precision, grounding=grounding)
         folder = out or (checkpoint.parent if checkpoint is not None else Path.cwd())
         stem = f"{ds.name}_{split}_beam{beam}" + (f"_lp{length_penalty:g}" if length_penalty else "") + (
-            f"_{precision}" if precision != "float32" else "")
+            f"_{precision}" if precision != "float32" else "") + ("_ungrounded" if grounding == "off" else "")
         written = [
             ev.write_results(folder / f"results_{stem}.json", captions),
             ev.write_metrics(folder / f"metrics_{stem}.json", scores, split, len(captions),
                              checkpoint=checkpoint if checkpoint is not None else "default model", beam=beam,
-                             length_penalty=length_penalty,
+                             length_penalty=length_penalty, grounding=grounding,
                              dataset=ds.name),
         ]
     if html is not None:
@@ -474,13 +477,16 @@ def caption(
         help="Search arithmetic: auto (int8 or bfloat16 products where the CPU computes them natively: 2-3x "
         "faster) | float32 | bfloat16 | int8."
     )] = "auto",
+    grounding: Annotated[str, typer.Option(
+        help="auto: ground captions in what the encoder's ImageNet head recognises (say confident objects, hold back "
+        "what it contradicts, add labels) where the model's encoder has that head | off.")] = "auto",
 ) -> None:
-    """Caption photos: files and folders in, one record per image out (caption, logprob, or error)."""
+    """Caption photos: files and folders in, one record per image out (caption, logprob, labels, or error)."""
     from .caption import Captioner, caption_files, output_format, parse_shard
 
     output_format(out)  # fail on a bad -o before loading anything
     shard_ij = parse_shard(shard) if shard is not None else None
-    captioner = Captioner.load(model, device=device, precision=precision)
+    captioner = Captioner.load(model, device=device, precision=precision, grounding=grounding)
     s = caption_files(captioner, paths, out, beam_size=beam, batch_size=batch_size, workers=workers,
                       max_len=max_len, top_k=top_k, length_penalty=length_penalty, recursive=recursive,
                       attention_maps=attention_maps, resume=resume, shard=shard_ij, progress=RichProgress())

@@ -408,9 +408,14 @@ def add_chair(scores: Scores, captions: Mapping[int, str], references: Mapping[i
 
 
 # ---- datasets and results files ------------------------------------------------------------------
+def splits_of(split: str) -> tuple[str, ...]:
+    """``"train+val"`` -> ("train", "val"): several splits scored as one (e.g. all of a small test set)."""
+    return tuple(s for s in split.split("+") if s)
+
+
 def split_records(dataset: Dataset, split: str) -> list[ImageRecord]:
-    """The images of ``split`` that have references (raises if there are none)."""
-    recs = dataset.split(split)
+    """The images of ``split`` (``a+b`` for several) that have references (raises if there are none)."""
+    recs = dataset.split(*splits_of(split))
     if not recs:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(dataset.split_counts().items()))
         raise EvaluateError(f"split {split!r} of dataset {dataset.name} has no images (it has: {counts})")
@@ -497,7 +502,7 @@ def evaluate_results(
 ) -> tuple[dict[int, str], Scores]:
     """Score a COCO results file against ``split`` of ``dataset``."""
     results = load_results(path, dataset, split, allow_missing=allow_missing)
-    refs = dataset.references(split)
+    refs = dataset.references(*splits_of(split))
     scores = add_chair(score(results, refs, metrics=metrics, tokenizer=tokenizer, progress=progress), results, refs)
     if len(results) < len(refs):
         scores.notes.insert(
@@ -521,8 +526,11 @@ def evaluate_checkpoint(
     workers: int = 2,
     length_penalty: float = 0.0,
     precision: str = "float32",
+    grounding: str = "auto",
 ) -> tuple[dict[int, str], Scores]:
     """Caption every image of ``split`` with ``checkpoint`` and score the captions.
+
+    ``grounding`` as for ``capcli caption`` (auto: grounded in the encoder's ImageNet evidence where it can be).
 
     The search runs in float32 by default, so that scores do not depend on the machine; ``precision="auto"``
     scores what ``capcli caption`` writes (int8 or bfloat16 products where the CPU computes them natively).
@@ -536,7 +544,7 @@ def evaluate_checkpoint(
     _check_metrics(metrics)  # fail before the slow part
     if tokenizer not in TOKENIZERS:
         raise EvaluateError(f"unknown tokenizer {tokenizer!r}; use one of {', '.join(TOKENIZERS)}")
-    captioner = Captioner.load(checkpoint, device=device, precision=precision)
+    captioner = Captioner.load(checkpoint, device=device, precision=precision, grounding=grounding)
     results: dict[int, str] = {}
     failed: list[tuple[ImageRecord, str]] = []
     outs = captioner.caption_paths(
@@ -560,7 +568,7 @@ def evaluate_checkpoint(
             f"no image of split {split!r} could be captioned"
             + (f" (first: {ds.path(first[0])}: {first[1]})" if first else "")
         )
-    refs = ds.references(split)
+    refs = ds.references(*splits_of(split))
     scores = add_chair(score(results, refs, metrics=metrics, tokenizer=tokenizer, progress=progress), results, refs)
     if failed:
         rec, why = failed[0]
@@ -586,6 +594,7 @@ def metrics_document(
     beam: int | None = None,
     dataset: str | None = None,
     length_penalty: float | None = None,
+    grounding: str | None = None,
 ) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "metrics": {k: scores.values[k] for k in METRIC_KEYS if k in scores.values},
@@ -604,6 +613,8 @@ def metrics_document(
     doc["beam"] = beam
     if length_penalty is not None:
         doc["length_penalty"] = length_penalty
+    if grounding is not None:
+        doc["grounding"] = grounding
     if scores.chair is not None:
         doc["chair"] = scores.chair.to_json()
     return doc
