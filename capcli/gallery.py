@@ -117,10 +117,12 @@ _CSS = """
 background:var(--bg);color:var(--fg)}header{padding:12px 16px;display:flex;flex-wrap:wrap;gap:8px 16px;
 align-items:center}h1{font-size:1.25rem;margin:0}header p{margin:0;color:var(--muted)}
 select{font:inherit;padding:4px 8px}
-#cards{display:grid;gap:12px;align-items:start;padding:0 12px 24px;grid-template-columns:repeat(auto-fill,minmax(min(100%,17rem),1fr))}
+#cards{display:grid;gap:12px;align-items:start;padding:0 12px 24px;
+grid-template-columns:repeat(auto-fill,minmax(min(100%,17rem),1fr))}
 .card{background:var(--card);border-radius:10px;overflow:hidden;box-shadow:0 1px 3px #0003;display:flex;
 flex-direction:column}.card img{display:block;width:100%;height:auto;aspect-ratio:4/3;object-fit:contain;
-background:#8881}.noimg{aspect-ratio:4/3;display:grid;place-items:center;color:var(--muted);background:#8881}.body{padding:10px 12px 12px}
+background:#8881}.noimg{aspect-ratio:4/3;display:grid;place-items:center;color:var(--muted);background:#8881}
+.body{padding:10px 12px 12px}
 .name{font-size:.85rem;font-weight:500;margin:0 0 4px;color:var(--muted);overflow-wrap:anywhere}
 .caption{font-size:1.05rem;font-weight:600;margin:0 0 8px}.error{color:var(--bad);margin:0 0 8px}
 .meter{height:6px;border-radius:3px;background:#8883;overflow:hidden}.meter span{display:block;height:100%;
