@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, atomic
+from .errors import UsageError
 
 NAMESPACE = "http://ns.capcli.org/xmp/1.0/"
 PREFIX = "capcli"
@@ -289,7 +290,7 @@ def sidecar_path(photo: str | Path, kind: str = "xmp", naming: str = "stem") -> 
     if kind == "txt":
         return photo.with_suffix(".txt")
     if naming not in SIDECAR_NAMINGS:
-        raise ValueError(f"sidecar naming must be one of {SIDECAR_NAMINGS}, not {naming!r}")
+        raise UsageError(f"sidecar names are {' or '.join(SIDECAR_NAMINGS)}, not {naming!r}")
     return photo.with_name(photo.name + ".xmp") if naming == "ext" else photo.with_suffix(".xmp")
 
 
@@ -438,32 +439,42 @@ def publish(items: Sequence[tuple[Path, dict[str, Any]]], how: str, opts: Publis
     """Publish caption records: ``how`` is ``"xmp"``, ``"txt"`` (sidecars) or ``"embed"``; one result per item.
 
     ``items`` pairs each photo's path with its record (as ``capcli caption`` writes them). A record without a
-    caption (it failed) and a photo whose sidecar another photo of the batch already takes (``a.jpg`` and ``a.png``
-    both want ``a.xmp``) fail; every other photo is tried whatever happened to the rest.
+    caption (it failed), a photo listed twice and a photo whose sidecar another photo of the batch already takes
+    (``a.jpg`` and ``a.png`` both want ``a.xmp``) fail; every other photo is tried whatever happened to the rest.
     """
     if how not in ("xmp", "txt", "embed"):
-        raise ValueError(f"how must be xmp, txt or embed, not {how!r}")
+        raise UsageError(f"publish as xmp, txt or embed, not {how!r}")
+    if opts.naming not in SIDECAR_NAMINGS:
+        raise UsageError(f"sidecar names are {' or '.join(SIDECAR_NAMINGS)}, not {opts.naming!r}")
     results: list[PublishResult] = []
-    claimed: dict[Path, Path] = {}
+    claimed: dict[Path, Path] = {}  # target -> the photo that writes it
     with _txt_records() as records:
         for photo, rec in items:
             photo = Path(photo)
             fields = record_fields(rec, opts.provenance)
             target = photo if how == "embed" else sidecar_path(photo, how, opts.naming)
-            other = claimed.setdefault(target.resolve(), photo)
             if fields is None:
                 why = rec.get("error") or "no caption"
                 results.append(PublishResult(photo, target, Status.FAILED, f"not captioned: {why}"))
-            elif other != photo:
-                results.append(PublishResult(photo, target, Status.FAILED, f"{target.name} is already the sidecar "
-                                             f"of {other.name}" + ("; use --sidecar-name ext" if how == "xmp" else "")))
-            elif how == "embed":
-                results.append(embed(photo, fields, opts))
-            elif how == "xmp":
-                results.append(write_xmp_sidecar(photo, fields, opts))
+            elif target.resolve() in claimed:
+                results.append(PublishResult(photo, target, Status.FAILED,
+                                             _clash(how, target, claimed[target.resolve()], photo)))
             else:
-                results.append(write_txt_sidecar(photo, fields, opts, records(photo.parent)))
+                claimed[target.resolve()] = photo
+                if how == "embed":
+                    results.append(embed(photo, fields, opts))
+                elif how == "xmp":
+                    results.append(write_xmp_sidecar(photo, fields, opts))
+                else:
+                    results.append(write_txt_sidecar(photo, fields, opts, records(photo.parent)))
     return results
+
+
+def _clash(how: str, target: Path, first: Path, photo: Path) -> str:
+    if first.resolve() == photo.resolve():
+        return "listed twice"
+    hint = "; use --sidecar-name ext" if how == "xmp" else ""
+    return f"{target.name} is already the sidecar of {first.name}{hint}"
 
 
 @contextlib.contextmanager

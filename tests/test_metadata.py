@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from capcli.errors import UsageError
 from capcli.metadata import (
     TXT_RECORD,
     Fields,
@@ -330,3 +331,14 @@ def test_txt_sidecar_failures_are_per_file(photos):
     results = publish([(p, record(p, "again")) for p in (photos["chelsea.jpg"], photos["rocket.jpg"])], "txt", OPTS)
     assert [(r.status, r.reason) for r in results] == [(Status.FAILED, "read-only file"), (Status.WRITTEN, "")]
     assert (folder / "chelsea.txt").read_text() == "a photo of chelsea\n"
+
+
+def test_a_photo_listed_twice_and_bad_options(photos):
+    chelsea = photos["chelsea.jpg"]
+    results = publish([(chelsea, record(chelsea)), (chelsea, record(chelsea, "other"))], "embed", OPTS)
+    assert [(r.status, r.reason) for r in results] == [(Status.WRITTEN, ""), (Status.FAILED, "listed twice")]
+    assert read_fields(chelsea).caption == "a photo of chelsea"
+    with pytest.raises(UsageError, match="publish as xmp, txt or embed"):
+        publish([(chelsea, record(chelsea))], "exif", OPTS)
+    with pytest.raises(UsageError, match="sidecar names are stem or ext"):
+        publish([(chelsea, record(chelsea))], "xmp", PublishOptions(PROV, naming="darktable"))
