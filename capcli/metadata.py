@@ -23,7 +23,8 @@ anything else, including a .txt with no record, is a person's words (skipped unl
 
 Embedding changes only metadata, and atomically: the photo is copied to a temporary file in its folder, exiv2
 writes there, the copy is fsynced and read back (fields, and the image data: the JPEG bytes from the first SOS to
-EOI, or the decoded pixels for other formats, must equal the original's), then ``os.replace`` puts it in place.
+the end of the file, or the decoded pixels for other formats, must equal the original's), then ``os.replace`` puts
+it in place.
 RAW files are never written into (use an XMP sidecar), nor read-only files or types exiv2 cannot write.
 """
 
@@ -235,8 +236,8 @@ def _check_embeddable(photo: Path) -> None:
     _check_writable(photo)
 
 
-def _jpeg_scan(data: bytes) -> bytes:
-    """The bytes of a JPEG from its first SOS marker to its EOI: the compressed image itself."""
+def _sos_offset(data: bytes) -> int:
+    """Where a JPEG's first SOS marker is: the compressed image starts there (the segments before are metadata)."""
     i = 2
     while i + 4 <= len(data):
         if data[i] != 0xFF:
@@ -244,22 +245,29 @@ def _jpeg_scan(data: bytes) -> bytes:
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
-            continue
-        if marker == 0xDA:  # SOS: entropy-coded data follows; 0xFFD9 cannot occur inside it (0xFF is stuffed)
-            end = data.find(b"\xff\xd9", i)
-            return data[i: end + 2 if end >= 0 else len(data)]
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+        elif marker == 0xDA:
+            return i
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
             i += 2
-            continue
-        i += 2 + int.from_bytes(data[i + 2: i + 4], "big")
+        else:
+            i += 2 + int.from_bytes(data[i + 2: i + 4], "big")
     raise ValueError("no SOS marker")
 
 
+def _jpeg_scan(data: bytes) -> bytes:
+    """The bytes of a JPEG from its first SOS marker to its EOI (0xFFD9 cannot occur inside: 0xFF is stuffed)."""
+    start = _sos_offset(data)
+    end = data.find(b"\xff\xd9", start)
+    return data[start: end + 2 if end >= 0 else len(data)]
+
+
 def image_data_digest(path: str | Path) -> str:
-    """SHA-256 of what metadata edits must not change: a JPEG's scan bytes, else the decoded pixels of every frame."""
+    """SHA-256 of what metadata edits must not change: a JPEG's bytes from its first SOS to the end of the file
+    (the scan, and whatever follows EOI: a motion photo's video, MPF images), else the decoded pixels of every frame.
+    """
     data = Path(path).read_bytes()
     if data[:2] == b"\xff\xd8":
-        return hashlib.sha256(_jpeg_scan(data)).hexdigest()
+        return hashlib.sha256(data[_sos_offset(data):]).hexdigest()
     from PIL import Image, ImageSequence
 
     h = hashlib.sha256()

@@ -342,3 +342,13 @@ def test_a_photo_listed_twice_and_bad_options(photos):
         publish([(chelsea, record(chelsea))], "exif", OPTS)
     with pytest.raises(UsageError, match="sidecar names are stem or ext"):
         publish([(chelsea, record(chelsea))], "xmp", PublishOptions(PROV, naming="darktable"))
+
+
+def test_data_after_a_jpegs_end_is_kept(photos):
+    """A motion photo's video (or MPF images) follows the JPEG's EOI: embedding keeps it, byte for byte."""
+    rocket = photos["rocket.jpg"]
+    trailer = b"ftypmp42" + bytes(range(256)) * 40
+    rocket.write_bytes(rocket.read_bytes() + trailer)
+    before = image_data_digest(rocket)
+    assert publish([(rocket, record(rocket))], "embed", OPTS)[0].status is Status.WRITTEN
+    assert rocket.read_bytes().endswith(trailer) and image_data_digest(rocket) == before
