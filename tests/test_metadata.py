@@ -352,3 +352,40 @@ def test_data_after_a_jpegs_end_is_kept(photos):
     before = image_data_digest(rocket)
     assert publish([(rocket, record(rocket))], "embed", OPTS)[0].status is Status.WRITTEN
     assert rocket.read_bytes().endswith(trailer) and image_data_digest(rocket) == before
+
+
+_EMBED_FOREVER = """
+import sys
+from pathlib import Path
+from capcli.metadata import Fields, Provenance, PublishOptions, embed
+photo, opts, i = Path(sys.argv[1]), PublishOptions(Provenance("m")), 0
+print("ready", flush=True)
+while True:
+    i += 1
+    assert embed(photo, Fields(f"caption {i}"), opts).status == "written"
+"""
+
+
+@pytest.mark.slow
+def test_a_process_killed_while_embedding_leaves_the_old_or_the_new_photo(photos, tmp_path):
+    """SIGKILL a process that embeds over and over, at several moments: the photo is always whole."""
+    import signal
+    import sys
+    import time
+
+    big = tmp_path / "big.jpg"
+    with Image.open(photos["astronaut.jpg"]) as im:
+        im.resize((2400, 2400)).save(big, quality=92)  # a few MB, so a write takes a while
+    want = image_data_digest(big)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    for delay in (0.05, 0.2, 0.45, 0.8):
+        proc = subprocess.Popen([sys.executable, "-c", _EMBED_FOREVER, str(big)], stdout=subprocess.PIPE, env=env)
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert image_data_digest(big) == want
+        fields = read_fields(big)
+        assert fields is None or fields.caption.startswith("caption ")
+        with Image.open(big) as im:
+            im.load()
