@@ -39,7 +39,7 @@ from .checkpoint import load_checkpoint
 from .encoders import Encoder, create_encoder, get_spec
 from .errors import CapcliError, CheckpointError, ImageError, UsageError
 from .grounding import MODES as GROUNDING_MODES
-from .grounding import Grounder, GroundingPolicy, Plan, fix_articles
+from .grounding import Grounder, GroundingPolicy, Plan
 from .images import is_image_file, load_image, to_rgb
 from .models import build
 from .models.base import CaptionModel, Searchable
@@ -89,11 +89,10 @@ class Captioner:
             raise UsageError(f"--{e}") from None
         if grounding not in GROUNDING_MODES:
             raise UsageError(f"--grounding {grounding!r}: use one of {', '.join(GROUNDING_MODES)}")
-        # Grounding (grounding.py) needs the encoder's ImageNet head; it may add words to the model and vocabulary.
+        # Grounding (grounding.py) needs the encoder's ImageNet head.
         self.grounder: Grounder | None = None
         if grounding == "auto" and encoder.has_head:
-            self.grounder, model, vocab = Grounder.for_model(model, vocab, encoder.spec.name,
-                                                             policy or GroundingPolicy())
+            self.grounder = Grounder.for_model(vocab, policy or GroundingPolicy())
         self.model = model.to(device).eval()
         self.encoder = encoder.to(device).eval()
         self.vocab = vocab
@@ -158,7 +157,7 @@ class Captioner:
             grid = self.encoder(images.to(self.device, non_blocking=True))  # (B, N, D)
             plans = None
             if self.grounder is not None:
-                plans = self.grounder.plans(self.encoder.imagenet_logits(grid), grid.mean(1))
+                plans = self.grounder.plans(self.encoder.imagenet_logits(grid))
             return self.model.features_of_kind(grid, self.model.feature_kind), plans
 
     def _decode(self, feats: torch.Tensor, plans: list[Plan] | None, beam_size: int, max_len: int, top_k: int,
@@ -202,19 +201,21 @@ class Captioner:
                 results[i] = hyps
         return results
 
-    def _text(self, tokens: list[int]) -> str:
-        words = self.vocab.decode(tokens)
-        return " ".join(fix_articles(words) if self.grounder is not None else words)
+    def _text(self, tokens: list[int], plan: Plan | None) -> str:
+        if self.grounder is None:
+            return self.vocab.to_text(tokens)
+        return " ".join(self.grounder.words_of(plan, tokens))
 
     def _record(self, hyps: list[Decoded], plan: Plan | None, top_k: int, return_alphas: bool) -> dict[str, Any]:
         best = hyps[0]
-        rec: dict[str, Any] = {"caption": self._text(best.tokens), "logprob": round(best.logprob, 4)}
+        rec: dict[str, Any] = {"caption": self._text(best.tokens, plan), "logprob": round(best.logprob, 4)}
         if top_k > 1:
-            rec["alternatives"] = [{"caption": self._text(h.tokens), "logprob": round(h.logprob, 4)} for h in hyps]
+            rec["alternatives"] = [{"caption": self._text(h.tokens, plan), "logprob": round(h.logprob, 4)}
+                                   for h in hyps]
         if plan is not None:
             rec["labels"] = [{"word": w, "p": p} for w, p in plan.labels]
         if return_alphas and best.alphas is not None:
-            rec["words"] = [self.vocab.words[i] for i in best.tokens]  # one per row of alphas
+            rec["words"] = self._text(best.tokens, plan).split()  # one per row of alphas
             rec["alphas"] = best.alphas.float().numpy()  # (L, N)
         return rec
 

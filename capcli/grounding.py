@@ -16,9 +16,9 @@ own encoder's ImageNet head recognises the refrigerator. Grounding puts that evi
 - **Don't say what is not there.** Words the evidence reliably sees (``hold_words``: dog, bird, ...) are held back
   (never generated) when their evidence is below ``hold``; person words are held back when the person probe gives
   less than ``person_hold``.
-- **Words the captions never taught.** A table word missing from the model's vocabulary joins it, its embedding
-  and output rows copied from its nearest in-vocabulary WordNet relative (DCC, Hendricks et al. 2016); such a word
-  is only ever said as a constraint.
+- **Words the captions never taught.** A table word missing from the model's vocabulary is said through its
+  nearest in-vocabulary WordNet relative (zebra through horse): DCC's transfer (Hendricks et al. 2016), see
+  :class:`Grounder`; such a word is only ever said as a constraint.
 - **Labels.** Each record gets the top words with their evidence, as keywords.
 
 Every threshold was chosen on Flickr8k val (README, "Grounded captions"); none on the out-of-domain photos it is
@@ -27,23 +27,16 @@ reported on.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 
 import torch
 
-from .errors import GroundingError
 from .grounding_table import WordTable, load_word_table
-from .models.base import CaptionModel
 from .models.decoding import Constraints
 from .vocab import Vocabulary
 
 MODES = ("auto", "off")
-_ASSETS = Path(__file__).resolve().parent / "assets"
-PERSON_PROBES = {"efficientnet-lite0": _ASSETS / "person-probe-efficientnet-lite0.json"}
-# Words that name a person: held back together on the person probe's word (the table has no person class).
+# Words that name a person: held back together (ImageNet has no person class).
 _PERSON = (
     "man men woman women boy boys girl girls child children kid kids people person persons player players lady "
     "ladies guy guys baby babies toddler toddlers adult adults teenager teenagers teen teens crowd skier skiers "
@@ -55,15 +48,26 @@ PERSON_WORDS = frozenset(_PERSON.split())
 
 @dataclass(frozen=True)
 class GroundingPolicy:
-    """The thresholds of grounding, on evidence e(w) in [0, 1] (chosen on Flickr8k val)."""
+    """The thresholds of grounding, on evidence e(w) in [0, 1] (chosen on Flickr8k val, see the README)."""
 
     say: float = 0.5  # a word at least this likely must be in the caption
     max_say: int = 1  # at most this many such words per photo (the likeliest)
-    hold: float = 0.01  # the ``hold_words`` less likely than this are held back
+    # Words among the vocabulary's ``known`` most frequent (a vocabulary lists its words most frequent first) are the
+    # decoder's own: it names them when they are there (dog, ball), so they are never forced.
+    known: int = 600
+    # A word to say that is rarer than the vocabulary's ``familiar`` most frequent (or not in it at all) means a
+    # scene the decoder never learned: its people and dogs then come from Flickr8k's habits, not from the photo.
+    familiar: int = 1000
+    # The scene is the likeliest word when it has at least this much evidence.
+    scene: float = 0.25
+    hold: float = 0.03  # the ``hold_words`` less likely than this are held back (0.1 in an unfamiliar scene)
+    hold_unfamiliar: float = 0.1
     # Words the ImageNet evidence never misses: on Flickr8k val, every word of the table named by the references of
-    # at least 5 photos, of which at most 5% have evidence below ``hold`` (dog: 0 of 244).
+    # at least 5 photos, of which at most 5% have evidence below 0.01 (dog: 0 of 244).
     hold_words: tuple[str, ...] = ("dog", "bird", "cliff", "canoe", "guitar", "shop", "racket")
-    person_hold: float = 0.2  # person words are held back below this person probability
+    # In an unfamiliar scene, person words are held back unless the classes that imply a person (worn clothing,
+    # a diver, a groom...) have at least this much evidence.
+    person: float = 0.05
     labels: int = 5  # labels per record
     label_min: float = 0.05  # the least evidence a label needs
 
@@ -74,115 +78,97 @@ class Plan:
 
     say: list[str] = field(default_factory=list)
     hold: list[str] = field(default_factory=list)
+    hold_people: bool = False
     labels: list[tuple[str, float]] = field(default_factory=list)
-    person: float = 0.0
-
-
-@dataclass(frozen=True)
-class PersonProbe:
-    """Logistic regression on the pooled grid: p(person) = σ(w · (x - mean) / std + b)."""
-
-    weight: torch.Tensor  # (D,)
-    bias: float
-    mean: torch.Tensor  # (D,)
-    std: torch.Tensor  # (D,)
-
-    def __call__(self, pooled: torch.Tensor) -> torch.Tensor:
-        """(B, D) -> (B,) probabilities."""
-        x = (pooled.float() - self.mean.to(pooled.device)) / self.std.to(pooled.device)
-        return torch.sigmoid(x @ self.weight.to(pooled.device) + self.bias)
-
-    def to_dict(self, **meta: object) -> dict:
-        return {"format": "capcli-person-probe/1", "bias": self.bias, "weight": self.weight.tolist(),
-                "mean": self.mean.tolist(), "std": self.std.tolist(), **meta}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PersonProbe:
-        if d.get("format") != "capcli-person-probe/1":
-            raise GroundingError("not a capcli person probe (expected format capcli-person-probe/1)")
-        return cls(torch.tensor(d["weight"]), float(d["bias"]), torch.tensor(d["mean"]), torch.tensor(d["std"]))
-
-
-@lru_cache(maxsize=4)
-def load_person_probe(encoder: str) -> PersonProbe | None:
-    """The shipped person probe of ``encoder``, or None where there is none."""
-    path = PERSON_PROBES.get(encoder)
-    if path is None or not path.is_file():
-        return None
-    try:
-        return PersonProbe.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError) as e:
-        raise GroundingError(f"cannot read the person probe {path}: {e}") from e
 
 
 class Grounder:
     """ImageNet evidence -> per-photo plans and search constraints, for one model vocabulary.
 
-    Build it with :meth:`for_model`, which also teaches the model the table's words it lacks (DCC).
+    A table word missing from the vocabulary is said through its nearest in-vocabulary WordNet relative: the search
+    is constrained to the relative's token, and the caption names the new word in its place. That is DCC's transfer
+    (Hendricks et al. 2016: the new word's embedding and output rows copied from the relative's) without adding rows,
+    which would also take probability from every other word and so change captions that never use the new word.
     """
 
-    def __init__(self, table: WordTable, vocab: Vocabulary, probe: PersonProbe | None,
-                 policy: GroundingPolicy = GroundingPolicy(), novel: frozenset[str] = frozenset()) -> None:
-        """``novel``: the words ``vocab`` only has because :meth:`for_model` added them (said only as constraints)."""
-        self.table, self.vocab, self.probe, self.policy, self.novel = table, vocab, probe, policy, novel
+    def __init__(self, table: WordTable, vocab: Vocabulary, policy: GroundingPolicy = GroundingPolicy()) -> None:
+        self.table, self.vocab, self.policy = table, vocab, policy
+        self.tokens: dict[str, list[int]] = {}  # word -> the token ids that say it (its forms, or its relative's)
+        self.alias: dict[str, dict[int, str]] = {}  # new word -> {relative's token id: the new word's form}
         names, indices = table.class_to_word_matrix()
-        usable = [(w, idx) for w, idx in zip(names, indices, strict=True)
-                  if any(f in vocab for f in table.words[w].forms)]
+        usable = []
+        for w, idx in zip(names, indices, strict=True):
+            info = table.words[w]
+            forms = [vocab.index(f) for f in info.forms if f in vocab]
+            if not forms:
+                forms = self._alias(w)
+            if forms:
+                self.tokens[w] = forms
+                usable.append((w, idx))
         self.words = [w for w, _ in usable]
         self.index = {w: i for i, w in enumerate(self.words)}
         self.matrix = torch.zeros(len(usable), 1000)  # (W, 1000): class c is evidence for word w
         for i, (_, idx) in enumerate(usable):
             self.matrix[i, torch.as_tensor(idx)] = 1.0
-        self.tokens = {w: [vocab.index(f) for f in table.words[w].forms if f in vocab] for w in self.words}
         self.person_ids = sorted(vocab.index(w) for w in PERSON_WORDS if w in vocab)
+        self.person_classes = torch.zeros(1000)
+        self.person_classes[sorted(table.person_classes)] = 1.0
+
+    def _alias(self, word: str) -> list[int]:
+        """The relative's tokens that will say ``word`` (singular -> singular, plural -> plural), or []."""
+        info = self.table.words[word]
+        relative = next((r for r in info.relatives if r in self.vocab), None)
+        if relative is None:
+            return []
+        rel = self.table.words.get(relative)
+        alias = {self.vocab.index(relative): word}
+        if rel is not None and info.plurals and rel.plurals and rel.plurals[0] in self.vocab:
+            alias[self.vocab.index(rel.plurals[0])] = info.plurals[0]
+        self.alias[word] = alias
+        return list(alias)
 
     @classmethod
-    def for_model(cls, model: CaptionModel, vocab: Vocabulary, encoder: str,
-                  policy: GroundingPolicy = GroundingPolicy(), table: WordTable | None = None
-                  ) -> tuple[Grounder, CaptionModel, Vocabulary]:
-        """A grounder for ``model``, with the model and vocabulary grown by the table words they lack."""
-        table = table or load_word_table()
-        new_words, sources = [], []
-        for w in sorted(table.words):
-            info = table.words[w]
-            if any(f in vocab for f in info.forms):
-                continue
-            relative = next((r for r in info.relatives if r in vocab), None)
-            if relative is not None:
-                new_words.append(w)
-                sources.append(vocab.index(relative))
-        if new_words:
-            model = model.with_words(sources)
-            vocab = Vocabulary(vocab.words + new_words, min_count=vocab.min_count)
-        grounder = cls(table, vocab, load_person_probe(encoder), policy, frozenset(new_words))
-        return grounder, model, vocab
+    def for_model(cls, vocab: Vocabulary, policy: GroundingPolicy = GroundingPolicy(),
+                  table: WordTable | None = None) -> Grounder:
+        """The grounder for a model with ``vocab`` (the shipped table unless ``table``)."""
+        return cls(table or load_word_table(), vocab, policy)
 
     # ------------------------------------------------------------------------------------------------ evidence
-    def evidence(self, logits: torch.Tensor) -> torch.Tensor:
-        """ImageNet logits (B, 1000) -> per-word evidence (B, W)."""
-        return logits.float().softmax(-1) @ self.matrix.to(logits.device).t()
+    def evidence(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ImageNet logits (B, 1000) -> per-word evidence (B, W), and the evidence for a person (B,)."""
+        probs = logits.float().softmax(-1)
+        return probs @ self.matrix.to(probs.device).t(), probs @ self.person_classes.to(probs.device)
 
-    def plans(self, logits: torch.Tensor, pooled: torch.Tensor) -> list[Plan]:
-        """One plan per photo from its ImageNet logits (B, 1000) and pooled grid (B, D)."""
-        ev = self.evidence(logits).cpu()  # (B, W)
-        person = self.probe(pooled).cpu() if self.probe is not None else torch.ones(ev.size(0))
+    def plans(self, logits: torch.Tensor) -> list[Plan]:
+        """One plan per photo from its ImageNet logits (B, 1000)."""
+        ev, person = (t.cpu() for t in self.evidence(logits))
+        return [self._plan(e, float(pe)) for e, pe in zip(ev, person, strict=True)]
+
+    def _plan(self, e: torch.Tensor, person: float) -> Plan:
         p = self.policy
-        out = []
-        for e, pe in zip(ev, person.tolist(), strict=True):
-            order = torch.argsort(e, descending=True).tolist()
-            plan = Plan(person=round(pe, 4))
-            plan.labels = [(self.words[i], round(float(e[i]), 4)) for i in order[: p.labels] if e[i] >= p.label_min]
-            plan.say = [self.words[i] for i in order[: p.max_say] if e[i] >= p.say]
-            plan.hold = [w for w in p.hold_words if w in self.index and e[self.index[w]] < p.hold]
-            out.append(plan)
-        return out
+        order = torch.argsort(e, descending=True).tolist()
+        plan = Plan()
+        plan.labels = [(self.words[i], round(float(e[i]), 4)) for i in order[: p.labels] if e[i] >= p.label_min]
+        plan.say = [self.words[i] for i in order if e[i] >= p.say and self._rank(self.words[i]) >= p.known][
+            : p.max_say]
+        scene = [self.words[order[0]]] if e[order[0]] >= p.scene else []
+        unfamiliar = any(self._rank(w) >= p.familiar for w in plan.say + scene)
+        hold = p.hold_unfamiliar if unfamiliar else p.hold
+        plan.hold = [w for w in p.hold_words if w in self.index and e[self.index[w]] < hold]
+        plan.hold_people = unfamiliar and person < p.person
+        return plan
+
+    def _rank(self, word: str) -> int:
+        """How common ``word`` is in the captions the model learned from: its place in the vocabulary (most
+        frequent first), past the end for a word said through a relative."""
+        if word in self.alias:
+            return len(self.vocab)
+        return min(self.tokens[word]) - len(Vocabulary.SPECIALS)
 
     def banned(self, plan: Plan) -> list[int]:
-        """Token ids a photo's caption must not contain: held-back words, person words below the probe's
-        threshold, and the added (novel) words unless they are to be said."""
+        """Token ids a photo's caption must not contain: its held-back words (and person words)."""
         ids = [t for w in plan.hold for t in self.tokens[w]]
-        ids += [t for w in self.novel if w not in plan.say for t in self.tokens[w]]
-        if plan.person < self.policy.person_hold:
+        if plan.hold_people:
             ids += self.person_ids
         return sorted(set(ids))
 
@@ -195,6 +181,14 @@ class Grounder:
         """Whether a caption (token ids) keeps its plan: it names every word to say, and no banned word."""
         have = set(tokens)
         return all(have.intersection(self.tokens[w]) for w in plan.say) and not have.intersection(self.banned(plan))
+
+    def words_of(self, plan: Plan | None, tokens: list[int]) -> list[str]:
+        """A caption's words, the new words to say in place of the relatives that said them."""
+        words = self.vocab.decode(tokens)
+        swap = {t: w for new in (plan.say if plan else []) for t, w in self.alias.get(new, {}).items()}
+        if swap:
+            words = [swap.get(t, w) for t, w in zip(tokens, words, strict=False)]
+        return fix_articles(words)
 
 
 def fix_articles(words: list[str]) -> list[str]:

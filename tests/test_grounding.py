@@ -102,42 +102,42 @@ def test_the_shipped_model_names_the_cat_the_coffee_and_the_rocket(grounded, pla
     assert all(0 < lab["p"] <= 1 for r in recs.values() for lab in r["labels"])
 
 
-def test_words_the_captions_never_taught_start_as_their_relative(plain, grids) -> None:
-    assert "zebra" not in plain.vocab
-    grounder, model, vocab = Grounder.for_model(plain.model, plain.vocab, "efficientnet-lite0")
-    z = vocab.index("zebra")
-    info = grounder.table.words["zebra"]
-    rel = vocab.index(next(r for r in info.relatives if r in plain.vocab))
-    assert z >= len(plain.vocab) and "zebra" in grounder.novel
-    torch.testing.assert_close(model.embed.weight[z], model.embed.weight[rel])
-    torch.testing.assert_close(model.L_o.weight[z], model.L_o.weight[rel])
-    # The old words keep their weights, and the grown model can be made to say the new word.
-    torch.testing.assert_close(model.L_o.weight[: len(plain.vocab)], plain.model.L_o.weight)
-    out = beam_search(model, grids, vocab.start_id, vocab.end_id, beam_size=3, banned=BANNED,
-                      constraints=Constraints.of([[[z]]] * grids.size(0)))
-    assert all(z in h[0].tokens for h in out)
-
-
-def test_novel_words_are_never_said_unless_asked(grounded) -> None:
+def test_a_word_the_captions_never_taught_is_said_through_its_relative(grounded, grids) -> None:
     g = grounded.grounder
-    assert g is not None and g.novel
-    plan = g.plans(torch.zeros(1, 1000), torch.zeros(1, 1280))[0]
-    banned = set(g.banned(plan))
-    assert all(set(g.tokens[w]) <= banned for w in g.novel)
+    assert g is not None and "zebra" not in grounded.vocab
+    relative = next(r for r in g.table.words["zebra"].relatives if r in grounded.vocab)
+    assert g.tokens["zebra"][0] == grounded.vocab.index(relative)
+    logits = torch.full((grids.size(0), 1000), -10.0)
+    logits[:, 340] = 10.0  # ImageNet class 340: zebra
+    plans = g.plans(logits)
+    assert all(p.say == ["zebra"] for p in plans)
+    v = grounded.vocab
+    out = beam_search(grounded.model, grids, v.start_id, v.end_id, beam_size=3, banned=BANNED,
+                      constraints=g.constraints(plans, grids.device))
+    for plan, hyps in zip(plans, out, strict=True):
+        words = g.words_of(plan, hyps[0].tokens)
+        assert "zebra" in words or "zebras" in words, words
+        assert relative not in words
+    # Without the plan, the relative's token is the relative.
+    assert relative in g.words_of(None, [v.index(relative)])
 
 
 def test_plans_follow_the_evidence(grounded) -> None:
     g = grounded.grounder
     assert g is not None
-    logits = torch.full((2, 1000), -10.0)
+    logits = torch.full((3, 1000), -10.0)
     logits[0, 385] = logits[0, 386] = 10.0  # Indian and African elephant: "elephant", no dog at all
-    logits[1, 207] = 10.0  # golden retriever
-    plans = g.plans(logits, torch.zeros(2, 1280))
+    logits[1, 207] = 10.0  # golden retriever: the decoder's own word, never forced
+    logits[2, 385], logits[2, 610] = 10.0, 9.0  # an elephant, and a jersey (worn: a person is there)
+    plans = g.plans(logits)
     assert plans[0].say == ["elephant"] and "dog" in plans[0].hold
-    assert plans[1].say == ["dog"] and "dog" not in plans[1].hold
+    assert plans[0].hold_people  # an unfamiliar scene and nothing says a person is in it
+    assert set(g.person_ids) <= set(g.banned(plans[0]))
+    assert plans[1].say == [] and "dog" not in plans[1].hold and not plans[1].hold_people
+    assert plans[2].say == ["elephant"] and not plans[2].hold_people
     assert plans[0].labels[0] == ("elephant", 1.0)
-    strict = Grounder(g.table, g.vocab, None, GroundingPolicy(say=1.01))
-    assert strict.plans(logits, torch.zeros(2, 1280))[0].say == []
+    strict = Grounder(g.table, g.vocab, GroundingPolicy(say=1.01))
+    assert strict.plans(logits)[0].say == []
 
 
 def test_articles_follow_the_next_word() -> None:

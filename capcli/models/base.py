@@ -14,7 +14,6 @@ A model consumes image features of kind ``feature_kind``:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import ClassVar, Protocol
 
 import torch
@@ -39,8 +38,6 @@ class CaptionModel(nn.Module):
     # The first ``image_slots`` slots of the decoding state are per image (B rows) and shared by all of an
     # image's hypotheses; the rest are per hypothesis (B*M rows, M = beams per image, 1 in greedy decoding).
     image_slots: ClassVar[int] = 0
-    # The vocabulary-sized layers: the word embedding and the output layer (see with_words).
-    word_layers: ClassVar[tuple[str, str]] = ("embed", "out")
 
     def config_dict(self) -> dict:
         """JSON-able config with an "arch" key; ``capcli.models.build`` turns it back into a model."""
@@ -66,23 +63,6 @@ class CaptionModel(nn.Module):
         equations regrouped for speed; its state is its own.
         """
         return None
-
-    def with_words(self, sources: Sequence[int]) -> CaptionModel:
-        """A copy of this model with ``len(sources)`` more words at the end of its vocabulary, word i a copy of word
-        ``sources[i]``: the same embedding row, output row and bias (DCC, Hendricks et al. 2016: a word the
-        captions never taught starts as its nearest relative that they did)."""
-        from . import build
-
-        cfg = self.config_dict()
-        cfg["vocab_size"] += len(sources)
-        grown = build(cfg)
-        state = self.state_dict()
-        idx = torch.as_tensor(list(sources), dtype=torch.long)
-        emb, out = self.word_layers
-        for key in (f"{emb}.weight", f"{out}.weight", f"{out}.bias"):
-            state[key] = torch.cat([state[key], state[key][idx]])
-        grown.load_state_dict(state)
-        return grown.to(next(self.parameters()).device).train(self.training)
 
     def regularizer(self, alphas: torch.Tensor | None) -> torch.Tensor:
         """Extra training loss from the attention weights; none for models without attention."""

@@ -73,7 +73,6 @@ class ShowAttendTell(CaptionModel):
     arch = "attention"
     feature_kind = "grid"
     image_slots = 2  # a and 2 W_a a: per image, shared by its beams
-    word_layers = ("embed", "L_o")
 
     def __init__(self, cfg: ShowAttendTellConfig) -> None:
         super().__init__()
