@@ -326,13 +326,18 @@ def output_format(out: str | Path) -> str:
     return FORMATS[suffix]
 
 
-def _complete_lines(path: Path) -> list[str]:
-    """Lines of a streamed output; a last line without its newline (the writer was killed) is dropped."""
+def _complete_text(path: Path) -> str:
+    """A streamed output up to its last newline: a last record without it (the writer was killed) is dropped."""
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
-    return text.split("\n")[:-1]  # after the last "\n" comes "" -- or the cut line
+        raise UsageError(f"cannot read {display(str(path))}: {e.strerror or e}") from None
+    return text[: text.rfind("\n") + 1]
+
+
+def _complete_lines(path: Path) -> list[str]:
+    """Lines of a streamed output; a last line without its newline (the writer was killed) is dropped."""
+    return _complete_text(path).split("\n")[:-1]  # after the last "\n" comes ""
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -347,9 +352,20 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _csv_rows(path: Path) -> Iterator[dict[str, str]]:
+    """The rows of a caption CSV; a quoted field may hold newlines (a file name can), a cut last row ends it."""
+    reader = csv.DictReader(io.StringIO(_complete_text(path), newline=""), strict=True)
+    while True:
+        try:
+            row = next(reader)
+        except (StopIteration, csv.Error):
+            return
+        yield row
+
+
 def _read_csv(path: Path) -> list[dict[str, Any]]:
     out = []
-    for row in csv.DictReader(_complete_lines(path)):
+    for row in _csv_rows(path):
         if not row.get("path") or None in row or any(v is None for v in row.values()):
             continue  # a damaged row
         rec: dict[str, Any] = {"path": row["path"]}
