@@ -10,11 +10,8 @@ WRITE_ERRNOS = frozenset({5, 13, 27, 28, 30, 122})  # EIO EACCES EFBIG ENOSPC ER
 
 def os_reason(e: BaseException) -> str:
     """One line saying why a file operation failed: ``strerror`` (or HDF5's "error message"), else the text."""
-    strerror = getattr(e, "strerror", None)
-    if strerror:
-        return str(strerror)
-    text = str(e)
-    found = re.search(r"error message = '([^']+)'", text)  # h5py: "Can't write data (file write failed: ...)"
+    text = str(getattr(e, "strerror", None) or e)
+    found = re.search(r"error message = '([^']+)'", text)  # HDF5: "... (file write failed: ..., error message = ..."
     return found.group(1) if found else (text.splitlines()[0] if text else type(e).__name__)
 
 

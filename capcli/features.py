@@ -292,13 +292,26 @@ class _ShardWriter:
         self.n = hi
 
     def close(self) -> None:
+        self.f.flush()  # a full disk fails here, while the file can still be let go of (see abort)
         self.f.close()
         os.replace(self.tmp, self.final)
 
     def abort(self) -> None:
-        """Close without publishing; the .tmp file is removed by the next run."""
+        """Close without publishing and drop the half-written file.
+
+        HDF5 flushes its caches when a file closes; after a failed write (a full disk) that flush fails again
+        and leaves the library holding the file, and the process then crashes at exit. So the file's
+        descriptor is pointed at /dev/null first: the last flush succeeds and goes nowhere.
+        """
+        with contextlib.suppress(Exception):
+            fd = self.f.id.get_vfd_handle()
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, fd)
+            os.close(null)
         with contextlib.suppress(Exception):
             self.f.close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
 
 
 def extract_features(

@@ -307,3 +307,31 @@ def test_the_lock_is_exclusive_and_released(tmp_path):
         pass
     with lock.exclusive(lock.sidecar(target), str(target)):  # free again
         pass
+
+
+# ----------------------------------------------------------------------------------------------- features
+def test_features_full_disk_is_one_line_and_the_next_run_completes(small_flickr8k, tmp_path):
+    from capcli.features import LOCK, MANIFEST, FeatureStore
+
+    out = tmp_path / "feats"
+    args = ["features", small_flickr8k.source, "--out", str(out), "--shard-size", "10", "--workers", "0",
+            "--device", "cpu"]
+    r = _limited(args, 200_000)  # a shard of 10 images is ~1.3 MB
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot write features" in errors[0] and "File too large" in errors[0], r.stderr
+    manifest = json.loads((out / MANIFEST).read_text())  # still valid, listing only complete shards
+    assert manifest["shards"] == [] and not manifest["complete"]
+    assert not (out / LOCK).exists()
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    assert len(FeatureStore(out)) == 30
+
+
+def test_features_second_writer_is_refused(small_flickr8k, tmp_path):
+    from capcli.features import LOCK, extract_features
+
+    out = tmp_path / "feats"
+    with lock.exclusive(out / LOCK, str(out)), pytest.raises(LockedError, match="another capcli run"):
+        extract_features(small_flickr8k, out=out, workers=0, device="cpu")
