@@ -11,8 +11,12 @@ however many photos.
 Outputs (chosen by the extension of ``-o``):
 
 - ``.jsonl``: one JSON object per line, written and flushed as each image is done;
-- ``.csv``: columns path, caption, logprob, error, alternatives (a JSON list), streamed the same way;
+- ``.csv``: columns path, caption, logprob, error, alternatives (a JSON list), path_bytes, streamed the same way;
 - ``.json``: one array, rewritten atomically every 30 s and at the end, also after Ctrl-C or a failure.
+
+A record names its file by ``path``, plus ``path_bytes`` for a name that is not UTF-8 (the rule is in
+:mod:`capcli.names`). A failed write (full disk, permission) raises :class:`OutputError` saying how many records
+are safe; the file still ends at a whole record. The output is locked for the run (:mod:`capcli.lock`).
 
 ``--resume`` reads the existing output back, keeps its records and captions only the images missing there.
 ``--shard I/N`` (I = 0..N-1) keeps the files whose relative path hashes (SHA-1) to I modulo N: stable however
