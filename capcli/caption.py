@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
 import hashlib
 import io
 import json
@@ -480,7 +479,9 @@ class _StreamWriter(_Writer):
             except FileNotFoundError:
                 here = None
             if here is None or not os.path.samestat(here, self.stat):
-                raise OSError(errno.ENOENT, "it was deleted or moved during the run")
+                raise OutputError(f"cannot write {display(str(self.path))}: it was deleted or moved during the run, "
+                                  f"with the {self.safe} record(s) written so far; run the same command again (with "
+                                  "--resume if you put it back)")
             self._append(self.encode(rec))
         except OSError as e:
             raise self.failed(e) from None
@@ -590,9 +591,11 @@ class CaptionSummary:
 def _by_extension(files: Sequence[Path], out: Path) -> dict[str, int]:
     """Unsupported files counted by lower-case extension; the output file itself (and its temporaries) left out."""
     counts: dict[str, int] = {}
+    seen = {out.resolve()}
     for p in files:
-        if p.name == out.name and p.parent.resolve() == out.parent.resolve():
-            continue
+        if p.resolve() in seen:
+            continue  # the output, or a file of a folder given twice
+        seen.add(p.resolve())
         ext = p.suffix.lower() or "(no extension)"
         counts[ext] = counts.get(ext, 0) + 1
     return counts

@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -22,11 +23,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from capcli import atomic, lock
-from capcli.caption import Captioner, in_shard, read_records
+from capcli.caption import Captioner, caption_files, in_shard, read_records
 from capcli.cli import app
-from capcli.errors import LockedError
+from capcli.errors import LockedError, OutputError
 from capcli.images import is_image_file, load_image
 from capcli.names import display, path_fields, record_key
+from capcli.progress import Progress
 
 ROOT = Path(__file__).resolve().parent.parent
 ODD = os.fsdecode(b"bad\xffname.jpg")  # not UTF-8: Python holds the byte as the lone surrogate U+DCFF
@@ -270,6 +272,27 @@ def test_a_folder_that_cannot_be_written_is_one_line(many_dir, tmp_path):
     ro.mkdir(mode=0o500)
     r = _cli(str(many_dir), "-o", str(ro / "caps.jsonl"))
     assert r.exit_code == 1 and "error: cannot write" in r.output
+
+
+class _RemovesFolder(Progress):
+    """Removes ``folder`` (rm -rf, as a user cleaning up would) once ``after`` images are done."""
+
+    def __init__(self, folder: Path, after: int) -> None:
+        self.folder, self.after, self.n = folder, after, 0
+
+    def advance(self, n: int = 1, **fields: object) -> None:
+        self.n += n
+        if self.n == self.after:
+            shutil.rmtree(self.folder)
+
+
+def test_an_output_folder_removed_during_the_run_is_one_error(many_dir, captioner, tmp_path):
+    out = tmp_path / "gone" / "caps.jsonl"
+    with pytest.raises(OutputError, match="deleted or moved during the run, with the 3 record"):
+        caption_files(captioner, [many_dir], out, workers=0, batch_size=4, progress=_RemovesFolder(out.parent, 3))
+    assert not out.parent.exists()
+    again = caption_files(captioner, [many_dir], out, workers=0, batch_size=8, resume=True)
+    assert again.captioned == 24
 
 
 def test_a_second_writer_is_refused_while_the_first_runs(many_dir, tmp_path):
