@@ -117,7 +117,8 @@ class RichProgress(Progress):
         (self._bar.console if self._bar else self.console).print(message, highlight=False)
 
     def warn(self, message: str) -> None:
-        (self._bar.console if self._bar else self.console).print(f"[yellow]warning:[/] {message}", highlight=False)
+        (self._bar.console if self._bar else self.console).print(f"[yellow]warning:[/] {escape(display(message))}",
+                                                                 highlight=False)
 
 
 def _version(value: bool) -> None:
@@ -244,7 +245,8 @@ def features(
     n_failed = len(store.failed)
     failed = f", {n_failed} unreadable skipped" if n_failed else ""
     console.print(f"features: {len(store)} images{failed}, grid {store.num_regions}x{store.feature_dim} "
-                  f"+ pooled {store.feature_dim} ({store.encoder_name}, float16) -> {folder}", highlight=False)
+                  f"+ pooled {store.feature_dim} ({store.encoder_name}, float16) -> {display(str(folder))}",
+                  highlight=False)
 
 
 # --- train -----------------------------------------------------------------------------------------
