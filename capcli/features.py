@@ -297,7 +297,7 @@ class _ShardWriter:
         os.replace(self.tmp, self.final)
 
     def abort(self) -> None:
-        """Close without publishing and drop the half-written file.
+        """Close without publishing; the half-written ``.tmp`` file is removed by the next run.
 
         HDF5 flushes its caches when a file closes; after a failed write (a full disk) that flush fails again
         and leaves the library holding the file, and the process then crashes at exit. So the file's
@@ -310,8 +310,6 @@ class _ShardWriter:
             os.close(null)
         with contextlib.suppress(Exception):
             self.f.close()
-        with contextlib.suppress(OSError):
-            self.tmp.unlink()
 
 
 def extract_features(
