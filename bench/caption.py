@@ -11,9 +11,10 @@ On the same photos (default: the first 256 of ../shared/data/flickr8k/images), i
    ``Captioner.caption_paths`` (files decoded in 2 threads, encoder batch 32, one batched search per 128
    images), greedy (beam 1) and beam 3, both with the search in float32 and in the default precision
    (``auto``: the model's search twin with int8 or bfloat16 products where the CPU computes them natively);
-3. the same end-to-end beam-3 run (default precision) on HEIC copies of the photos (``--formats heic,avif``;
-   made once with pillow-heif / Pillow at their default quality, same pixels): img/s next to the JPEG figure, with
-   each format's decoding alone (``spec.read``, one thread) -- an iPhone folder's cost;
+3. the same end-to-end beam-3 run (default precision) on HEIC copies of the photos (``--formats``: heic, with a
+   320-px thumbnail as iPhones write them, which capcli decodes instead of the picture when it is large enough;
+   heic-nothumb; avif; made once by pillow-heif / Pillow at their default quality): img/s next to the JPEG figure,
+   with each format's decoding alone (``spec.read``, one thread) -- an iPhone folder's cost;
 4. peak memory (VmHWM; on the CPU decoding runs in threads of that process, with CUDA also the largest
    DataLoader worker process) of a whole ``caption_files`` run to a .json file on 100 and 1000 images (the
    photos repeated through symlinks), each in a fresh subprocess.
@@ -108,15 +109,17 @@ def e2e_pass(cap: Captioner, paths: list[Path], beam: int) -> tuple[float, float
     return len(paths) / (time.perf_counter() - t), (time.process_time() - c) / len(paths), recs
 
 
-def format_copies(paths: list[Path], fmt: str, folder: Path) -> list[Path]:
-    """The photos re-encoded as ``fmt`` (heic | avif) into ``folder``, EXIF (orientation) kept."""
+def format_copies(paths: list[Path], kind: str, folder: Path) -> list[Path]:
+    """The photos re-encoded into ``folder`` as ``kind``, EXIF (orientation) kept: heic (with a 320-px thumbnail,
+    as iPhones write them) | heic-nothumb (the picture alone) | avif."""
     from PIL import Image
 
+    extra = {"heic": {"thumbnails": [320]}}.get(kind, {})
     out = []
     for p in paths:
-        target = folder / f"{p.stem}.{fmt}"
+        target = folder / f"{p.stem}.{kind.split('-')[0]}"
         with Image.open(p) as im:
-            im.save(target, exif=im.getexif().tobytes())
+            im.save(target, exif=im.getexif().tobytes(), **extra)
         out.append(target)
     return out
 
@@ -159,7 +162,8 @@ def main() -> None:
     ap.add_argument("--rss", default="100,1000", help="image counts for the peak-memory runs ('' to skip)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (best of each is kept)")
-    ap.add_argument("--formats", default="heic", help="also time copies in these formats: heic, avif ('' to skip)")
+    ap.add_argument("--formats", default="heic,heic-nothumb",
+                    help="also time copies in these formats: heic, heic-nothumb, avif ('' to skip)")
     ap.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
 
@@ -236,8 +240,8 @@ def main() -> None:
     for kind in copies:
         e2e = best["auto beam 3"] if kind == "jpeg" else best[f"{kind} e2e"]
         same = sum(x == y for x, y in zip(captions.get(f"{kind} e2e", []), captions["auto beam 3"], strict=False))
-        print(f"{kind:5s} files: end to end, auto beam 3: {e2e:6.1f} img/s (JPEG: {best['auto beam 3']:.1f}); decoding "
-              f"alone, one thread: {best[f'decode {kind}']:6.1f} img/s" + (
+        print(f"{kind:12s} files: end to end, auto beam 3: {e2e:6.1f} img/s (JPEG: {best['auto beam 3']:.1f}); "
+              f"decoding alone, one thread: {best[f'decode {kind}']:6.1f} img/s" + (
                   f"; same caption as from the JPEG: {same}/{len(paths)}" if kind != "jpeg" else ""))
     same = sum(x == y for x, y in zip(captions["float32 beam 3"], captions["auto beam 3"], strict=True))
     print(f"beam-3 captions identical in float32 and auto precision: {same}/{len(paths)}")

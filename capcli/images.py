@@ -4,9 +4,10 @@ Handles EXIF orientation, grayscale, palette, CMYK, 16-bit and alpha images; tru
 non-images and decompression bombs raise :class:`ImageError` with a one-line reason.
 
 Formats: what Pillow reads (JPEG, PNG, WebP, TIFF, BMP, GIF, AVIF), HEIC/HEIF through the pillow-heif plugin
-(libheif applies the photo's rotation while decoding) and camera RAW files through rawpy (LibRaw): the
-camera's embedded JPEG preview when it is large enough (much faster than demosaicing), else a half-size
-decode of the raw data, turned upright by the camera's orientation either way.
+(libheif applies the photo's rotation while decoding; with ``min_size`` an embedded thumbnail at least that
+large is decoded instead, as iPhones store a 320x240 one: ~20x faster than a 12-megapixel picture) and camera
+RAW files through rawpy (LibRaw): the camera's embedded JPEG preview when it is large enough (much faster than
+demosaicing), else a half-size decode of the raw data, turned upright by the camera's orientation either way.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
                 if w * h > MAX_PIXELS:
                     raise ImageError(f"{path.name}: {w}x{h} pixels is too large (possible decompression bomb)")
                 if min_size is not None:
-                    im.draft(im.mode, (min_size, min_size))  # JPEG only; the rest ignore it
+                    im.draft(im.mode, (min_size, min_size))  # JPEG: DCT scaling; HEIC: a thumbnail; others: no-op
                 im.load()
                 im = ImageOps.exif_transpose(im)
                 return to_rgb(im)

@@ -148,6 +148,16 @@ def test_heic_avif_and_raw_are_read_upright(phone_dir, name):
     _assert_upright(load_image(phone_dir / name, min_size=224))  # what captioning reads
 
 
+def test_heic_with_a_thumbnail_is_decoded_from_it_when_that_is_enough(tmp_path, example_photos):
+    """iPhones store a 320x240 thumbnail in each HEIC: an encoder's 224 px need nothing larger (~20x faster)."""
+    big = _landscape(example_photos).resize((960, 720))
+    big.paste((0, 0, 255), (0, 0, 480, 720))
+    big.save(tmp_path / "t.heic", exif=_rotated_exif(), thumbnails=[320])
+    _assert_upright(load_image(tmp_path / "t.heic", min_size=224))  # the thumbnail: 240x320, upright
+    assert load_image(tmp_path / "t.heic").size == (720, 960)  # no size asked for: the picture itself
+    assert load_image(tmp_path / "t.heic", min_size=400).size == (720, 960)  # the thumbnail is too small
+
+
 def test_raw_without_a_large_enough_preview_is_decoded_from_its_raw_data(tmp_path, example_photos):
     small = _landscape(example_photos).resize((32, 24))
     dng = make_dng(tmp_path / "small.dng", small, orientation=6, raw_size=(128, 96))
