@@ -1,6 +1,7 @@
 """Benchmark ``capcli caption``: how close does the whole pipeline get to the encoder alone?
 
     python bench/caption.py [FOLDER] [--checkpoint CKPT] [--n 256] [--rss 100,1000] [--device cpu] [--rounds 3]
+                            [--formats heic]
 
 On the same photos (default: the first 256 of ../shared/data/flickr8k/images), in one run:
 
@@ -10,7 +11,11 @@ On the same photos (default: the first 256 of ../shared/data/flickr8k/images), i
    ``Captioner.caption_paths`` (files decoded in 2 threads, encoder batch 32, one batched search per 128
    images), greedy (beam 1) and beam 3, both with the search in float32 and in the default precision
    (``auto``: the model's search twin with int8 or bfloat16 products where the CPU computes them natively);
-3. peak memory (VmHWM; on the CPU decoding runs in threads of that process, with CUDA also the largest
+3. the same end-to-end beam-3 run (default precision) on HEIC copies of the photos (``--formats``: heic, with a
+   320-px thumbnail as iPhones write them, which capcli decodes instead of the picture when it is large enough;
+   heic-nothumb; avif; made once by pillow-heif / Pillow at their default quality): img/s next to the JPEG figure,
+   with each format's decoding alone (``spec.read``, one thread) -- an iPhone folder's cost;
+4. peak memory (VmHWM; on the CPU decoding runs in threads of that process, with CUDA also the largest
    DataLoader worker process) of a whole ``caption_files`` run to a .json file on 100 and 1000 images (the
    photos repeated through symlinks), each in a fresh subprocess.
 
@@ -104,6 +109,29 @@ def e2e_pass(cap: Captioner, paths: list[Path], beam: int) -> tuple[float, float
     return len(paths) / (time.perf_counter() - t), (time.process_time() - c) / len(paths), recs
 
 
+def format_copies(paths: list[Path], kind: str, folder: Path) -> list[Path]:
+    """The photos re-encoded into ``folder`` as ``kind``, EXIF (orientation) kept: heic (with a 320-px thumbnail,
+    as iPhones write them) | heic-nothumb (the picture alone) | avif."""
+    from PIL import Image
+
+    extra = {"heic": {"thumbnails": [320]}}.get(kind, {})
+    out = []
+    for p in paths:
+        target = folder / f"{p.stem}.{kind.split('-')[0]}"
+        with Image.open(p) as im:
+            im.save(target, exif=im.getexif().tobytes(), **extra)
+        out.append(target)
+    return out
+
+
+def decode_rate(cap: Captioner, paths: list[Path]) -> float:
+    """img/s of decoding and resizing alone (``spec.read``, as a decoding thread does), in this thread."""
+    t = time.perf_counter()
+    for p in paths:
+        cap.spec.read(p)
+    return len(paths) / (time.perf_counter() - t)
+
+
 def vm_hwm_kb() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -134,6 +162,8 @@ def main() -> None:
     ap.add_argument("--rss", default="100,1000", help="image counts for the peak-memory runs ('' to skip)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (best of each is kept)")
+    ap.add_argument("--formats", default="heic,heic-nothumb",
+                    help="also time copies in these formats: heic, heic-nothumb, avif ('' to skip)")
     ap.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
 
@@ -159,6 +189,10 @@ def main() -> None:
     images = collate_images([(i, cap.spec.read(p)) for i, p in enumerate(paths)])[1]  # as the pipeline decodes them
     caps = {"float32": Captioner(cap.model, cap.encoder, cap.vocab, cap.device, precision="float32"), "auto": cap}
     print(f"search precision: auto = {cap.precision} on this machine")
+    copies = {"jpeg": paths}
+    for kind in [f.strip().lower() for f in a.formats.split(",") if f.strip()]:
+        (Path(tmp.name) / kind).mkdir()
+        copies[kind] = format_copies(paths, kind, Path(tmp.name) / kind)
     list(cap.caption_paths(paths[:8], beam_size=3, batch_size=8, workers=2))  # warm-up
     # Interleaved rounds, best of each: on a shared machine the load comes and goes, and every figure
     # should see the same quiet moments.
@@ -181,6 +215,12 @@ def main() -> None:
                 cpu_s[key] = min(cpu_s.get(key, 1e9), cpu)
                 captions[key] = [r.get("caption", "") for r in recs]
                 words[key] = sum(len(t.split()) for t in captions[key]) / len(recs)
+        for kind, files in copies.items():
+            best[f"decode {kind}"] = max(best.get(f"decode {kind}", 0.0), decode_rate(cap, files))
+            if kind != "jpeg":
+                rate, _, recs = e2e_pass(cap, files, 3)
+                best[f"{kind} e2e"] = max(best.get(f"{kind} e2e", 0.0), rate)
+                captions[f"{kind} e2e"] = [r.get("caption", "") for r in recs]
     fmt = max(("channels-last", "nchw"), key=best.__getitem__)
     enc_rate = best[fmt]
     for f in ("channels-last", "nchw"):
@@ -197,6 +237,12 @@ def main() -> None:
             key = f"{prec} beam {beam}"
             print(f"end to end, {key:15s}: {best[key]:6.1f} img/s  ({best[key] / enc_rate:.2f} x encoder only; "
                   f"{cpu_s[key]:.3f} CPU s per image; {words[key]:.1f} words per caption)")
+    for kind in copies:
+        e2e = best["auto beam 3"] if kind == "jpeg" else best[f"{kind} e2e"]
+        same = sum(x == y for x, y in zip(captions.get(f"{kind} e2e", []), captions["auto beam 3"], strict=False))
+        print(f"{kind:12s} files: end to end, auto beam 3: {e2e:6.1f} img/s (JPEG: {best['auto beam 3']:.1f}); "
+              f"decoding alone, one thread: {best[f'decode {kind}']:6.1f} img/s" + (
+                  f"; same caption as from the JPEG: {same}/{len(paths)}" if kind != "jpeg" else ""))
     same = sum(x == y for x, y in zip(captions["float32 beam 3"], captions["auto beam 3"], strict=True))
     print(f"beam-3 captions identical in float32 and auto precision: {same}/{len(paths)}")
     print(f"encoder only (best: {fmt}): {enc_rate:.1f} img/s; timings are the best of {a.rounds} rounds")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,21 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def write_json(path: str | Path, doc: Any, indent: int | None = 1) -> Path:
-    """Atomically write ``doc`` as JSON (non-ASCII kept as is) to ``path``."""
-    return write_text(path, json.dumps(doc, ensure_ascii=False, indent=indent) + "\n")
+    """Atomically write ``doc`` as JSON (non-ASCII kept as is) to ``path``.
+
+    A lone surrogate (a file-name byte that is not UTF-8, as ``os.fsdecode`` holds it) is written as its JSON
+    escape ``\\udcNN``: still valid JSON and UTF-8, and ``json.loads`` gives the same string back.
+    """
+    text = json.dumps(doc, ensure_ascii=False, indent=indent)
+    return write_text(path, _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n")
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Atomically write ``data`` to ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)

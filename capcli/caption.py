@@ -11,8 +11,12 @@ however many photos.
 Outputs (chosen by the extension of ``-o``):
 
 - ``.jsonl``: one JSON object per line, written and flushed as each image is done;
-- ``.csv``: columns path, caption, logprob, error, alternatives (a JSON list), streamed the same way;
+- ``.csv``: columns path, caption, logprob, error, alternatives (a JSON list), path_bytes, streamed the same way;
 - ``.json``: one array, rewritten atomically every 30 s and at the end, also after Ctrl-C or a failure.
+
+A record names its file by ``path``, plus ``path_bytes`` for a name that is not UTF-8 (the rule is in
+:mod:`capcli.names`). A failed write (full disk, permission) raises :class:`OutputError` saying how many records
+are safe; the file still ends at a whole record. The output is locked for the run (:mod:`capcli.lock`).
 
 ``--resume`` reads the existing output back, keeps its records and captions only the images missing there.
 ``--shard I/N`` (I = 0..N-1) keeps the files whose relative path hashes (SHA-1) to I modulo N: stable however
@@ -21,10 +25,12 @@ the files are listed, and the N shards are disjoint and cover everything.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,16 +40,17 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 
-from . import atomic
+from . import atomic, lock
 from .checkpoint import load_checkpoint
 from .encoders import Encoder, create_encoder, get_spec
-from .errors import CapcliError, CheckpointError, ImageError, UsageError
+from .errors import CapcliError, CheckpointError, ImageError, OutputError, UsageError, os_reason
 from .grounding import MODES as GROUNDING_MODES
 from .grounding import Grounder, GroundingPolicy, Plan
 from .images import is_image_file, load_image, to_rgb
 from .models import build
 from .models.base import CaptionModel, Searchable
 from .models.decoding import Decoded, beam_search, greedy, resolve_precision
+from .names import display, name_bytes, path_fields, record_key
 from .progress import NULL, Progress
 from .vocab import Vocabulary
 
@@ -52,7 +59,7 @@ _ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED_MODELS = {"attention": _ASSETS / "flickr8k-attention.pt", "basic": _ASSETS / "flickr8k-basic.pt"}
 DEFAULT_MODEL = SHIPPED_MODELS["attention"]
 FORMATS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}
-CSV_FIELDS = ("path", "caption", "logprob", "error", "alternatives")
+CSV_FIELDS = ("path", "caption", "logprob", "error", "alternatives", "labels", "path_bytes")
 JSON_SAVE_EVERY_S = 30.0
 SEARCH_BATCH = 128  # images per beam search in caption_paths (several encoder batches)
 
@@ -313,11 +320,14 @@ class InputFile:
     key: str  # the record's "path": relative to the folder given, or the file name for a file argument
 
 
-def collect_inputs(inputs: Sequence[str | Path], recursive: bool = False) -> list[InputFile]:
+def collect_inputs(inputs: Sequence[str | Path], recursive: bool = False,
+                   unsupported: list[Path] | None = None) -> list[InputFile]:
     """Image files of the given files and folders: a folder's files sorted, files in the order given.
 
     Folders contribute files with an image extension (subfolders with ``recursive``); a file named
     explicitly is taken whatever its extension. Two inputs with the same relative path are an error.
+    A folder's other files are appended to ``unsupported`` when it is given (hidden files, whose names
+    start with a dot, are neither taken nor listed).
     """
     out: list[InputFile] = []
     seen: dict[str, Path] = {}
@@ -325,20 +335,22 @@ def collect_inputs(inputs: Sequence[str | Path], recursive: bool = False) -> lis
         root = Path(raw)
         if root.is_dir():
             pattern = root.rglob("*") if recursive else root.iterdir()
-            found = sorted((p for p in pattern if p.is_file() and is_image_file(p)),
-                           key=lambda p: p.relative_to(root).as_posix())
+            files = [p for p in pattern if not p.name.startswith(".") and p.is_file()]
+            if unsupported is not None:
+                unsupported += sorted(p for p in files if not is_image_file(p))
+            found = sorted((p for p in files if is_image_file(p)), key=lambda p: p.relative_to(root).as_posix())
             items = [InputFile(p, p.relative_to(root).as_posix()) for p in found]
         elif root.exists():
             items = [InputFile(root, root.name)]
         else:
-            raise UsageError(f"no such file or folder: {root}")
+            raise UsageError(f"no such file or folder: {display(str(root))}")
         for item in items:
             other = seen.get(item.key)
             if other is not None:
                 if other.resolve() == item.path.resolve():
                     continue  # the same file named twice
-                raise UsageError(f"{other} and {item.path} would both be recorded as {item.key!r}; "
-                                 "caption them in separate runs")
+                raise UsageError(f"{display(str(other))} and {display(str(item.path))} would both be recorded as "
+                                 f"{display(item.key)!r}; caption them in separate runs")
             seen[item.key] = item.path
             out.append(item)
     return out
@@ -356,9 +368,9 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def in_shard(key: str, shard: tuple[int, int]) -> bool:
-    """Whether relative path ``key`` belongs to shard I of N (SHA-1 of the UTF-8 path, modulo N)."""
+    """Whether relative path ``key`` belongs to shard I of N (SHA-1 of the path's bytes, UTF-8, modulo N)."""
     i, n = shard
-    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") % n == i
+    return int.from_bytes(hashlib.sha1(name_bytes(key)).digest()[:8], "big") % n == i
 
 
 # ------------------------------------------------------------------------------------------------- writers
@@ -369,13 +381,18 @@ def output_format(out: str | Path) -> str:
     return FORMATS[suffix]
 
 
-def _complete_lines(path: Path) -> list[str]:
-    """Lines of a streamed output; a last line without its newline (the writer was killed) is dropped."""
+def _complete_text(path: Path) -> str:
+    """A streamed output up to its last newline: a last record without it (the writer was killed) is dropped."""
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
-    return text.split("\n")[:-1]  # after the last "\n" comes "" -- or the cut line
+        raise UsageError(f"cannot read {display(str(path))}: {e.strerror or e}") from None
+    return text[: text.rfind("\n") + 1]
+
+
+def _complete_lines(path: Path) -> list[str]:
+    """Lines of a streamed output; a last line without its newline (the writer was killed) is dropped."""
+    return _complete_text(path).split("\n")[:-1]  # after the last "\n" comes ""
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -390,19 +407,33 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _csv_rows(path: Path) -> Iterator[dict[str, str]]:
+    """The rows of a caption CSV; a quoted field may hold newlines (a file name can), a cut last row ends it."""
+    reader = csv.DictReader(io.StringIO(_complete_text(path), newline=""), strict=True)
+    while True:
+        try:
+            row = next(reader)
+        except (StopIteration, csv.Error):
+            return
+        yield row
+
+
 def _read_csv(path: Path) -> list[dict[str, Any]]:
     out = []
-    for row in csv.DictReader(_complete_lines(path)):
+    for row in _csv_rows(path):
         if not row.get("path") or None in row or any(v is None for v in row.values()):
             continue  # a damaged row
         rec: dict[str, Any] = {"path": row["path"]}
+        if row.get("path_bytes"):
+            rec["path_bytes"] = row["path_bytes"]
         if row.get("error"):
             rec["error"] = row["error"]
         else:
             try:
                 rec["caption"], rec["logprob"] = row["caption"], float(row["logprob"])
-                if row.get("alternatives"):
-                    rec["alternatives"] = json.loads(row["alternatives"])
+                for key in ("alternatives", "labels"):
+                    if row.get(key):
+                        rec[key] = json.loads(row[key])
             except (ValueError, json.JSONDecodeError):
                 continue
         out.append(rec)
@@ -430,66 +461,119 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
 
 class _Writer:
-    """Record sink for one output file; ``kept`` holds the records of an earlier run (``resume``)."""
+    """Record sink for one output file; ``kept`` holds the records of an earlier run (``resume``).
+
+    A record is written whole or not at all: a failed write (full disk, file-size limit, permission, the file
+    removed) raises :class:`OutputError`, which says how many records are safe in the file; the file then still
+    ends at a whole record (.jsonl/.csv, cut back) or is the last complete array (.json).
+    """
 
     def __init__(self, path: Path, resume: bool) -> None:
         self.path = path
         self.kept: list[dict[str, Any]] = read_records(path) if resume and path.is_file() else []
+        self.safe = 0  # records known to be in the file
 
     def write(self, rec: dict[str, Any]) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
-        pass
+        """Finish the file (may raise :class:`OutputError`)."""
+
+    def abort(self) -> None:
+        """Let go of the file without writing more (after a failure); never raises."""
+
+    def failed(self, e: OSError, what: str = "write") -> OutputError:
+        reason = os_reason(e)
+        return OutputError(f"cannot {what} {display(str(self.path))}: {reason}; {self.safe} record(s) are safe in it "
+                           "- run the same command with --resume to continue")
 
 
-class _JsonlWriter(_Writer):
+def _encode_line(text: str) -> bytes:
+    """UTF-8; a stray lone surrogate is kept as a ``\\udcNN`` escape instead of ending the run."""
+    return text.encode("utf-8", "backslashreplace")
+
+
+class _StreamWriter(_Writer):
+    """Appends each record to the file as it comes (unbuffered: a record is in the file once written)."""
+
+    header = b""
+
     def __init__(self, path: Path, resume: bool) -> None:
         super().__init__(path, resume)
-        if self.kept:
-            atomic.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.kept))
-        self.f = path.open("a" if self.kept else "w", encoding="utf-8")
+        if self.kept:  # rewritten without the damaged or cut lines of the earlier run
+            atomic.write_bytes(path, self.header + b"".join(self.encode(r) for r in self.kept))
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        else:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.stat = os.fstat(self.fd)
+        self.size = self.stat.st_size
+        self.safe = len(self.kept)
+        if not self.kept and self.header:
+            self._append(self.header)
+
+    def encode(self, rec: dict[str, Any]) -> bytes:
+        raise NotImplementedError
+
+    def _append(self, data: bytes) -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.size)  # the file ends at the last whole record again
+            raise
+        self.size += len(data)
 
     def write(self, rec: dict[str, Any]) -> None:
-        self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        self.f.flush()
+        try:
+            try:
+                here = os.stat(self.path)
+            except FileNotFoundError:
+                here = None
+            if here is None or not os.path.samestat(here, self.stat):
+                raise OutputError(f"cannot write {display(str(self.path))}: it was deleted or moved during the run, "
+                                  f"with the {self.safe} record(s) written so far; run the same command again (with "
+                                  "--resume if you put it back)")
+            self._append(self.encode(rec))
+        except OSError as e:
+            raise self.failed(e) from None
+        self.safe += 1
 
     def close(self) -> None:
-        self.f.close()
+        self.abort()
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
 
 
-class _CsvWriter(_Writer):
-    def __init__(self, path: Path, resume: bool) -> None:
-        super().__init__(path, resume)
-        if self.kept:
-            buf = io.StringIO()
-            w = csv.DictWriter(buf, CSV_FIELDS)
-            w.writeheader()
-            for r in self.kept:
-                w.writerow(self._row(r))
-            atomic.write_text(path, buf.getvalue())
-        self.f = path.open("a" if self.kept else "w", encoding="utf-8", newline="")
-        self.w = csv.DictWriter(self.f, CSV_FIELDS, lineterminator="\n")
-        if not self.kept:
-            self.w.writeheader()
-            self.f.flush()
+class _JsonlWriter(_StreamWriter):
+    def encode(self, rec: dict[str, Any]) -> bytes:
+        return _encode_line(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+class _CsvWriter(_StreamWriter):
+    header = (",".join(CSV_FIELDS) + "\n").encode()
 
     @staticmethod
     def _row(rec: dict[str, Any]) -> dict[str, Any]:
         alts = rec.get("alternatives")
         return {"path": rec["path"], "caption": rec.get("caption", ""), "logprob": rec.get("logprob", ""),
-                "error": rec.get("error", ""), "alternatives": json.dumps(alts, ensure_ascii=False) if alts else ""}
+                "error": rec.get("error", ""), "alternatives": json.dumps(alts, ensure_ascii=False) if alts else "",
+                "labels": json.dumps(rec["labels"], ensure_ascii=False) if rec.get("labels") else "",
+                "path_bytes": rec.get("path_bytes", "")}
 
-    def write(self, rec: dict[str, Any]) -> None:
-        self.w.writerow(self._row(rec))
-        self.f.flush()
-
-    def close(self) -> None:
-        self.f.close()
+    def encode(self, rec: dict[str, Any]) -> bytes:
+        buf = io.StringIO()
+        csv.DictWriter(buf, CSV_FIELDS, lineterminator="\n").writerow(self._row(rec))
+        return _encode_line(buf.getvalue())
 
 
 class _JsonWriter(_Writer):
-    """Keeps the (small) records and rewrites the array atomically now and then and at the end.
+    """Keeps the (small) records and rewrites the array atomically at the start, now and then and at the end.
 
     The rewrite interval is at least ``every_s`` and at least 20 x the last rewrite's duration, so the
     periodic saves cost under 5 % even when the array grows large (use .jsonl for huge collections).
@@ -499,7 +583,9 @@ class _JsonWriter(_Writer):
         super().__init__(path, resume)
         self.records = list(self.kept)
         self.every_s = every_s
-        self.saved = time.monotonic()
+        self.safe = len(self.kept)  # the earlier run's file holds them until the first save
+        self.save()  # a valid file from the start (and a permission problem shows before any work)
+        self.every_s = every_s  # timed by the saves of this run's records
 
     def write(self, rec: dict[str, Any]) -> None:
         self.records.append(rec)
@@ -508,7 +594,12 @@ class _JsonWriter(_Writer):
 
     def save(self) -> None:
         t = time.monotonic()
-        atomic.write_text(self.path, json.dumps(self.records, ensure_ascii=False, indent=1) + "\n")
+        text = json.dumps(self.records, ensure_ascii=False, indent=1) + "\n"
+        try:
+            atomic.write_bytes(self.path, _encode_line(text))
+        except OSError as e:
+            raise self.failed(e) from None
+        self.safe = len(self.records)
         self.saved = time.monotonic()
         self.every_s = max(self.every_s, 20 * (self.saved - t))
 
@@ -522,7 +613,7 @@ def open_writer(out: Path, resume: bool = False) -> _Writer:
         out.parent.mkdir(parents=True, exist_ok=True)
         return {"json": _JsonWriter, "jsonl": _JsonlWriter, "csv": _CsvWriter}[kind](out, resume)
     except OSError as e:
-        raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
+        raise OutputError(f"cannot write {display(str(out))}: {os_reason(e)}") from None
 
 
 # ---------------------------------------------------------------------------------------------- the command
@@ -535,10 +626,33 @@ class CaptionSummary:
     outside_shard: int = 0
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), for the report
+    unsupported: dict[str, int] = field(default_factory=dict)  # extension -> files in the folders not captioned
 
     @property
     def rate(self) -> float:
         return (self.captioned + self.failed) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def n_unsupported(self) -> int:
+        return sum(self.unsupported.values())
+
+    def unsupported_text(self) -> str:
+        """``"2 (.mov 1, .xmp 1)"``: files not captioned, by extension, most common first."""
+        parts = ", ".join(f"{ext} {n}" for ext, n in sorted(self.unsupported.items(), key=lambda kv: (-kv[1], kv[0])))
+        return f"{self.n_unsupported} ({parts})"
+
+
+def _by_extension(files: Sequence[Path], out: Path) -> dict[str, int]:
+    """Unsupported files counted by lower-case extension; the output file itself (and its temporaries) left out."""
+    counts: dict[str, int] = {}
+    seen = {out.resolve()}
+    for p in files:
+        if p.resolve() in seen:
+            continue  # the output, or a file of a folder given twice
+        seen.add(p.resolve())
+        ext = p.suffix.lower() or "(no extension)"
+        counts[ext] = counts.get(ext, 0) + 1
+    return counts
 
 
 def caption_files(captioner: Captioner, inputs: Sequence[str | Path], out: str | Path, *, beam_size: int = 3,
@@ -548,7 +662,9 @@ def caption_files(captioner: Captioner, inputs: Sequence[str | Path], out: str |
                   progress: Progress = NULL) -> CaptionSummary:
     """``capcli caption``: caption files and folders into ``out`` (.json/.jsonl/.csv); see the module doc.
 
-    What is done is in ``out`` even when this is interrupted (Ctrl-C) or fails half-way.
+    What is done is in ``out`` even when this is interrupted (Ctrl-C) or fails half-way. ``out`` is locked
+    for the run: a second run writing it fails at once (:class:`LockedError`). A failed write of ``out``
+    raises :class:`OutputError`, saying how many records are safe.
     """
     out = Path(out)
     output_format(out)
@@ -556,41 +672,62 @@ def caption_files(captioner: Captioner, inputs: Sequence[str | Path], out: str |
         raise UsageError(f"--attention-maps needs a model with attention (arch 'attention'); "
                          f"this one is {captioner.model.arch!r} and has none")
     captioner._check(beam_size, top_k, max_len)
-    items = collect_inputs(inputs, recursive)
+    others: list[Path] = []
+    items = collect_inputs(inputs, recursive, unsupported=others)
+    summary = CaptionSummary(out, unsupported=_by_extension(others, out))
     if not items:
-        raise UsageError(f"no image files found in {', '.join(str(p) for p in inputs)}"
+        found = f" (skipped as unsupported: {summary.unsupported_text()})" if summary.unsupported else ""
+        raise UsageError(f"no image files found in {', '.join(display(str(p)) for p in inputs)}{found}"
                          + ("" if recursive else " (use --recursive for subfolders)"))
-    summary = CaptionSummary(out)
     if shard is not None:
         mine = [it for it in items if in_shard(it.key, shard)]
         summary.outside_shard = len(items) - len(mine)
         items = mine
-    writer = open_writer(out, resume)
+    with lock.exclusive(lock.sidecar(out), str(out)):
+        _caption_into(captioner, items, open_writer(out, resume), summary, dict(
+            beam_size=beam_size, batch_size=batch_size, workers=workers, max_len=max_len, top_k=top_k,
+            length_penalty=length_penalty), Path(attention_maps) if attention_maps is not None else None, progress)
+    return summary
+
+
+def _caption_into(captioner: Captioner, items: list[InputFile], writer: _Writer, summary: CaptionSummary,
+                  options: dict[str, Any], maps: Path | None, progress: Progress) -> None:
+    """Caption ``items`` not already in ``writer`` into it, counting in ``summary``."""
     t0 = time.perf_counter()
+    records = None
     try:
-        done = {r["path"] for r in writer.kept}
+        done = {record_key(r) for r in writer.kept}
         todo = [it for it in items if it.key not in done]
         summary.skipped = len(items) - len(todo)
-        maps = Path(attention_maps) if attention_maps is not None else None
-        records = captioner.caption_paths([it.path for it in todo], beam_size=beam_size, batch_size=batch_size,
-                                          workers=workers, max_len=max_len, top_k=top_k, progress=progress,
-                                          length_penalty=length_penalty, return_alphas=maps is not None)
+        records = captioner.caption_paths([it.path for it in todo], progress=progress,
+                                          return_alphas=maps is not None, **options)
         for item, rec in zip(todo, records, strict=True):
-            rec["path"] = item.key
             words, alphas = rec.pop("words", None), rec.pop("alphas", None)
+            rec.pop("path")
+            rec = {**path_fields(item.key), **rec}
             if "error" in rec:
+                rec["error"] = display(rec["error"])
                 summary.failed += 1
-                summary.failures.append((item.key, rec["error"]))
-                progress.warn(f"{item.key}: {rec['error']}")
+                summary.failures.append((display(item.key), rec["error"]))
+                progress.warn(f"{display(item.key)}: {rec['error']}")
             else:
                 summary.captioned += 1
                 if maps is not None and words is not None:
                     _save_map(maps, item, words, alphas, captioner.spec.grid, progress)
             writer.write(rec)
-    finally:
-        summary.seconds = time.perf_counter() - t0
+    except OutputError:
+        writer.abort()
+        raise
+    except BaseException:
+        with contextlib.suppress(OutputError):
+            writer.close()  # keep what is done (Ctrl-C, a failure)
+        raise
+    else:
         writer.close()
-    return summary
+    finally:
+        if records is not None:
+            records.close()  # stops the decoding now, also on error
+        summary.seconds = time.perf_counter() - t0
 
 
 def _save_map(folder: Path, item: InputFile, words: list[str], alphas: Any, grid: int, progress: Progress) -> None:
@@ -601,4 +738,4 @@ def _save_map(folder: Path, item: InputFile, words: list[str], alphas: Any, grid
         target.parent.mkdir(parents=True, exist_ok=True)
         save_attention_map(target, load_image(item.path), words, alphas, grid=grid)
     except (OSError, ImageError) as e:
-        progress.warn(f"{item.key}: cannot write its attention map ({e})")
+        progress.warn(f"{display(item.key)}: cannot write its attention map ({display(str(e))})")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -26,7 +27,8 @@ from typer.core import TyperGroup
 
 from . import __version__
 from .config import TrainConfig
-from .errors import CapcliError
+from .errors import WRITE_ERRNOS, CapcliError, os_reason
+from .names import display
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -36,6 +38,11 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _error(message: str) -> None:
+    """One red ``error:`` line on stderr (a file name that is not UTF-8 shown with ``\\xNN``)."""
+    err_console.print(f"[bold red]error:[/] {escape(display(message))}", highlight=False, soft_wrap=True)
+
+
 class _Group(TyperGroup):
     """Turns library errors and Ctrl-C into one line and an exit status."""
 
@@ -43,8 +50,15 @@ class _Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except CapcliError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            _error(str(e))
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:
+            if e.errno not in WRITE_ERRNOS:
+                raise
+            # a full disk (or a read-only one, a quota) met where no library code expected it: still one line
+            where = f" ({e.filename})" if e.filename else ""
+            _error(f"{os_reason(e)}{where}")
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
@@ -107,7 +121,8 @@ class RichProgress(Progress):
         (self._bar.console if self._bar else self.console).print(message, highlight=False)
 
     def warn(self, message: str) -> None:
-        (self._bar.console if self._bar else self.console).print(f"[yellow]warning:[/] {message}", highlight=False)
+        (self._bar.console if self._bar else self.console).print(f"[yellow]warning:[/] {escape(display(message))}",
+                                                                 highlight=False)
 
 
 def _version(value: bool) -> None:
@@ -234,7 +249,8 @@ def features(
     n_failed = len(store.failed)
     failed = f", {n_failed} unreadable skipped" if n_failed else ""
     console.print(f"features: {len(store)} images{failed}, grid {store.num_regions}x{store.feature_dim} "
-                  f"+ pooled {store.feature_dim} ({store.encoder_name}, float16) -> {folder}", highlight=False)
+                  f"+ pooled {store.feature_dim} ({store.encoder_name}, float16) -> {display(str(folder))}",
+                  highlight=False)
 
 
 # --- train -----------------------------------------------------------------------------------------
@@ -471,7 +487,8 @@ def caption(
     shard: Annotated[
         str | None, typer.Option(help="I/N: caption only shard I (0..N-1) of N, split by a hash of the path.")
     ] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Exit non-zero if any image failed.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit non-zero if any image failed or any file in the "
+                                         "folders was skipped as unsupported.")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     precision: Annotated[str, typer.Option(
         help="Search arithmetic: auto (int8 or bfloat16 products where the CPU computes them natively: 2-3x "
@@ -491,15 +508,18 @@ def caption(
                       max_len=max_len, top_k=top_k, length_penalty=length_penalty, recursive=recursive,
                       attention_maps=attention_maps, resume=resume, shard=shard_ij, progress=RichProgress())
     extra = "".join([f", {s.skipped} already done" if s.skipped else "",
-                     f", {s.outside_shard} in other shards" if s.outside_shard else ""])
-    colour = "red" if s.failed and not s.captioned else "yellow" if s.failed else "green"
+                     f", {s.outside_shard} in other shards" if s.outside_shard else "",
+                     f", skipped (unsupported) {s.unsupported_text()}" if s.unsupported else ""])
+    colour = "red" if s.failed and not s.captioned else "yellow" if s.failed or s.unsupported else "green"
     console.print(f"[{colour}]captioned {s.captioned}, failed {s.failed}[/]{extra} in {s.seconds:.1f} s "
-                  f"({s.rate:.1f} img/s) -> {out}", highlight=False, soft_wrap=True)
+                  f"({s.rate:.1f} img/s) -> {escape(display(str(out)))}", highlight=False, soft_wrap=True)
     if s.failed and not s.captioned:
-        err_console.print("[bold red]error:[/] no image could be captioned", highlight=False)
+        _error("no image could be captioned")
         raise typer.Exit(1)
-    if strict and s.failed:
-        err_console.print(f"[bold red]error:[/] {s.failed} image(s) failed (--strict)", highlight=False)
+    if strict and (s.failed or s.unsupported):
+        what = [f"{s.failed} image(s) failed" if s.failed else "",
+                f"{s.n_unsupported} file(s) skipped as unsupported" if s.unsupported else ""]
+        _error(f"{' and '.join(w for w in what if w)} (--strict)")
         raise typer.Exit(1)
 
 

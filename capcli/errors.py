@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
+# Errors of writing a file that are the machine's state, not a bug: said in one line, never a traceback.
+WRITE_ERRNOS = frozenset({5, 13, 27, 28, 30, 122})  # EIO EACCES EFBIG ENOSPC EROFS EDQUOT
+
+
+def os_reason(e: BaseException) -> str:
+    """One line saying why a file operation failed: ``strerror`` (or HDF5's "error message"), else the text."""
+    text = str(getattr(e, "strerror", None) or e)
+    found = re.search(r"error message = '([^']+)'", text)  # HDF5: "... (file write failed: ..., error message = ..."
+    return found.group(1) if found else (text.splitlines()[0] if text else type(e).__name__)
+
 
 class CapcliError(Exception):
     """Base class: a user-facing, one-line error. ``exit_code`` is what the CLI returns."""
@@ -45,3 +57,11 @@ class EvaluateError(CapcliError):
 
 class GroundingError(CapcliError):
     """The ImageNet word table (grounded captions) is missing or malformed."""
+
+
+class OutputError(CapcliError):
+    """An output could not be written (full disk, permission, a folder that vanished); what was kept is said."""
+
+
+class LockedError(CapcliError):
+    """Another run is writing the same output."""

@@ -30,14 +30,16 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic, paths
+from . import atomic, lock, paths
 from .encoders import DEFAULT_ENCODER, EncoderSpec, get_spec
-from .errors import DatasetError, FeaturesError, ImageError, UsageError
+from .errors import DatasetError, FeaturesError, ImageError, OutputError, UsageError, os_reason
 from .layout import Dataset
+from .names import display
 from .progress import NULL, Progress
 
 FORMAT = "capcli-features/1"
 MANIFEST = "manifest.json"
+LOCK = ".lock"  # held by the run writing the folder (capcli.lock)
 KINDS = ("grid", "pooled")
 MAX_WARNINGS = 10  # unreadable images warned one by one; beyond this only the final count
 
@@ -290,11 +292,22 @@ class _ShardWriter:
         self.n = hi
 
     def close(self) -> None:
+        self.f.flush()  # a full disk fails here, while the file can still be let go of (see abort)
         self.f.close()
         os.replace(self.tmp, self.final)
 
     def abort(self) -> None:
-        """Close without publishing; the .tmp file is removed by the next run."""
+        """Close without publishing; the half-written ``.tmp`` file is removed by the next run.
+
+        HDF5 flushes its caches when a file closes; after a failed write (a full disk) that flush fails again
+        and leaves the library holding the file, and the process then crashes at exit. So the file's
+        descriptor is pointed at /dev/null first: the last flush succeeds and goes nowhere.
+        """
+        with contextlib.suppress(Exception):
+            fd = self.f.id.get_vfd_handle()
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, fd)
+            os.close(null)
         with contextlib.suppress(Exception):
             self.f.close()
 
@@ -323,12 +336,26 @@ def extract_features(
     DataLoader worker processes for CUDA (``decode="auto"``; or force ``"threads"``/``"processes"``).
     On the CPU the glibc allocator is tuned first (:func:`tune_cpu_allocator`).
     """
-    import torch
-
     spec = get_spec(encoder)  # unknown encoder -> EncoderError, before anything is touched
     if shard_size < 1 or batch_size < 1 or workers < 0:
         raise UsageError("--shard-size and --batch-size must be >= 1 and --workers >= 0")
     out = Path(out) if out is not None else paths.features_dir(dataset.name, encoder, root)
+    existed = out.is_dir()
+    try:
+        with lock.exclusive(out / LOCK, str(out)):  # one run at a time writes a features folder
+            return _extract(dataset, encoder, spec, out, shard_size, batch_size, workers, device, weights,
+                            image_ids, decode, progress)
+    finally:
+        if not existed:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if the run failed before writing anything
+
+
+def _extract(dataset: Dataset, encoder: str, spec: EncoderSpec, out: Path, shard_size: int, batch_size: int,
+             workers: int, device: str, weights: str | Path | None, image_ids: Iterable[int] | None, decode: str,
+             progress: Progress) -> Path:
+    """:func:`extract_features` once ``out`` is locked."""
+    import torch
 
     records = dataset.images if image_ids is None else [dataset.get(int(i)) for i in dict.fromkeys(image_ids)]
     if not records:
@@ -414,12 +441,13 @@ def extract_features(
     n_failed_run = 0
     try:
         enc = _create(encoder, weights).to(dev)
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob("shard-*.h5*"):  # half-written shards, or shards renamed after the last manifest
-            k = int(stale.name[6:11]) if stale.name[6:11].isdigit() else -1
-            if stale.name.endswith(".tmp") or k not in done:
-                stale.unlink()
-        _write_manifest(out, manifest)
+        with _write_errors(out, manifest):
+            out.mkdir(parents=True, exist_ok=True)
+            for stale in out.glob("shard-*.h5*"):  # half-written shards, or shards renamed after the last manifest
+                k = int(stale.name[6:11]) if stale.name[6:11].isdigit() else -1
+                if stale.name.endswith(".tmp") or k not in done:
+                    stale.unlink()
+            _write_manifest(out, manifest)
         if done:
             progress.info(f"resuming {out}: {len(done)} of {n_shards} shards already done")
         if asked_shard_size != shard_size:
@@ -429,7 +457,7 @@ def extract_features(
         remaining = {k: min((k + 1) * shard_size, len(records)) - k * shard_size for k in todo}
 
         progress.start(f"features {encoder}", total=total, unit="img")
-        with torch.inference_mode():
+        with torch.inference_mode(), _write_errors(out, manifest):
             for batch_idx, (bids, images, failed, n_items) in enumerate(source):
                 k = batches[batch_idx][0] // shard_size
                 if k != current:
@@ -467,6 +495,22 @@ def extract_features(
         progress.warn(f"{n_failed_run} unreadable image(s) skipped; listed under 'failed' in {out / MANIFEST}")
     _check_some_read(manifest)
     return out
+
+
+@contextlib.contextmanager
+def _write_errors(out: Path, manifest: dict):  # noqa: ANN202
+    """A failed write of a shard or the manifest (full disk, permission) -> one :class:`OutputError` line.
+
+    Nothing is lost: the manifest is replaced atomically and lists only complete shards; the half-written
+    shard is a ``.tmp`` file that the next run removes.
+    """
+    try:
+        yield
+    except OSError as e:
+        shards = len(manifest["shards"])
+        raise OutputError(f"cannot write features to {display(str(out))}: {os_reason(e)}; {manifest['num_extracted']} "
+                          f"images in {shards} complete shard(s) are kept - run the same command again to continue"
+                          ) from None
 
 
 def _check_some_read(manifest: dict) -> None:
