@@ -5,24 +5,24 @@ own encoder's ImageNet head recognises the refrigerator. Grounding puts that evi
 
     photo -> encoder -> grid (B, N, D) -> ImageNet head over the pooled grid -> p(class) (B, 1000)
           -> per word: e(w) = Σ_{c -> w} p(c)   (classes -> caption words: assets/imagenet-words.json)
-          -> person probability (a probe on the pooled grid, trained on Flickr8k's train captions)
-          -> per photo a plan: words to say, words to hold back, labels -> one batched beam search
+          -> per photo a plan: words to say, words to hold back, labels -> the caption search
 
-- **Say it.** A word with evidence >= ``say`` becomes a constraint of the beam search (``decoding.Constraints``:
-  one beam set per subset of constraints met, Anderson et al. 2017).
-- The plain search runs first; only the photos whose caption breaks their plan (misses a word to say, or says a
-  held-back word) are searched again under it, so every other caption stays exactly as it was, and the extra
-  beams are spent only where the evidence asks for them.
+- **Say it.** The likeliest word with e >= ``say`` becomes a constraint of the beam search
+  (``decoding.Constraints``: one beam set per subset of constraints met, Anderson et al. 2017), unless it is one of
+  the decoder's own frequent words (``known``), which it names by itself when they are there.
 - **Don't say what is not there.** Words the evidence reliably sees (``hold_words``: dog, bird, ...) are held back
-  (never generated) when their evidence is below ``hold``; person words are held back when the person probe gives
-  less than ``person_hold``.
-- **Words the captions never taught.** A table word missing from the model's vocabulary is said through its
-  nearest in-vocabulary WordNet relative (zebra through horse): DCC's transfer (Hendricks et al. 2016), see
-  :class:`Grounder`; such a word is only ever said as a constraint.
+  (never generated) when e < ``hold``. In a scene the decoder never learned (the word to say, or the likeliest
+  word, is rarer than its ``familiar`` most frequent words), the people and dogs of its captions come from
+  Flickr8k's habits: dogs are then held back below ``hold_unfamiliar``, and person words unless the classes that
+  imply a person (worn clothing, a diver...) have e >= ``person``.
+- **Only where needed.** The plain search runs first; only the photos whose caption breaks its plan are searched
+  again under it, so every other caption stays exactly as it was and the extra beams go where the evidence is.
+- **Words the captions never taught** are said through their nearest in-vocabulary WordNet relative
+  (:class:`Grounder`; DCC, Hendricks et al. 2016), only ever as a constraint.
 - **Labels.** Each record gets the top words with their evidence, as keywords.
 
-Every threshold was chosen on Flickr8k val (README, "Grounded captions"); none on the out-of-domain photos it is
-reported on.
+Every threshold was chosen on Flickr8k val (README, "Grounded captions"); none on the out-of-domain photos that
+the README reports on.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ class GroundingPolicy:
     # A word to say that is rarer than the vocabulary's ``familiar`` most frequent (or not in it at all) means a
     # scene the decoder never learned: its people and dogs then come from Flickr8k's habits, not from the photo.
     familiar: int = 1000
-    # The scene is the likeliest word when it has at least this much evidence.
-    scene: float = 0.25
+    # ...or at least this much of the evidence is on classes whose words are not familiar.
+    scene: float = 0.5
     hold: float = 0.03  # the ``hold_words`` less likely than this are held back (0.1 in an unfamiliar scene)
     hold_unfamiliar: float = 0.1
     # Words the ImageNet evidence never misses: on Flickr8k val, every word of the table named by the references of
@@ -111,6 +111,7 @@ class Grounder:
         for i, (_, idx) in enumerate(usable):
             self.matrix[i, torch.as_tensor(idx)] = 1.0
         self.person_ids = sorted(vocab.index(w) for w in PERSON_WORDS if w in vocab)
+        self._familiar = [i for i, w in enumerate(self.words) if self._rank(w) < policy.familiar]
         self.person_classes = torch.zeros(1000)
         self.person_classes[sorted(table.person_classes)] = 1.0
 
@@ -151,8 +152,8 @@ class Grounder:
         plan.labels = [(self.words[i], round(float(e[i]), 4)) for i in order[: p.labels] if e[i] >= p.label_min]
         plan.say = [self.words[i] for i in order if e[i] >= p.say and self._rank(self.words[i]) >= p.known][
             : p.max_say]
-        scene = [self.words[order[0]]] if e[order[0]] >= p.scene else []
-        unfamiliar = any(self._rank(w) >= p.familiar for w in plan.say + scene)
+        familiar_mass = float(e[self._familiar].sum()) if self._familiar else 0.0
+        unfamiliar = any(self._rank(w) >= p.familiar for w in plan.say) or 1.0 - familiar_mass >= p.scene
         hold = p.hold_unfamiliar if unfamiliar else p.hold
         plan.hold = [w for w in p.hold_words if w in self.index and e[self.index[w]] < hold]
         plan.hold_people = unfamiliar and person < p.person
