@@ -54,10 +54,10 @@ class GroundingPolicy:
     max_say: int = 1  # at most this many such words per photo (the likeliest)
     # Words among the vocabulary's ``known`` most frequent (a vocabulary lists its words most frequent first) are the
     # decoder's own: it names them when they are there (dog, ball), so they are never forced.
-    known: int = 600
+    known: int = 100
     # A word to say that is rarer than the vocabulary's ``familiar`` most frequent (or not in it at all) means a
     # scene the decoder never learned: its people and dogs then come from Flickr8k's habits, not from the photo.
-    familiar: int = 1000
+    familiar: int = 1500
     # ...or at least this much of the evidence is on classes whose words are not familiar.
     scene: float = 0.5
     hold: float = 0.03  # the ``hold_words`` less likely than this are held back (0.1 in an unfamiliar scene)
@@ -67,7 +67,7 @@ class GroundingPolicy:
     hold_words: tuple[str, ...] = ("dog", "bird", "cliff", "canoe", "guitar", "shop", "racket")
     # In an unfamiliar scene, person words are held back unless the classes that imply a person (worn clothing,
     # a diver, a groom...) have at least this much evidence.
-    person: float = 0.05
+    person: float = 0.02
     labels: int = 5  # labels per record
     label_min: float = 0.05  # the least evidence a label needs
 
