@@ -157,7 +157,7 @@ class _Sets:
 
     def __init__(self, cons: Constraints | None, dev: torch.device) -> None:
         C = cons.count if cons is not None else 0
-        self.C, self.S, self.full = C, 1 << C, (1 << C) - 1
+        self.C, self.S = C, 1 << C
         self.active = cons is not None and (C > 0 or cons.banned is not None)
         self.banned = cons.banned if cons is not None else None  # (B, V) | None
         self.tokens = cons.tokens if cons is not None and C > 0 else None  # (B, C, T)
