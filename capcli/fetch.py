@@ -630,78 +630,148 @@ def fetch(
     it the table's copy is tried, and when unavailable COCO falls back to the official train/val split.
     ``sources`` replaces the table for this dataset (tests, private copies with their own checksums).
     """
-    from .prepare import prepare
-
     name = dataset_name(dataset, year)
     if only is not None and only not in PARTS:
         raise UsageError(f"unknown --only {only!r}; use annotations or images")
-    table = list(sources if sources is not None else SOURCES[name])
-    if karpathy is not None:
-        if name != "coco2014":
-            raise UsageError("Karpathy's split is defined on COCO 2014 file names; use it with --year 2014")
-        table = [s for s in table if s.part != "splits"] + [karpathy_source(karpathy)]
-    mirror = mirror or os.environ.get(ENV_MIRROR) or None
-    raw = paths.raw_dir(name, root)
-    downloads = raw / "downloads"
-    downloads.mkdir(parents=True, exist_ok=True)
-    result = FetchResult(name, raw)
-    sums: dict[str, str] | None = None
-    sums_read = False
-
-    def wanted(s: Source) -> bool:
-        return only is None or s.part == only or (only == "annotations" and s.part == "splits")
-
+    table = _table(name, sources, karpathy)
+    run = _Run(raw=paths.raw_dir(name, root), mirror=mirror or os.environ.get(ENV_MIRROR) or None,
+               keep_archives=keep_archives, retries=retries, backoff=backoff, max_wait=max_wait, timeout=timeout,
+               progress=progress)
+    run.downloads.mkdir(parents=True, exist_ok=True)
+    result = FetchResult(name, run.raw)
     for src in table:
-        if not wanted(src):
-            continue
-        archive = downloads / src.file
-        done_marker = archive.with_name(src.file + ".done")
-        extracted = archive.with_name(src.file + ".extracted")
-        unavailable = archive.with_name(src.file + ".unavailable")
-        if extracted.exists():
-            result.skipped.append(src.file)
-            continue
-        if src.optional and unavailable.exists():
-            note = f"{src.file} was unavailable on an earlier run; skipped (pass --karpathy URL_OR_PATH to add it)"
-            result.notes.append(note)
-            continue
-        if archive.exists() and not _downloaded(archive):
-            _adopt(src, archive, progress)
-        if not _downloaded(archive):
-            if mirror and src.mirrored:
-                if not sums_read:
-                    sums, sums_read = mirror_sums(mirror, timeout), True
-                src = _mirrored(src, mirror, sums)
-            try:
-                download(src, archive, retries=min(retries, 1) if src.optional else retries, backoff=backoff,
-                         max_wait=max_wait, timeout=timeout, progress=progress)
-            except FetchError as e:
-                if not src.optional:
-                    raise
-                atomic.write_json(unavailable, {"url": src.url, "error": str(e)})
-                result.notes.append(f"{src.file} unavailable ({e}); continuing without it")
-                continue
-            result.downloaded.append(src.file)
-        try:
-            count = _install(src, archive, raw / src.dest, progress)
-        except _BadArchive as e:  # never reuse a broken archive
-            os.replace(archive, archive.with_name(src.file + ".bad"))
-            done_marker.unlink(missing_ok=True)
-            if not src.optional:
-                raise FetchError(f"{e}; moved aside to {src.file}.bad") from None
-            atomic.write_json(unavailable, {"url": src.url, "error": str(e)})
-            result.notes.append(f"{src.file} unusable ({e}; moved aside to {src.file}.bad); continuing without it")
-            continue
-        atomic.write_json(extracted, {"file": src.file, "dest": str(raw / src.dest), "files": count})
-        unavailable.unlink(missing_ok=True)
-        result.extracted.append(src.file)
-        if not keep_archives:
-            archive.unlink(missing_ok=True)
-
+        if _wanted(src, only):
+            _fetch_source(src, run, result)
     if not result.changed:
-        progress.info(f"{name}: nothing to download, every file is already here ({raw})")
+        progress.info(f"{name}: nothing to download, every file is already here ({run.raw})")
+    return _prepare_fetched(dataset, only, table, run, result, root)
 
-    missing = [s.file for s in table if not s.optional and not (downloads / (s.file + ".extracted")).exists()]
+
+@dataclass
+class _Run:
+    """What one ``fetch`` applies to every source; the mirror's SHA256SUMS is read once, when first needed."""
+
+    raw: Path
+    mirror: str | None
+    keep_archives: bool
+    retries: int
+    backoff: float
+    max_wait: float
+    timeout: float
+    progress: Progress
+    sums: dict[str, str] | None = None
+    sums_read: bool = False
+
+    @property
+    def downloads(self) -> Path:
+        return self.raw / "downloads"
+
+    def located(self, src: Source) -> Source:
+        """``src`` as this run downloads it: from the mirror when one is set and the source may be mirrored."""
+        if not (self.mirror and src.mirrored):
+            return src
+        if not self.sums_read:
+            self.sums, self.sums_read = mirror_sums(self.mirror, self.timeout), True
+        return _mirrored(src, self.mirror, self.sums)
+
+
+@dataclass(frozen=True)
+class _Files:
+    """One source's files in downloads/: the archive and its markers (see the module docstring)."""
+
+    archive: Path
+    done: Path
+    extracted: Path
+    unavailable: Path
+
+    @classmethod
+    def of(cls, downloads: Path, file: str) -> _Files:
+        archive = downloads / file
+        return cls(archive, archive.with_name(file + ".done"), archive.with_name(file + ".extracted"),
+                   archive.with_name(file + ".unavailable"))
+
+
+def _table(name: str, sources: Sequence[Source] | None, karpathy: str | Path | None) -> list[Source]:
+    """The sources to fetch: ``sources`` or the built-in table, with ``karpathy`` replacing its split source."""
+    table = list(sources if sources is not None else SOURCES[name])
+    if karpathy is None:
+        return table
+    if name != "coco2014":
+        raise UsageError("Karpathy's split is defined on COCO 2014 file names; use it with --year 2014")
+    return [s for s in table if s.part != "splits"] + [karpathy_source(karpathy)]
+
+
+def _wanted(src: Source, only: str | None) -> bool:
+    return only is None or src.part == only or (only == "annotations" and src.part == "splits")
+
+
+def _fetch_source(src: Source, run: _Run, result: FetchResult) -> None:
+    """Bring one source to extracted (skipping what an earlier run finished), recording it in ``result``."""
+    files = _Files.of(run.downloads, src.file)
+    if files.extracted.exists():
+        result.skipped.append(src.file)
+        return
+    if src.optional and files.unavailable.exists():
+        note = f"{src.file} was unavailable on an earlier run; skipped (pass --karpathy URL_OR_PATH to add it)"
+        result.notes.append(note)
+        return
+    if files.archive.exists() and not _downloaded(files.archive):
+        _adopt(src, files.archive, run.progress)
+    if not _downloaded(files.archive):
+        src = run.located(src)
+        if not _download_source(src, files, run, result):
+            return
+    _install_source(src, files, run, result)
+
+
+def _download_source(src: Source, files: _Files, run: _Run, result: FetchResult) -> bool:
+    """Download ``src``; False when it is optional and failed (noted in ``result``), so there is nothing to install."""
+    try:
+        download(src, files.archive, retries=min(run.retries, 1) if src.optional else run.retries,
+                 backoff=run.backoff, max_wait=run.max_wait, timeout=run.timeout, progress=run.progress)
+    except FetchError as e:
+        if not src.optional:
+            raise
+        _unavailable(src, files, e, f"{src.file} unavailable ({e}); continuing without it", result)
+        return False
+    result.downloaded.append(src.file)
+    return True
+
+
+def _install_source(src: Source, files: _Files, run: _Run, result: FetchResult) -> None:
+    """Extract (or copy) a downloaded source and mark it extracted; a broken archive is moved aside to ``.bad``."""
+    dest = run.raw / src.dest
+    try:
+        count = _install(src, files.archive, dest, run.progress)
+    except _BadArchive as e:  # never reuse a broken archive
+        os.replace(files.archive, files.archive.with_name(src.file + ".bad"))
+        files.done.unlink(missing_ok=True)
+        if not src.optional:
+            raise FetchError(f"{e}; moved aside to {src.file}.bad") from None
+        note = f"{src.file} unusable ({e}; moved aside to {src.file}.bad); continuing without it"
+        _unavailable(src, files, e, note, result)
+        return
+    atomic.write_json(files.extracted, {"file": src.file, "dest": str(dest), "files": count})
+    files.unavailable.unlink(missing_ok=True)
+    result.extracted.append(src.file)
+    if not run.keep_archives:
+        files.archive.unlink(missing_ok=True)
+
+
+def _unavailable(src: Source, files: _Files, error: FetchError, note: str, result: FetchResult) -> None:
+    """Mark an optional source unavailable, so later runs skip it without trying the network again."""
+    atomic.write_json(files.unavailable, {"url": src.url, "error": str(error)})
+    result.notes.append(note)
+
+
+def _prepare_fetched(
+    dataset: str, only: str | None, table: list[Source], run: _Run, result: FetchResult, root: str | Path | None
+) -> FetchResult:
+    """Prepare the dataset once every required source is extracted, unless nothing changed and it already is."""
+    from .prepare import prepare
+
+    name = result.name
+    missing = [s.file for s in table if not s.optional and not _Files.of(run.downloads, s.file).extracted.exists()]
     out = paths.dataset_dir(name, root)
     if missing:
         result.notes.append(f"not prepared: {', '.join(missing)} not fetched yet (--only {only}); "
@@ -711,10 +781,10 @@ def fetch(
         result.dataset = out
         return result
     if name.startswith("coco"):
-        kfile = _karpathy_file(raw)
-        ds, report = prepare(raw, kind="coco", karpathy=kfile, name=name, out=out, progress=progress)
+        kfile = _karpathy_file(run.raw)
+        ds, report = prepare(run.raw, kind="coco", karpathy=kfile, name=name, out=out, progress=run.progress)
     else:
-        ds, report = prepare(raw, kind="flickr8k", name=name, out=out, progress=progress)
+        ds, report = prepare(run.raw, kind="flickr8k", name=name, out=out, progress=run.progress)
     result.dataset, result.report = out, report
     result.notes.extend(report.notes)
     return result

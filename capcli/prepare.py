@@ -316,6 +316,23 @@ def prepare(
 ) -> tuple[Dataset, PrepareReport]:
     """Read ``source`` and write the canonical layout to ``out`` (default: the data root's datasets/NAME)."""
     source = Path(source)
+    kind = _resolve_kind(source, kind, splits, karpathy)
+    report = PrepareReport(kind=kind)
+    image_root, entries = _read_source(source, kind, Path(images) if images else None, splits, karpathy, report)
+    if not image_root.is_dir():
+        raise DatasetError(f"image folder {image_root} does not exist; pass --images")
+    records = _records(entries, source, image_root, report, progress)
+    _check_kept(records, source, image_root, report, progress)
+    validate(records, check_files=False, image_root=image_root)
+    ds_name = name or _default_name(source, kind)
+    ds = Dataset(ds_name, image_root.resolve(), records)
+    out_dir = Path(out) if out else paths.dataset_dir(ds_name, root)
+    _save(ds, out_dir, report)
+    return ds, report
+
+
+def _resolve_kind(source: Path, kind: str, splits: str | Path | None, karpathy: str | Path | None) -> str:
+    """The kind of ``source`` (detected for ``auto``), refusing options that do not go with it."""
     if kind not in KINDS:
         raise UsageError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
     if not source.exists():
@@ -325,33 +342,57 @@ def prepare(
         raise UsageError(f"--karpathy goes with COCO annotation files, but {source} is {kind}")
     if splits is not None and kind != "coco-splits":
         raise UsageError(f"--splits goes with --kind coco-splits, but {source} is {kind}")
-    report = PrepareReport(kind=kind)
-    img_dir = Path(images) if images else None
+    return kind
+
+
+def _read_source(
+    source: Path,
+    kind: str,
+    img_dir: Path | None,
+    splits: str | Path | None,
+    karpathy: str | Path | None,
+    report: PrepareReport,
+) -> tuple[Path, list[Entry]]:
+    """Find the files of a ``kind`` source and read them with that kind's reader."""
     if kind == "coco":
-        anns = sorted(source.glob("annotations/captions_*.json")) + sorted(source.glob("captions_*.json")) \
-            if source.is_dir() else [source]
-        if not anns:
-            raise DatasetError(f"{source}: no captions_*.json annotation files")
-        if karpathy is None and source.is_dir():
-            karpathy = next(iter(sorted(source.glob("dataset_coco.json"))), None)
-        coco_root = img_dir or (source if source.is_dir() else source.parent.parent)
-        image_root, entries = read_coco(anns, coco_root, Path(karpathy) if karpathy else None, report)
-    elif kind == "karpathy":
+        return _read_coco_source(source, img_dir, karpathy, report)
+    if kind == "karpathy":
         kfile = source if source.is_file() else next(iter(sorted(source.glob("dataset_*.json"))), None)
         if kfile is None:
             raise DatasetError(f"{source}: no Karpathy split file (dataset_*.json)")
-        image_root, entries = read_karpathy(kfile, img_dir or kfile.parent)
-    elif kind == "flickr8k":
-        image_root, entries = read_flickr8k(source if source.is_dir() else source.parent, img_dir)
-    elif kind == "csv":
-        image_root, entries = read_csv(source, img_dir, report)
-    else:  # coco-splits
-        caps = source / "captions.json" if source.is_dir() else source
-        split_file = Path(splits) if splits else caps.parent / "splits.json"
-        image_root, entries = read_coco_splits(caps, split_file, img_dir)
-    if not image_root.is_dir():
-        raise DatasetError(f"image folder {image_root} does not exist; pass --images")
+        return read_karpathy(kfile, img_dir or kfile.parent)
+    if kind == "flickr8k":
+        return read_flickr8k(source if source.is_dir() else source.parent, img_dir)
+    if kind == "csv":
+        return read_csv(source, img_dir, report)
+    # coco-splits
+    caps = source / "captions.json" if source.is_dir() else source
+    split_file = Path(splits) if splits else caps.parent / "splits.json"
+    return read_coco_splits(caps, split_file, img_dir)
 
+
+def _read_coco_source(
+    source: Path, img_dir: Path | None, karpathy: str | Path | None, report: PrepareReport
+) -> tuple[Path, list[Entry]]:
+    """A COCO annotation file, or a folder of them (with ``dataset_coco.json`` as the split when it is there)."""
+    anns = sorted(source.glob("annotations/captions_*.json")) + sorted(source.glob("captions_*.json")) \
+        if source.is_dir() else [source]
+    if not anns:
+        raise DatasetError(f"{source}: no captions_*.json annotation files")
+    if karpathy is None and source.is_dir():
+        karpathy = next(iter(sorted(source.glob("dataset_coco.json"))), None)
+    coco_root = img_dir or (source if source.is_dir() else source.parent.parent)
+    return read_coco(anns, coco_root, Path(karpathy) if karpathy else None, report)
+
+
+def _records(
+    entries: list[Entry], source: Path, image_root: Path, report: PrepareReport, progress: Progress
+) -> list[ImageRecord]:
+    """The entries whose image exists and that have a non-empty caption; what is skipped is counted in ``report``.
+
+    Source ids become the image ids when every entry has one and they are unique; otherwise images are numbered
+    from 1 in the order kept.
+    """
     progress.start("checking images", total=len(entries))
     records: list[ImageRecord] = []
     seen_files: set[str] = set()
@@ -372,6 +413,13 @@ def prepare(
         image_id = src_id if use_source_ids and src_id is not None else len(records) + 1
         records.append(ImageRecord(image_id, file, split, kept))
     progress.done()
+    return records
+
+
+def _check_kept(
+    records: list[ImageRecord], source: Path, image_root: Path, report: PrepareReport, progress: Progress
+) -> None:
+    """Refuse a dataset with no usable image; warn about what was skipped."""
     if not records:
         if report.missing_images:
             raise DatasetError(
@@ -385,21 +433,19 @@ def prepare(
         progress.warn(f"{report.empty_captions} empty captions skipped")
     if report.images_without_captions:
         progress.warn(f"{report.images_without_captions} images without any caption skipped")
-    validate(records, check_files=False, image_root=image_root)
 
-    ds_name = name or _default_name(source, kind)
-    ds = Dataset(ds_name, image_root.resolve(), records)
-    out_dir = Path(out) if out else paths.dataset_dir(ds_name, root)
+
+def _save(ds: Dataset, out_dir: Path, report: PrepareReport) -> None:
+    """Write ``ds`` to ``out_dir`` and fill in the report's totals."""
     try:
         ds.save(out_dir)
     except OSError as e:
         raise DatasetError(f"cannot write {out_dir / 'dataset.json'}: {e.strerror or e}") from e
     ds.source = str(out_dir)
     report.out = out_dir
-    report.images = len(records)
-    report.captions = sum(len(r.captions) for r in records)
+    report.images = len(ds.images)
+    report.captions = sum(len(r.captions) for r in ds.images)
     report.splits = ds.split_counts()
-    return ds, report
 
 
 def _default_name(source: Path, kind: str) -> str:
