@@ -33,6 +33,7 @@ from .progress import Progress
 
 if TYPE_CHECKING:
     from .chair import ChairScores
+    from .publish import PublishRequest
 
 console = Console()
 err_console = Console(stderr=True)
@@ -497,13 +498,35 @@ def caption(
     grounding: Annotated[str, typer.Option(
         help="auto: ground captions in what the encoder's ImageNet head recognises (say confident objects, hold back "
         "what it contradicts, add labels) where the model's encoder has that head | off.")] = "auto",
+    sidecar: Annotated[list[str] | None, typer.Option(
+        "--sidecar", help="Also write each caption to a sidecar beside its photo: xmp | txt (repeatable).")] = None,
+    sidecar_name: Annotated[str, typer.Option(
+        "--sidecar-name", help="XMP sidecar names: stem (photo.xmp, Lightroom) | ext (photo.jpg.xmp, darktable).")
+    ] = "stem",
+    embed: Annotated[bool, typer.Option("--embed", help="Also write each caption into its photo's XMP (metadata "
+                                        "only, atomically; RAW files: use --sidecar xmp).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace captions a person wrote or edited in the "
+                                            "photos and sidecars too.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what --sidecar/--embed would write and where; "
+                                          "write nothing into photos or sidecars.")] = False,
+    html: Annotated[Path | None, typer.Option("--html", help="Also write a review gallery page here (one card "
+                                              "per photo, least confident first).")] = None,
+    min_confidence: Annotated[float | None, typer.Option(
+        "--min-confidence", help="Keep records whose confidence is below this out of metadata and sidecars "
+        "(they stay in the output, marked low_confidence).")] = None,
 ) -> None:
     """Caption photos: files and folders in, one record per image out (caption, logprob, labels, or error)."""
     from .caption import Captioner, caption_files, output_format, parse_shard
+    from .publish import PublishRequest
 
     output_format(out)  # fail on a bad -o before loading anything
     shard_ij = parse_shard(shard) if shard is not None else None
+    request = PublishRequest(sidecars=tuple(sidecar or ()), embed=embed, naming=sidecar_name, overwrite=overwrite,
+                             dry_run=dry_run, html=html, min_confidence=min_confidence)
+    request.check()
     captioner = Captioner.load(model, device=device, precision=precision, grounding=grounding)
+    console.print(f"model {escape(display(str(captioner.source)))}, search precision {captioner.precision}"
+                  + (" (auto)" if precision == "auto" else ""), highlight=False, soft_wrap=True)
     s = caption_files(captioner, paths, out, beam_size=beam, batch_size=batch_size, workers=workers,
                       max_len=max_len, top_k=top_k, length_penalty=length_penalty, recursive=recursive,
                       attention_maps=attention_maps, resume=resume, shard=shard_ij, progress=RichProgress())
@@ -516,11 +539,37 @@ def caption(
     if s.failed and not s.captioned:
         _error("no image could be captioned")
         raise typer.Exit(1)
-    if strict and (s.failed or s.unsupported):
+    n_publish_failed = _publish(out, paths, recursive, request, model) if request.wanted else 0
+    if strict and (s.failed or s.unsupported or n_publish_failed):
         what = [f"{s.failed} image(s) failed" if s.failed else "",
-                f"{s.n_unsupported} file(s) skipped as unsupported" if s.unsupported else ""]
+                f"{s.n_unsupported} file(s) skipped as unsupported" if s.unsupported else "",
+                f"{n_publish_failed} metadata write(s) failed" if n_publish_failed else ""]
         _error(f"{' and '.join(w for w in what if w)} (--strict)")
         raise typer.Exit(1)
+
+
+def _publish(out: Path, paths: list[Path], recursive: bool, request: PublishRequest, model: Path | None) -> int:
+    """Run caption's publishing step and render it: one line per file not written, then the counts."""
+    from .caption import SHIPPED_MODELS
+    from .publish import publish_output
+
+    name = "attention" if model is None else str(model) if str(model) in SHIPPED_MODELS else model.name
+    rep = publish_output(out, paths, request, model=name, recursive=recursive)
+    for r in rep.results:
+        if r.status is not r.status.WRITTEN:
+            colour = {"failed": "red", "skipped": "yellow"}.get(r.status.value, "cyan")
+            console.print(f"[{colour}]{escape(display(r.describe()))}[/]", highlight=False, soft_wrap=True)
+    if request.hows:
+        c = rep.counts()
+        done = f"would write {c['would-write']}" if request.dry_run else f"wrote {c['written']}"
+        console.print(f"metadata ({', '.join(request.hows)}): {done}, skipped {c['skipped']} (a person's words; "
+                      f"--overwrite replaces them), failed {c['failed']}", highlight=False, soft_wrap=True)
+    if rep.held_back:
+        console.print(f"[yellow]{len(rep.held_back)} record(s) below --min-confidence {request.min_confidence}: "
+                      "marked low_confidence in the output, kept out of metadata and sidecars[/]", highlight=False)
+    if rep.gallery is not None:
+        console.print(f"gallery -> {escape(display(str(rep.gallery)))}", highlight=False, soft_wrap=True)
+    return len(rep.failed)
 
 
 # --- info ------------------------------------------------------------------------------------------
