@@ -285,7 +285,11 @@ def test_attention_maps_one_panel_per_word(photo_dir, captioner, tmp_path):
             assert save_attention_map(png, photo, words, rec["alphas"], grid=7) == len(words)
             w, h = Image.open(png).size
             panels = len(words) + 1  # the photo, then a panel per word, 5 to a row
-            assert (w, h) == (min(panels, 5) * 224, math.ceil(panels / 5) * (224 + 22))
+            # the photo's aspect ratio, its longest side 224
+            pw, ph = ((224, round(224 * photo.height / photo.width)) if photo.width >= photo.height
+                      else (round(224 * photo.width / photo.height), 224))
+            assert min(pw, ph) < 200  # neither example photo is square: the panels are not squashed
+            assert (w, h) == (min(panels, 5) * pw, math.ceil(panels / 5) * (ph + 22))
             heights.append(h)
     assert heights[-1] > heights[0]  # more words, more panels
 
