@@ -239,6 +239,8 @@ def test_ctrl_c_on_the_command_keeps_what_is_done_and_resume_skips_a_cut_line(ph
     assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
     done = [json.loads(line) for line in out.read_text().splitlines()]
     assert 8 <= len(done) < N
+    said = " ".join(err.split())  # Rich wraps the line
+    assert f"interrupted: {len(done)} record(s) are kept in" in said and "--resume" in said, err
     with out.open("a") as f:  # as if killed in the middle of writing a line
         f.write(f'{{"path": "{N - 1:03d}.jpg", "capt')
     r = _cli(str(many), "-o", str(out), "--model", str(ckpts["basic"]), "--beam", "1", "--max-len", "4",

@@ -337,11 +337,11 @@ def _report(row: dict, improved: bool, cfg: TrainConfig, state: RunState, progre
         terms = f"cross-entropy {row['train_ce']:.3f}"
     progress.info(
         f"epoch {row['epoch']}: loss {row['train_loss']:.3f} ({terms}), "
-        f"val BLEU-4 {row.get('val_BLEU-4', 0):.4f} CIDEr {row.get('val_CIDEr', 0):.4f}"
+        f"val BLEU-4 {100 * row.get('val_BLEU-4', 0):.1f} CIDEr {100 * row.get('val_CIDEr', 0):.1f}"
         f"{' (best)' if improved else ''}, lr {row['lr']:.2g}, {row['captions_per_s']:.0f} captions/s")
     if state.stopped_early:
         progress.info(f"no better {SELECT[cfg.select]} for {state.bad_epochs} epochs: stopping early "
-                      f"(best {state.best:.4f} at epoch {state.best_epoch})")
+                      f"(best {100 * state.best:.1f} at epoch {state.best_epoch})")
 
 
 def _save_interrupted(e: KeyboardInterrupt, cfg: TrainConfig, data: Data, net: Net, opt: Optim, state: RunState,
