@@ -6,7 +6,6 @@ red line on stderr and a non-zero exit status, never a traceback.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -164,11 +163,20 @@ def _version(value: bool) -> None:
 
 
 _ROOT_HELP = "Data root for fetch, prepare, features, train, evaluate and info (env CAPCLI_HOME; default ~/.capcli)."
-DataRoot = Annotated[Path | None, typer.Option("--root", help=_ROOT_HELP)]
+_ROOT_KEY = "capcli.root"
+
+
+def _inherit_root(ctx: typer.Context, value: Path | None) -> Path | None:
+    """A command's ``--root``, else the one given before the command (``capcli --root DIR CMD``)."""
+    return value if value is not None else ctx.meta.get(_ROOT_KEY)
+
+
+DataRoot = Annotated[Path | None, typer.Option("--root", help=_ROOT_HELP, callback=_inherit_root)]
 
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
     ] = False,
@@ -176,12 +184,7 @@ def _root(
     = None,
 ) -> None:
     """capcli: natural-language captions for photos."""
-    if root is not None:
-        # `capcli --root DIR CMD` is `CAPCLI_HOME=DIR capcli CMD` (a command's own --root still wins); the
-        # variable also reaches the processes a command starts (feature decoders, torchrun workers)
-        from .paths import ENV_HOME
-
-        os.environ[ENV_HOME] = str(root.expanduser())
+    ctx.meta[_ROOT_KEY] = root  # ctx.meta is shared with the command's context
 
 
 # --- prepare ---------------------------------------------------------------------------------------
