@@ -164,3 +164,22 @@ def test_the_eta_comes_from_the_rate_shown() -> None:
     assert eta_text(128, 7091, 128 / 80.5) == "0:01:26"
     assert eta_text(7091, 7091, 88.0) == "0:00:00"
     assert eta_text(1, 3601, 1.0) == "1:00:00"
+
+
+def test_the_progress_bar_eta_survives_a_burst() -> None:
+    """128 results arriving at once (one search batch) after 0.2 s: the ETA is the bar's rate's, ~11 s, not ~0."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    from capcli.cli import RichProgress
+
+    buf = io.StringIO()
+    bar = RichProgress(console=Console(file=buf, width=200))
+    bar.start("captioning", total=7091)
+    time.sleep(0.2)
+    bar.advance(128)
+    bar.done()
+    h, m, s = map(int, re.search(r"ETA (\d+):(\d\d):(\d\d)", buf.getvalue()).groups())
+    assert 10 <= 3600 * h + 60 * m + s <= 120, buf.getvalue()
