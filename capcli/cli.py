@@ -99,11 +99,12 @@ class RichProgress(Progress):
         self._task = None
         self._t0 = 0.0
         self._n = 0
+        self._total: int | None = None
         self._unit = "img"
 
     def start(self, description: str, total: int | None = None, unit: str = "img") -> None:
         self.done()
-        self._unit, self._n, self._t0 = unit, 0, time.perf_counter()
+        self._unit, self._n, self._t0, self._total = unit, 0, time.perf_counter(), total
         self._bar = RichBar(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -125,9 +126,8 @@ class RichProgress(Progress):
         self._n += n
         dt = max(time.perf_counter() - self._t0, 1e-9)
         info = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
-        total = self._bar.tasks[0].total if self._bar.tasks else None
         self._bar.update(self._task, advance=n, rate=f"{self._n / dt:.1f} {self._unit}/s", info=info,
-                         eta=eta_text(self._n, total, dt))
+                         eta=eta_text(self._n, self._total, dt))
 
     def done(self) -> None:
         if self._bar is not None:
