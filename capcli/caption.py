@@ -128,6 +128,9 @@ class Captioner:
             checkpoint = DEFAULT_MODEL
         elif str(checkpoint) in SHIPPED_MODELS and not Path(checkpoint).exists():
             checkpoint = SHIPPED_MODELS[str(checkpoint)]
+        elif not Path(checkpoint).exists():
+            raise CheckpointError(f"checkpoint not found: {display(str(checkpoint))} (give a checkpoint file, or a "
+                                  f"shipped model: {', '.join(SHIPPED_MODELS)})")
         path = Path(checkpoint)
         ckpt = load_checkpoint(path)
         try:
@@ -616,6 +619,22 @@ def open_writer(out: Path, resume: bool = False) -> _Writer:
         raise OutputError(f"cannot write {display(str(out))}: {os_reason(e)}") from None
 
 
+def rewrite_records(out: str | Path, records: Sequence[dict[str, Any]]) -> None:
+    """Replace ``out``'s records with ``records`` atomically, in its format (under its lock)."""
+    out = Path(out)
+    kind = output_format(out)
+    if kind == "json":
+        data = _encode_line(json.dumps(list(records), ensure_ascii=False, indent=1) + "\n")
+    else:
+        writer = _JsonlWriter if kind == "jsonl" else _CsvWriter
+        data = writer.header + b"".join(writer.encode(writer, r) for r in records)  # encode uses no state
+    with lock.exclusive(lock.sidecar(out), str(out)):
+        try:
+            atomic.write_bytes(out, data)
+        except OSError as e:
+            raise OutputError(f"cannot write {display(str(out))}: {os_reason(e)}") from None
+
+
 # ---------------------------------------------------------------------------------------------- the command
 @dataclass
 class CaptionSummary:
@@ -655,6 +674,14 @@ def _by_extension(files: Sequence[Path], out: Path) -> dict[str, int]:
     return counts
 
 
+def _not_sidecars(files: Sequence[Path], items: Sequence[InputFile]) -> list[Path]:
+    """``files`` less the sidecars of the photos (``a.xmp``, ``a.jpg.xmp``, ``a.txt``: what ``--sidecar`` writes)."""
+    sidecars = set()
+    for it in items:
+        sidecars |= {it.path.with_suffix(".xmp"), it.path.with_name(it.path.name + ".xmp"), it.path.with_suffix(".txt")}
+    return [p for p in files if p not in sidecars]
+
+
 def caption_files(captioner: Captioner, inputs: Sequence[str | Path], out: str | Path, *, beam_size: int = 3,
                   batch_size: int = 32, workers: int = 2, max_len: int = 20, top_k: int = 1,
                   length_penalty: float = 0.0, recursive: bool = False, attention_maps: str | Path | None = None,
@@ -674,7 +701,7 @@ def caption_files(captioner: Captioner, inputs: Sequence[str | Path], out: str |
     captioner._check(beam_size, top_k, max_len)
     others: list[Path] = []
     items = collect_inputs(inputs, recursive, unsupported=others)
-    summary = CaptionSummary(out, unsupported=_by_extension(others, out))
+    summary = CaptionSummary(out, unsupported=_by_extension(_not_sidecars(others, items), out))
     if not items:
         found = f" (skipped as unsupported: {summary.unsupported_text()})" if summary.unsupported else ""
         raise UsageError(f"no image files found in {', '.join(display(str(p)) for p in inputs)}{found}"

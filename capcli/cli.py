@@ -6,6 +6,7 @@ red line on stderr and a non-zero exit status, never a traceback.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -23,7 +24,7 @@ from rich.progress import (
 )
 from rich.progress import Progress as RichBar
 from rich.table import Table
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption
 
 from . import __version__
 from .config import TrainConfig
@@ -32,10 +33,25 @@ from .names import display
 from .progress import Progress
 
 if TYPE_CHECKING:
+    import torch
+
     from .chair import ChairScores
+    from .publish import PublishRequest
 
 console = Console()
 err_console = Console(stderr=True)
+
+_typer_type_label = TyperOption.display_type_rich
+
+
+def _type_label(self: TyperOption, ctx):  # noqa: ANN001, ANN202 (typer's vendored click Context)
+    """A flag takes no value, so its help shows none. Typer's Rich help asks every option for a type label,
+    flags included, and so printed ``<bool>`` beside ``--help``, ``--version`` and every flag; its plain help
+    already leaves flags out."""
+    return None if self.is_flag or self.count else _typer_type_label(self, ctx)
+
+
+TyperOption.display_type_rich = _type_label  # type: ignore[method-assign]
 
 
 def _error(message: str) -> None:
@@ -83,11 +99,12 @@ class RichProgress(Progress):
         self._task = None
         self._t0 = 0.0
         self._n = 0
+        self._total: int | None = None
         self._unit = "img"
 
     def start(self, description: str, total: int | None = None, unit: str = "img") -> None:
         self.done()
-        self._unit, self._n, self._t0 = unit, 0, time.perf_counter()
+        self._unit, self._n, self._t0, self._total = unit, 0, time.perf_counter(), total
         self._bar = RichBar(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -95,14 +112,13 @@ class RichProgress(Progress):
             TaskProgressColumn(),
             TextColumn("{task.fields[rate]}"),
             TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
+            TextColumn("ETA {task.fields[eta]}"),
             TextColumn("{task.fields[info]}"),
             console=self.console,
             transient=False,
         )
         self._bar.start()
-        self._task = self._bar.add_task(description, total=total, rate="", info="")
+        self._task = self._bar.add_task(description, total=total, rate="", info="", eta="-:--:--")
 
     def advance(self, n: int = 1, **fields: object) -> None:
         if self._bar is None:
@@ -110,7 +126,8 @@ class RichProgress(Progress):
         self._n += n
         dt = max(time.perf_counter() - self._t0, 1e-9)
         info = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
-        self._bar.update(self._task, advance=n, rate=f"{self._n / dt:.1f} {self._unit}/s", info=info)
+        self._bar.update(self._task, advance=n, rate=f"{self._n / dt:.1f} {self._unit}/s", info=info,
+                         eta=eta_text(self._n, self._total, dt))
 
     def done(self) -> None:
         if self._bar is not None:
@@ -125,25 +142,49 @@ class RichProgress(Progress):
                                                                  highlight=False)
 
 
+def eta_text(done: int, total: float | None, seconds: float) -> str:
+    """The time left at the run's own mean rate so far (done / seconds since the phase began).
+
+    Rich's own estimate averages the rate over its samples' span; items that arrive in bursts (a batch of
+    128 results at once) make that span milliseconds and the estimate absurd (``ETA 0:00:01`` for 7,000
+    images at 80 img/s), so the ETA is computed from the same rate the bar shows.
+    """
+    if not total or done <= 0 or seconds <= 0:
+        return "-:--:--"
+    left = max(total - done, 0) * seconds / done
+    h, rem = divmod(round(left), 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"capcli {__version__}")
         raise typer.Exit()
 
 
+_ROOT_HELP = "Data root for fetch, prepare, features, train, evaluate and info (env CAPCLI_HOME; default ~/.capcli)."
+_ROOT_KEY = "capcli.root"
+
+
+def _inherit_root(ctx: typer.Context, value: Path | None) -> Path | None:
+    """A command's ``--root``, else the one given before the command (``capcli --root DIR CMD``)."""
+    return value if value is not None else ctx.meta.get(_ROOT_KEY)
+
+
+DataRoot = Annotated[Path | None, typer.Option("--root", help=_ROOT_HELP, callback=_inherit_root)]
+
+
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
     ] = False,
+    root: Annotated[Path | None, typer.Option("--root", help=_ROOT_HELP + " Also accepted after the command.")]
+    = None,
 ) -> None:
     """capcli: natural-language captions for photos."""
-
-
-DataRoot = Annotated[
-    Path | None,
-    typer.Option("--root", help="Data root for fetch/prepare/features/train (env CAPCLI_HOME; default ~/.capcli)."),
-]
+    ctx.meta[_ROOT_KEY] = root  # ctx.meta is shared with the command's context
 
 
 # --- prepare ---------------------------------------------------------------------------------------
@@ -342,11 +383,12 @@ def train_cmd(
     if not res.best_metrics:  # a rank other than 0 under torchrun, or nothing recorded
         return
     m = res.best_metrics
-    t = Table(title=f"best on {m.get('split', 'val')} ({m.get('images', '?')} images), epoch {m.get('epoch')}")
+    t = Table(title=f"best on {m.get('split', 'val')} ({m.get('images', '?')} images), epoch {m.get('epoch')}, "
+              "percent")
     for key in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr"):
         if key in m:
             t.add_column(key, justify="right")
-    t.add_row(*(f"{m[k]:.4f}" for k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr") if k in m))
+    t.add_row(*(f"{100 * m[k]:.1f}" for k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr") if k in m))
     console.print(t)
     console.print(f"best checkpoint: {res.best_path}\nresumable: {res.last_path}\ncurves: {res.out / 'curves.png'}",
                   highlight=False, soft_wrap=True)
@@ -376,7 +418,7 @@ def evaluate(
     ] = None,
     html: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained HTML report here.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per captioning batch.")] = 32,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     precision: Annotated[str, typer.Option(
         help="Search arithmetic: float32 (exact, the same on every machine) | auto (as `capcli caption`) | bfloat16 "
         "| int8."
@@ -434,12 +476,12 @@ def evaluate(
     console.print(f"{ds.name} {split}: {len(captions)} images, tokenised by {how}", highlight=False)
     t = Table()
     t.add_column("metric")
-    t.add_column("score", justify="right")
+    t.add_column("score (%)", justify="right")  # percent, as the README and the papers; the JSON keeps 0..1
     t.add_column("")
     for key in ev.METRIC_KEYS:
         if key in scores.values:
             kind = "official" if scores.official.get(key) else "[yellow]approximate[/]"
-            t.add_row(key, f"{scores.values[key]:.4f}", kind)
+            t.add_row(key, f"{100 * scores.values[key]:.1f}", kind)
         elif key in scores.skipped:
             t.add_row(key, "-", "[dim]skipped[/]")
     _add_chair_rows(t, scores.chair)
@@ -497,16 +539,41 @@ def caption(
     grounding: Annotated[str, typer.Option(
         help="auto: ground captions in what the encoder's ImageNet head recognises (say confident objects, hold back "
         "what it contradicts, add labels) where the model's encoder has that head | off.")] = "auto",
+    sidecar: Annotated[list[str] | None, typer.Option(
+        "--sidecar", help="Also write each caption to a sidecar beside its photo: xmp | txt (repeatable).")] = None,
+    sidecar_name: Annotated[str, typer.Option(
+        "--sidecar-name", help="XMP sidecar names: stem (photo.xmp, Lightroom) | ext (photo.jpg.xmp, darktable).")
+    ] = "stem",
+    embed: Annotated[bool, typer.Option("--embed", help="Also write each caption into its photo's XMP (metadata "
+                                        "only, atomically; RAW files: use --sidecar xmp).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace captions a person wrote or edited in the "
+                                            "photos and sidecars too.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what --sidecar/--embed would write and where; "
+                                          "write nothing into photos or sidecars.")] = False,
+    html: Annotated[Path | None, typer.Option("--html", help="Also write a review gallery page here (one card "
+                                              "per photo, least confident first).")] = None,
+    min_confidence: Annotated[float | None, typer.Option(
+        "--min-confidence", help="Keep records whose confidence is below this out of metadata and sidecars "
+        "(they stay in the output, marked low_confidence).")] = None,
 ) -> None:
     """Caption photos: files and folders in, one record per image out (caption, logprob, labels, or error)."""
     from .caption import Captioner, caption_files, output_format, parse_shard
+    from .publish import PublishRequest
 
     output_format(out)  # fail on a bad -o before loading anything
     shard_ij = parse_shard(shard) if shard is not None else None
+    request = PublishRequest(sidecars=tuple(sidecar or ()), embed=embed, naming=sidecar_name, overwrite=overwrite,
+                             dry_run=dry_run, html=html, min_confidence=min_confidence)
+    request.check()
     captioner = Captioner.load(model, device=device, precision=precision, grounding=grounding)
-    s = caption_files(captioner, paths, out, beam_size=beam, batch_size=batch_size, workers=workers,
-                      max_len=max_len, top_k=top_k, length_penalty=length_penalty, recursive=recursive,
-                      attention_maps=attention_maps, resume=resume, shard=shard_ij, progress=RichProgress())
+    console.print(f"model {escape(display(str(captioner.source)))}, search precision {captioner.precision}"
+                  + (" (auto)" if precision == "auto" else ""), highlight=False, soft_wrap=True)
+    try:
+        s = caption_files(captioner, paths, out, beam_size=beam, batch_size=batch_size, workers=workers,
+                          max_len=max_len, top_k=top_k, length_penalty=length_penalty, recursive=recursive,
+                          attention_maps=attention_maps, resume=resume, shard=shard_ij, progress=RichProgress())
+    except KeyboardInterrupt:
+        _interrupted(out)
     extra = "".join([f", {s.skipped} already done" if s.skipped else "",
                      f", {s.outside_shard} in other shards" if s.outside_shard else "",
                      f", skipped (unsupported) {s.unsupported_text()}" if s.unsupported else ""])
@@ -516,11 +583,50 @@ def caption(
     if s.failed and not s.captioned:
         _error("no image could be captioned")
         raise typer.Exit(1)
-    if strict and (s.failed or s.unsupported):
+    n_publish_failed = _publish(out, paths, recursive, request, model) if request.wanted else 0
+    if strict and (s.failed or s.unsupported or n_publish_failed):
         what = [f"{s.failed} image(s) failed" if s.failed else "",
-                f"{s.n_unsupported} file(s) skipped as unsupported" if s.unsupported else ""]
+                f"{s.n_unsupported} file(s) skipped as unsupported" if s.unsupported else "",
+                f"{n_publish_failed} metadata write(s) failed" if n_publish_failed else ""]
         _error(f"{' and '.join(w for w in what if w)} (--strict)")
         raise typer.Exit(1)
+
+
+def _interrupted(out: Path) -> None:
+    """Ctrl-C during captioning: what is kept, and how to go on."""
+    from .caption import read_records
+
+    try:
+        kept = f"{len(read_records(out))} record(s) are kept in {escape(display(str(out)))}"
+    except (CapcliError, OSError):
+        kept = "nothing was written"
+    err_console.print(f"[yellow]interrupted:[/] {kept}; run the same command with --resume to caption the rest",
+                      highlight=False, soft_wrap=True)
+    raise typer.Exit(130)
+
+
+def _publish(out: Path, paths: list[Path], recursive: bool, request: PublishRequest, model: Path | None) -> int:
+    """Run caption's publishing step and render it: one line per file not written, then the counts."""
+    from .caption import SHIPPED_MODELS
+    from .publish import publish_output
+
+    name = "attention" if model is None else str(model) if str(model) in SHIPPED_MODELS else model.name
+    rep = publish_output(out, paths, request, model=name, recursive=recursive)
+    for r in rep.results:
+        if r.status is not r.status.WRITTEN:
+            colour = {"failed": "red", "skipped": "yellow"}.get(r.status.value, "cyan")
+            console.print(f"[{colour}]{escape(display(r.describe()))}[/]", highlight=False, soft_wrap=True)
+    if request.hows:
+        c = rep.counts()
+        done = f"would write {c['would-write']}" if request.dry_run else f"wrote {c['written']}"
+        console.print(f"metadata ({', '.join(request.hows)}): {done}, skipped {c['skipped']} (a person's words; "
+                      f"--overwrite replaces them), failed {c['failed']}", highlight=False, soft_wrap=True)
+    if rep.held_back:
+        console.print(f"[yellow]{len(rep.held_back)} record(s) below --min-confidence {request.min_confidence}: "
+                      "marked low_confidence in the output, kept out of metadata and sidecars[/]", highlight=False)
+    if rep.gallery is not None:
+        console.print(f"gallery -> {escape(display(str(rep.gallery)))}", highlight=False, soft_wrap=True)
+    return len(rep.failed)
 
 
 # --- info ------------------------------------------------------------------------------------------
@@ -536,6 +642,10 @@ def info(root: DataRoot = None) -> None:
     t.add_row("capcli", __version__)
     t.add_row("torch", torch.__version__)
     t.add_row("device", f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu")
+    t.add_row("search precision", _auto_precision(torch.device("cuda" if torch.cuda.is_available() else "cpu")))
+    java = shutil.which("java")
+    t.add_row("java", f"{java} (the official PTB tokenizer and METEOR)" if java else
+              "not found: evaluate tokenises with capcli's Python tokenizer (approximate) and cannot run METEOR")
     home = paths.home(root)
     t.add_row("data root", str(home))
     t.add_row("encoders", ", ".join(list_encoders()))
@@ -544,6 +654,16 @@ def info(root: DataRoot = None) -> None:
         found = sorted(p.name for p in d.iterdir()) if d.is_dir() else []
         t.add_row(sub, ", ".join(found) or "-")
     console.print(t)
+
+
+def _auto_precision(device: torch.device) -> str:
+    """What ``--precision auto`` picks for the caption search on this machine, and why."""
+    from .models.decoding import resolve_precision
+
+    chosen = resolve_precision("auto", device)
+    why = {"int8": "the CPU has VNNI", "bfloat16": "the CPU computes bfloat16 natively",
+           "float32": "no faster arithmetic here" if device.type == "cpu" else "on a GPU"}
+    return f"{chosen} (what --precision auto picks: {why[chosen]})"
 
 
 def main() -> None:

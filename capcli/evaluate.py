@@ -391,7 +391,9 @@ def score(
                 return
             record("SPICE", total, each, use_ptb)
 
-    progress.start(f"scoring {', '.join(_NAMES[m] for m in wanted)}", total=len(wanted), unit="metric")
+    # say only what will run: SPICE without its models or Java, METEOR without Java, are skipped
+    runs = [m for m in wanted if (m != "spice" or spice_status()[0]) and (m != "meteor" or use_ptb)]
+    progress.start(f"scoring {', '.join(_NAMES[m] for m in runs)}", total=len(wanted), unit="metric")
     try:
         for m in wanted:
             _score_one(m)

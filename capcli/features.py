@@ -416,7 +416,7 @@ def _extract(dataset: Dataset, encoder: str, spec: EncoderSpec, out: Path, shard
             manifest["complete"] = True
             _write_manifest(out, manifest)
         _check_some_read(manifest)
-        progress.info(f"{out}: {encoder} features of {manifest['num_extracted']} images are complete; nothing to do")
+        progress.info(f"already extracted: {manifest['num_extracted']} images in {out} ({encoder}); nothing to do")
         return out
 
     if not Path(dataset.image_root).is_dir():

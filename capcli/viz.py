@@ -9,47 +9,55 @@ from pathlib import Path
 from . import atomic
 
 
+def _flat_safe(ax, values: list[float], min_span: float) -> None:
+    """Y limits that span at least ``min_span``: a flat line stays flat instead of zooming into float noise."""
+    lo, hi = min(values), max(values)
+    if hi - lo < min_span:
+        mid = (lo + hi) / 2
+        lo, hi = mid - min_span / 2, mid + min_span / 2
+    pad = 0.08 * (hi - lo)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+
+
 def plot_curves(metrics_jsonl: str | Path, png: str | Path) -> Path:
     """Draw ``metrics.jsonl`` (one JSON object per epoch, as ``capcli train`` writes) to ``png``.
 
-    Left: training loss per epoch (and the cross-entropy alone, when it differs). Right: validation
-    BLEU-4 and CIDEr per epoch (CIDEr on its own axis, as it runs on a larger scale). The file is
-    written atomically.
+    Three panels, so no line hides another: the training loss per epoch (with its terms, the cross-entropy and
+    the attention regulariser, when there is a regulariser; or the mean SCST reward); validation BLEU-4; and
+    validation CIDEr, the scores in percent as the README and the papers give them. A score's axis spans at
+    least 1 point (a flat line is drawn flat, not zoomed into rounding noise). The file is written atomically.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows = []
-    for line in Path(metrics_jsonl).read_text().splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
+    rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
     epochs = [r["epoch"] for r in rows]
 
-    fig = Figure(figsize=(10, 4), dpi=100)
+    fig = Figure(figsize=(13, 4), dpi=100)
     FigureCanvasAgg(fig)
-    ax_loss, ax_bleu = fig.subplots(1, 2)
+    ax_loss, ax_bleu, ax_cider = fig.subplots(1, 3)
     ax_loss.plot(epochs, [r.get("train_loss") for r in rows], "o-", color="tab:blue", label="loss")
-    if any(r.get("train_ce") is not None and r.get("train_ce") != r.get("train_loss") for r in rows):
-        # attention models: the loss adds the doubly stochastic regulariser; show the cross-entropy alone too
-        ax_loss.plot(epochs, [r.get("train_ce") for r in rows], "o--", color="tab:purple", label="cross-entropy")
+    terms = [("train_ce", "cross-entropy", "tab:purple"), ("train_reg", "attention regulariser", "tab:red"),
+             ("train_reward", "mean reward (CIDEr-D)", "tab:olive")]
+    shown = 1
+    for key, label, colour in terms:
+        if any(r.get(key) is not None and r.get(key) != r.get("train_loss") and r.get(key) != 0 for r in rows):
+            ax_loss.plot(epochs, [r.get(key) for r in rows], "o--", color=colour, label=label)
+            shown += 1
+    if shown > 1:
         ax_loss.legend(loc="best")
     ax_loss.set(title="training loss", xlabel="epoch", ylabel="loss")
-    ax_loss.grid(alpha=0.3)
 
-    bleu = [(e, r["val_BLEU-4"]) for e, r in zip(epochs, rows, strict=True) if r.get("val_BLEU-4") is not None]
-    cider = [(e, r["val_CIDEr"]) for e, r in zip(epochs, rows, strict=True) if r.get("val_CIDEr") is not None]
-    lines = []
-    if bleu:
-        lines += ax_bleu.plot(*zip(*bleu, strict=True), "o-", color="tab:green", label="BLEU-4")
-    ax_bleu.set(title="validation", xlabel="epoch", ylabel="BLEU-4")
-    ax_bleu.grid(alpha=0.3)
-    if cider:
-        ax_cider = ax_bleu.twinx()
-        lines += ax_cider.plot(*zip(*cider, strict=True), "s-", color="tab:orange", label="CIDEr")
-        ax_cider.set_ylabel("CIDEr")
-    if lines:
-        ax_bleu.legend(lines, [ln.get_label() for ln in lines], loc="lower right")
-    for ax in (ax_loss, ax_bleu):
+    for ax, key, title, colour in ((ax_bleu, "val_BLEU-4", "validation BLEU-4", "tab:green"),
+                                   (ax_cider, "val_CIDEr", "validation CIDEr", "tab:orange")):
+        points = [(e, 100 * r[key]) for e, r in zip(epochs, rows, strict=True) if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), "o-", color=colour)
+            _flat_safe(ax, [v for _, v in points], min_span=1.0)
+        ax.set(title=title, xlabel="epoch", ylabel="%")
+    for ax in (ax_loss, ax_bleu, ax_cider):
+        ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
 
@@ -75,7 +83,9 @@ def attention_figure(image, words, alphas, grid: int | None = None, panel: int =
     ``alphas`` (L, N) holds one row of attention weights per word (N = grid * grid regions, row-major as the
     encoder's grid). Each row is reshaped to grid x grid, scaled to its own maximum, upsampled smoothly
     (bicubic) to the panel size, coloured and alpha-blended over the photo. Returns a PIL RGB image of
-    ``ceil((L + 1) / cols)`` rows; drawn with Pillow (matplotlib only lends its colour map), which keeps
+    ``ceil((L + 1) / cols)`` rows. Panels keep the photo's aspect ratio (its longest side is ``panel``): the
+    encoder sees the photo squashed to a square, so its grid covers the whole photo and is stretched back over
+    it. Drawn with Pillow (matplotlib only lends its colour map), which keeps
     one map per photo cheap enough for whole folders.
     """
     import math
@@ -91,27 +101,29 @@ def attention_figure(image, words, alphas, grid: int | None = None, panel: int =
     if g * g != a.shape[1]:
         raise ValueError(f"{a.shape[1]} attention weights do not form a {g} x {g} grid")
     lut = (colormaps[colormap](np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(np.uint8)  # (256, 3)
-    photo = image.convert("RGB").resize((panel, panel), Image.BICUBIC)
+    w, h = image.size
+    pw, ph = (panel, max(1, round(panel * h / w))) if w >= h else (max(1, round(panel * w / h)), panel)
+    photo = image.convert("RGB").resize((pw, ph), Image.BICUBIC)
     base = np.asarray(photo, dtype=np.float32)
     title_h = max(14, panel // 10)
     font = _font(max(10, title_h - 6))
     n = len(words) + 1
     cols = max(1, min(cols, n))
     rows = math.ceil(n / cols)
-    sheet = Image.new("RGB", (cols * panel, rows * (panel + title_h)), "white")
+    sheet = Image.new("RGB", (cols * pw, rows * (ph + title_h)), "white")
     draw = ImageDraw.Draw(sheet)
     for k, (title, row) in enumerate([("(photo)", None), *zip(words, a, strict=True)]):
-        x, y = (k % cols) * panel, (k // cols) * (panel + title_h)
+        x, y = (k % cols) * pw, (k // cols) * (ph + title_h)
         if row is None:
             tile = photo
         else:
             m = row.reshape(g, g)
             m = m / m.max() if m.max() > 0 else m
-            up = np.asarray(Image.fromarray(m, mode="F").resize((panel, panel), Image.BICUBIC)).clip(0.0, 1.0)
-            heat = lut[(up * 255).astype(np.uint8)].astype(np.float32)  # (panel, panel, 3)
+            up = np.asarray(Image.fromarray(m, mode="F").resize((pw, ph), Image.BICUBIC)).clip(0.0, 1.0)
+            heat = lut[(up * 255).astype(np.uint8)].astype(np.float32)  # (ph, pw, 3)
             tile = Image.fromarray((base * (1 - opacity) + heat * opacity).astype(np.uint8))
         sheet.paste(tile, (x, y + title_h))
-        draw.text((x + panel / 2, y + title_h / 2), title, fill="black", font=font, anchor="mm")
+        draw.text((x + pw / 2, y + title_h / 2), title, fill="black", font=font, anchor="mm")
     return sheet
 
 

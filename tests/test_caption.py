@@ -239,6 +239,8 @@ def test_ctrl_c_on_the_command_keeps_what_is_done_and_resume_skips_a_cut_line(ph
     assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
     done = [json.loads(line) for line in out.read_text().splitlines()]
     assert 8 <= len(done) < N
+    said = " ".join(err.split())  # Rich wraps the line
+    assert f"interrupted: {len(done)} record(s) are kept in" in said and "--resume" in said, err
     with out.open("a") as f:  # as if killed in the middle of writing a line
         f.write(f'{{"path": "{N - 1:03d}.jpg", "capt')
     r = _cli(str(many), "-o", str(out), "--model", str(ckpts["basic"]), "--beam", "1", "--max-len", "4",
@@ -285,7 +287,11 @@ def test_attention_maps_one_panel_per_word(photo_dir, captioner, tmp_path):
             assert save_attention_map(png, photo, words, rec["alphas"], grid=7) == len(words)
             w, h = Image.open(png).size
             panels = len(words) + 1  # the photo, then a panel per word, 5 to a row
-            assert (w, h) == (min(panels, 5) * 224, math.ceil(panels / 5) * (224 + 22))
+            # the photo's aspect ratio, its longest side 224
+            pw, ph = ((224, round(224 * photo.height / photo.width)) if photo.width >= photo.height
+                      else (round(224 * photo.width / photo.height), 224))
+            assert min(pw, ph) < 200  # neither example photo is square: the panels are not squashed
+            assert (w, h) == (min(panels, 5) * pw, math.ceil(panels / 5) * (ph + 22))
             heights.append(h)
     assert heights[-1] > heights[0]  # more words, more panels
 

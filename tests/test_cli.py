@@ -106,3 +106,80 @@ def test_info_on_an_empty_root(tmp_path) -> None:
     assert r.exit_code == 0, r.output
     assert str(tmp_path) in r.output and "efficientnet-lite0" in r.output and __version__ in r.output
     assert re.search(r"datasets\s+-", r.output)
+
+
+@pytest.mark.parametrize("name", [None, *sorted(COMMANDS)])
+def test_flags_show_no_value_in_help(name: str | None) -> None:
+    """A flag (--help, --version, --resume, ...) takes no value: no ``<bool>`` beside it; valued options keep theirs."""
+    r = _run(*([name] if name else []), "--help")
+    assert r.exit_code == 0, r.output
+    assert "<bool>" not in r.output, r.output
+    assert re.search(r"--help\s+Show this message", r.output)
+    if name == "caption":
+        assert re.search(r"--beam\s+<int", r.output)
+
+
+def test_the_data_root_goes_before_or_after_the_command(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("CAPCLI_HOME", raising=False)
+    (tmp_path / "a" / "datasets" / "mine").mkdir(parents=True)
+    r = _run("--root", str(tmp_path / "a"), "info")
+    assert r.exit_code == 0, r.output
+    assert str(tmp_path / "a") in _flat(r.output) and re.search(r"datasets\s+mine", r.output)
+    monkeypatch.setenv("CAPCLI_HOME", str(tmp_path / "env"))
+    r = _run("--root", str(tmp_path / "a"), "info", "--root", str(tmp_path / "b"))  # the command's own wins
+    assert r.exit_code == 0 and str(tmp_path / "b") in _flat(r.output) and re.search(r"datasets\s+-", r.output)
+    r = _run("info")  # the environment variable
+    assert r.exit_code == 0 and str(tmp_path / "env") in _flat(r.output)
+
+
+def test_info_says_what_auto_precision_picks_and_whether_java_is_there(tmp_path) -> None:
+    import shutil
+
+    import torch
+
+    from capcli.models.decoding import resolve_precision
+
+    r = _run("info", "--root", str(tmp_path))
+    flat = _flat(r.output)
+    auto = resolve_precision("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    assert f"search precision {auto} (what --precision auto picks" in flat, flat
+    java = shutil.which("java")
+    assert (f"java {java}" in flat) if java else ("java not found" in flat)
+
+
+def test_an_unknown_model_name_lists_the_shipped_ones(tmp_path) -> None:
+    from capcli.caption import SHIPPED_MODELS
+
+    r = _run("caption", str(tmp_path), "-o", str(tmp_path / "out.json"), "--model", "fancy")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "checkpoint not found: fancy" in r.output and all(n in r.output for n in SHIPPED_MODELS), r.output
+    assert set(SHIPPED_MODELS) == {"attention", "basic"}
+
+
+def test_the_eta_comes_from_the_rate_shown() -> None:
+    from capcli.cli import eta_text
+
+    assert eta_text(0, 7091, 0.0) == "-:--:--" and eta_text(10, None, 1.0) == "-:--:--"
+    # 128 of 7,091 images after 1.59 s (80.5 img/s): about 86 s to go, not 0:00:01
+    assert eta_text(128, 7091, 128 / 80.5) == "0:01:26"
+    assert eta_text(7091, 7091, 88.0) == "0:00:00"
+    assert eta_text(1, 3601, 1.0) == "1:00:00"
+
+
+def test_the_progress_bar_eta_survives_a_burst() -> None:
+    """128 results arriving at once (one search batch) after 0.2 s: the ETA is the bar's rate's, ~11 s, not ~0."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    from capcli.cli import RichProgress
+
+    buf = io.StringIO()
+    bar = RichProgress(console=Console(file=buf, width=200))
+    bar.start("captioning", total=7091)
+    time.sleep(0.2)
+    bar.advance(128)
+    bar.done()
+    h, m, s = map(int, re.search(r"ETA (\d+):(\d\d):(\d\d)", buf.getvalue()).groups())
+    assert 10 <= 3600 * h + 60 * m + s <= 120, buf.getvalue()

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from capcli import evaluate as ev
 from capcli.cli import app
 from capcli.errors import EvaluateError
+from capcli.progress import Progress
 
 requires_java = pytest.mark.skipif(shutil.which("java") is None, reason="Java is needed for the official pipeline")
 ALL_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
@@ -199,8 +200,15 @@ def test_spice_is_skipped_with_one_reason_unless_installed():
     ok, why = ev.spice_status()
     if ok:
         pytest.skip("SPICE's CoreNLP models are installed here")
-    s = ev.score(HAND_HYPS, HAND_REFS, metrics=("bleu", "spice"), tokenizer="python")
+    phases: list[str] = []
+
+    class Phases(Progress):
+        def start(self, description: str, total: int | None = None, unit: str = "img") -> None:
+            phases.append(description)
+
+    s = ev.score(HAND_HYPS, HAND_REFS, metrics=("bleu", "meteor", "spice"), tokenizer="python", progress=Phases())
     assert "SPICE" not in s.values
+    assert phases == ["scoring BLEU"]  # the skipped metrics are not announced
     spice_notes = [n for n in s.notes if n.startswith("SPICE skipped")]
     assert len(spice_notes) == 1 and "CoreNLP" in spice_notes[0] and "\n" not in spice_notes[0]
 
@@ -295,6 +303,9 @@ def test_cli_scores_results_file_and_writes_html(ds_dir, small_flickr8k, tmp_pat
     doc = json.loads((tmp_path / "out" / "metrics_f8k-small_val.json").read_text())
     assert doc["split"] == "val" and doc["n_images"] == 10 and doc["results"] == str(res)
     assert set(doc["metrics"]) >= {"BLEU-4", "ROUGE-L", "CIDEr"} and doc["official"]["CIDEr"] is java
+    # the table in percent, one decimal (as the README and the papers); the JSON in 0..1
+    assert "score (%)" in out and re.search(rf"BLEU-1 │ {100 * doc['metrics']['BLEU-1']:.1f} │", out), out
+    assert 0 < doc["metrics"]["BLEU-4"] <= 1
     assert ("METEOR" in doc["metrics"]) is java
 
     page = report.read_text()

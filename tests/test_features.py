@@ -246,6 +246,7 @@ def test_cli_extracts_a_prepared_folder_and_reruns_as_a_no_op(example_photos, tm
 
     r = runner.invoke(app, ["features", str(ds_dir), "--out", str(out), "--shard-size", "4"])
     assert r.exit_code == 0 and "nothing to do" in r.output
+    assert f"already extracted: 5 images in {out}" in r.output.replace("\n", ""), r.output
 
     # Another image set into the same folder: refused.
     with pytest.raises(FeaturesError, match="different image set"):

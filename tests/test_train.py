@@ -209,9 +209,18 @@ def test_losses_match_the_recorded_run(small_flickr8k, small_flickr8k_features, 
     """A short fixed-seed run's per-epoch losses (cross-entropy with label smoothing; cross-entropy plus the
     attention regulariser), learning rates (cosine: (1 + cos(pi k / 9)) / 2 after k of 9 steps) and steps."""
     kw, losses, lrs, steps = PINNED[name]
-    train(tiny(small_flickr8k, small_flickr8k_features, tmp_path / name, **kw))
+    rec = Recorder()
+    train(tiny(small_flickr8k, small_flickr8k_features, tmp_path / name, **kw), progress=rec)
     rows = metrics(tmp_path / name)
     assert [r["train_loss"] for r in rows] == pytest.approx(losses, rel=1e-5)
+    for r in rows:  # the loss's terms, also in the epoch lines
+        assert r["train_ce"] + r["train_reg"] == pytest.approx(r["train_loss"])
+        if kw["arch"] == "attention":
+            assert r["train_reg"] > r["train_ce"] > 1
+            assert any(f"loss {r['train_loss']:.3f} (= cross-entropy {r['train_ce']:.3f} + attention regulariser "
+                       f"{r['train_reg']:.3f}" in m for m in rec.messages), rec.messages
+        else:
+            assert r["train_reg"] == 0
     assert [r["lr"] for r in rows] == pytest.approx(lrs, abs=1e-12)
     assert [r["step"] for r in rows] == steps
 

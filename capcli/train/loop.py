@@ -82,6 +82,7 @@ def _train(cfg: TrainConfig, dist: Dist, progress: Progress) -> TrainResult:
                 state.epoch, state.batch = state.epoch + 1, 0
                 row = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss,
                        "train_reward" if cfg.scst else "train_ce": train_ce,
+                       **({} if cfg.scst else {"train_reg": train_loss - train_ce}),
                        **{f"val_{k}": v for k, v in scores.items()}, "lr": lr,
                        "captions_per_s": trained * dist.world / max(train_seconds, 1e-9),
                        "seconds": time.perf_counter() - t0}
@@ -145,7 +146,7 @@ def train_epoch(cfg: TrainConfig, data: Data, net: Net, opt: Optim, state: RunSt
     todo = batches[state.batch:]
     loss_sum = torch.tensor(state.loss_sum, dtype=torch.float64, device=dist.device)  # kept on the device: no sync
     ce_sum = torch.tensor(state.ce_sum, dtype=torch.float64, device=dist.device)
-    trained, shown_loss = 0, math.nan
+    trained, shown_loss, shown_ce = 0, math.nan, math.nan
     try:
         for idx, (x, inverse, failed) in zip(todo, data.train_src.iterate([data.caps.image[b] for b in todo]),
                                              strict=True):
@@ -167,9 +168,10 @@ def train_epoch(cfg: TrainConfig, data: Data, net: Net, opt: Optim, state: RunSt
                     raise TornUpdate from None
                 trained += len(idx)
                 if state.step % 10 == 1 or dist.device.type == "cpu" or math.isnan(shown_loss):
-                    shown_loss = loss.item()  # (a device sync: not every step on a GPU)
+                    shown_loss, shown_ce = loss.item(), ce.item()  # (a device sync: not every step on a GPU)
             state.batch += 1
             progress.advance(len(idx), batch=f"{state.batch}/{len(batches)}", loss=round(shown_loss, 4),
+                             **_loss_terms(cfg, shown_loss, shown_ce),
                              lr=opt.optimizer.param_groups[0]["lr"])
             if stop.requested:
                 raise KeyboardInterrupt
@@ -315,16 +317,31 @@ def _save_epoch(row: dict, scores: dict, improved: bool, cfg: TrainConfig, data:
     save_checkpoint(files.last, row, cfg, data, net, (state, opt, world))
 
 
+def _loss_terms(cfg: TrainConfig, loss: float, ce: float) -> dict[str, float]:
+    """The loss's terms for the progress line: the mean reward (SCST), or the cross-entropy and the attention
+    regulariser (``alpha_c`` x the doubly stochastic term) when there is one."""
+    if cfg.scst:
+        return {"reward": round(ce, 4)}
+    if math.isnan(loss) or abs(loss - ce) < 1e-9:
+        return {}
+    return {"ce": round(ce, 4), "reg": round(loss - ce, 4)}
+
+
 def _report(row: dict, improved: bool, cfg: TrainConfig, state: RunState, progress: Progress) -> None:
-    train_ce = row["train_reward" if cfg.scst else "train_ce"]
+    if cfg.scst:
+        terms = f"mean CIDEr-D reward {row['train_reward']:.3f}"
+    elif abs(row["train_reg"]) > 1e-9:
+        terms = (f"= cross-entropy {row['train_ce']:.3f} + attention regulariser {row['train_reg']:.3f}, "
+                 f"alpha_c {cfg.alpha_c:g} x the doubly stochastic term")
+    else:
+        terms = f"cross-entropy {row['train_ce']:.3f}"
     progress.info(
-        f"epoch {row['epoch']}: loss {row['train_loss']:.3f} "
-        f"({'mean CIDEr-D reward' if cfg.scst else 'cross-entropy'} {train_ce:.3f}), "
-        f"val BLEU-4 {row.get('val_BLEU-4', 0):.4f} CIDEr {row.get('val_CIDEr', 0):.4f}"
+        f"epoch {row['epoch']}: loss {row['train_loss']:.3f} ({terms}), "
+        f"val BLEU-4 {100 * row.get('val_BLEU-4', 0):.1f} CIDEr {100 * row.get('val_CIDEr', 0):.1f}"
         f"{' (best)' if improved else ''}, lr {row['lr']:.2g}, {row['captions_per_s']:.0f} captions/s")
     if state.stopped_early:
         progress.info(f"no better {SELECT[cfg.select]} for {state.bad_epochs} epochs: stopping early "
-                      f"(best {state.best:.4f} at epoch {state.best_epoch})")
+                      f"(best {100 * state.best:.1f} at epoch {state.best_epoch})")
 
 
 def _save_interrupted(e: KeyboardInterrupt, cfg: TrainConfig, data: Data, net: Net, opt: Optim, state: RunState,

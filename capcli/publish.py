@@ -1,0 +1,126 @@
+"""``capcli caption``'s publishing step: its output records into photo metadata, sidecars and a review gallery.
+
+After a caption run, each record of the output that names one of the inputs is paired with its photo (by the
+record's file key, ``path_bytes`` first, as ``--resume`` matches them: :func:`capcli.names.record_key`) and
+published by :mod:`capcli.metadata` (XMP or ``.txt`` sidecars, embedded XMP) and :mod:`capcli.gallery`.
+
+``min_confidence``: a record whose ``confidence`` is below it stays in the output, marked
+``"low_confidence": true`` (the output file is rewritten with the mark), and is kept out of the metadata and
+sidecars; the gallery still shows it (that is where a person reviews it). Records without ``confidence`` are not
+filtered. A dry run writes nothing into photos or sidecars; the output and the gallery are still written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import gallery, metadata
+from .caption import collect_inputs, read_records, rewrite_records
+from .errors import UsageError
+from .metadata import Provenance, PublishOptions, PublishResult, Status
+from .names import record_key
+
+
+@dataclass(frozen=True)
+class PublishRequest:
+    """Where the captions go besides the output file."""
+
+    sidecars: tuple[str, ...] = ()  # "xmp" and/or "txt"
+    embed: bool = False
+    naming: str = "stem"  # XMP sidecar names: "stem" (name.xmp) or "ext" (name.jpg.xmp)
+    overwrite: bool = False  # replace a person's words too
+    dry_run: bool = False
+    html: Path | None = None  # review gallery
+    min_confidence: float | None = None
+
+    @property
+    def hows(self) -> tuple[str, ...]:
+        """The :func:`metadata.publish` targets, in the order they are written."""
+        return (*dict.fromkeys(self.sidecars), *(("embed",) if self.embed else ()))
+
+    @property
+    def wanted(self) -> bool:
+        return bool(self.hows) or self.html is not None or self.min_confidence is not None
+
+    def check(self) -> None:
+        """Fail on bad options before any captioning."""
+        for kind in self.sidecars:
+            if kind not in metadata.SIDECAR_KINDS:
+                raise UsageError(f"--sidecar {kind!r}: use {' or '.join(metadata.SIDECAR_KINDS)}")
+        if self.naming not in metadata.SIDECAR_NAMINGS:
+            raise UsageError(f"--sidecar-name {self.naming!r}: use {' or '.join(metadata.SIDECAR_NAMINGS)}")
+        if self.min_confidence is not None and not 0.0 <= self.min_confidence <= 1.0:
+            raise UsageError(f"--min-confidence {self.min_confidence}: give a number from 0 to 1")
+
+
+@dataclass
+class PublishReport:
+    """What publishing did: one result per photo and target, the records held back, the gallery written."""
+
+    results: list[PublishResult] = field(default_factory=list)
+    held_back: list[str] = field(default_factory=list)  # record paths below --min-confidence
+    gallery: Path | None = None
+
+    def counts(self) -> dict[str, int]:
+        return metadata.counts(self.results)
+
+    @property
+    def failed(self) -> list[PublishResult]:
+        return [r for r in self.results if r.status is Status.FAILED]
+
+
+def is_low_confidence(record: dict[str, Any], min_confidence: float | None) -> bool:
+    """Whether ``record`` has a ``confidence`` below ``min_confidence`` (no confidence: never low)."""
+    conf = record.get("confidence")
+    return min_confidence is not None and isinstance(conf, int | float) and conf < min_confidence
+
+
+def mark_low_confidence(records: Sequence[dict[str, Any]], min_confidence: float | None) -> bool:
+    """Set (or clear) each record's ``low_confidence`` mark; True when any record changed."""
+    changed = False
+    for rec in records:
+        low = is_low_confidence(rec, min_confidence)
+        if low and rec.get("low_confidence") is not True:
+            rec["low_confidence"], changed = True, True
+        elif not low and "low_confidence" in rec:
+            del rec["low_confidence"]
+            changed = True
+    return changed
+
+
+def pair_records(inputs: Sequence[str | Path], records: Sequence[dict[str, Any]],
+                 recursive: bool = False) -> list[tuple[Path, dict[str, Any]]]:
+    """``(photo, record)`` for each input file that has a record, in the inputs' order."""
+    by_key = {record_key(r): r for r in records}
+    return [(it.path, by_key[it.key]) for it in collect_inputs(inputs, recursive) if it.key in by_key]
+
+
+def publish_records(items: Sequence[tuple[Path, dict[str, Any]]], request: PublishRequest,
+                    model: str) -> PublishReport:
+    """Publish paired records (records marked ``low_confidence`` are held back from metadata and sidecars)."""
+    report = PublishReport()
+    kept = []
+    for photo, rec in items:
+        if rec.get("low_confidence") or is_low_confidence(rec, request.min_confidence):
+            report.held_back.append(str(rec.get("path", photo.name)))
+        else:
+            kept.append((photo, rec))
+    opts = PublishOptions(Provenance(model=model), overwrite=request.overwrite, dry_run=request.dry_run,
+                          naming=request.naming)
+    for how in request.hows:
+        report.results += metadata.publish(kept, how, opts)
+    if request.html is not None:
+        report.gallery = gallery.write_gallery(request.html, list(items))
+    return report
+
+
+def publish_output(out: str | Path, inputs: Sequence[str | Path], request: PublishRequest, model: str,
+                   recursive: bool = False) -> PublishReport:
+    """Publish the records of caption output ``out`` for ``inputs`` (marking low-confidence ones in ``out``)."""
+    records = read_records(out)
+    if mark_low_confidence(records, request.min_confidence):
+        rewrite_records(out, records)
+    return publish_records(pair_records(inputs, records, recursive), request, model)

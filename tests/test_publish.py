@@ -1,0 +1,204 @@
+"""`capcli caption` publishing: sidecars, embedded XMP, dry runs, the gallery and --min-confidence, end to end.
+
+The captions come from the shipped model on a copy of examples/photos; what was written is read back by exiftool
+(and the gallery by headless chromium), as a photo tool would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from capcli.cli import app
+from capcli.names import path_fields
+from capcli.publish import PublishRequest, is_low_confidence, pair_records, publish_output
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "photos"
+PHOTOS = sorted(p.name for p in EXAMPLES.iterdir() if p.suffix in {".jpg", ".png"})
+pytest.importorskip("pyexiv2")
+needs_exiftool = pytest.mark.skipif(shutil.which("exiftool") is None,
+                                    reason="exiftool not installed (apt-get install libimage-exiftool-perl)")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, ["caption", *args], env={"COLUMNS": "200"}, prog_name="capcli")
+
+
+def exiftool(*paths: Path) -> list[dict]:
+    out = subprocess.run(["exiftool", "-json", "-struct", "-XMP:all", *map(str, paths)], capture_output=True,
+                         text=True, timeout=120)
+    return json.loads(out.stdout)
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory) -> Path:
+    """A copy of examples/photos captioned once by the shipped model (out.json beside the folder)."""
+    base = tmp_path_factory.mktemp("captioned")
+    shutil.copytree(EXAMPLES, base / "photos")
+    r = run(str(base / "photos"), "-o", str(base / "out.json"))
+    assert r.exit_code == 0, r.output
+    return base
+
+
+@pytest.fixture
+def work(captioned, tmp_path) -> Path:
+    """A fresh copy of the captioned folder and its output, for one test to change."""
+    shutil.copytree(captioned / "photos", tmp_path / "photos")
+    shutil.copy(captioned / "out.json", tmp_path / "out.json")
+    (tmp_path / "photos" / "LICENSE.md").unlink()  # nothing unsupported: --strict is about publishing
+    return tmp_path
+
+
+def records(out: Path) -> dict[str, dict]:
+    return {r["path"]: r for r in json.loads(out.read_text())}
+
+
+@needs_exiftool
+@pytest.mark.slow
+def test_sidecars_and_embedded_captions_are_read_back_by_exiftool(tmp_path):
+    shutil.copytree(EXAMPLES, tmp_path / "photos")
+    photos = tmp_path / "photos"
+    r = run(str(photos), "-o", str(tmp_path / "out.json"), "--sidecar", "xmp", "--embed")
+    assert r.exit_code == 0, r.output
+    assert f"wrote {2 * len(PHOTOS)}, skipped 0" in r.output and "failed 0" in r.output
+    recs = records(tmp_path / "out.json")
+    for kind in ("photo", "sidecar"):
+        files = [photos / n if kind == "photo" else photos / f"{Path(n).stem}.xmp" for n in PHOTOS]
+        for name, tags in zip(PHOTOS, exiftool(*files), strict=True):
+            assert tags["Description"] == recs[name]["caption"], (kind, name)
+            assert tags["AltTextAccessibility"] == recs[name]["caption"]
+            assert tags["Model"] == "attention" and tags["Tool"] == "capcli"  # capcli:model, capcli:tool
+            words = [lab["word"] for lab in recs[name].get("labels") or []]
+            subject = tags.get("Subject", [])
+            assert (subject if isinstance(subject, list) else [subject]) == words
+    # The sidecars are photos' sidecars, not unsupported files, on a rerun
+    r = run(str(photos), "-o", str(tmp_path / "out.json"), "--resume")
+    assert r.exit_code == 0, r.output
+    assert "unsupported) 1 (.md 1)" in r.output
+
+
+@needs_exiftool
+@pytest.mark.slow
+def test_a_persons_description_survives_and_the_rest_are_written(work):
+    photos = work / "photos"
+    subprocess.run(["exiftool", "-q", "-overwrite_original", "-XMP-dc:Description=Chelsea on the lawn",
+                    str(photos / "chelsea.jpg")], check=True, timeout=60)
+    r = run(str(photos), "-o", str(work / "out.json"), "--resume", "--embed", "--strict")
+    assert r.exit_code == 0, r.output  # a skipped photo is not a failure
+    assert re.search(r"skipped \S*chelsea\.jpg: keeps a description a person wrote", r.output), r.output
+    assert f"wrote {len(PHOTOS) - 1}, skipped 1" in r.output
+    recs = records(work / "out.json")
+    got = {Path(t["SourceFile"]).name: t for t in exiftool(*(photos / n for n in PHOTOS))}
+    assert got["chelsea.jpg"]["Description"] == "Chelsea on the lawn"
+    assert got["coffee.jpg"]["Description"] == recs["coffee.jpg"]["caption"]
+    r = run(str(photos), "-o", str(work / "out.json"), "--resume", "--embed", "--overwrite")
+    assert r.exit_code == 0 and f"wrote {len(PHOTOS)}, skipped 0" in r.output, r.output
+    assert exiftool(photos / "chelsea.jpg")[0]["Description"] == recs["chelsea.jpg"]["caption"]
+
+
+@pytest.mark.slow
+def test_dry_run_says_what_and_where_and_changes_no_bytes(work):
+    photos = work / "photos"
+    before = digests(photos)
+    r = run(str(photos), "-o", str(work / "out.json"), "--resume", "--dry-run", "--embed", "--sidecar", "xmp",
+            "--sidecar", "txt", "--sidecar-name", "ext")
+    assert r.exit_code == 0, r.output
+    assert digests(photos) == before  # no photo changed, no sidecar (nor .capcli-txt.json) appeared
+    for name in PHOTOS:
+        for target in (name, f"{name}.xmp", f"{Path(name).stem}.txt"):
+            assert re.search(rf"would write \S*photos/{re.escape(target)}: \"", r.output), (target, r.output)
+    assert f"would write {3 * len(PHOTOS)}, skipped 0" in r.output
+
+
+class Cards(HTMLParser):
+    def __init__(self, page: str) -> None:
+        super().__init__()
+        self.names: list[str] = []
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "article" and "card" in (a.get("class") or "").split():
+            self.names.append(a["data-name"])
+
+
+@pytest.mark.slow
+def test_html_writes_a_gallery_with_one_card_per_photo(work):
+    page = work / "review" / "gallery.html"
+    r = run(str(work / "photos"), "-o", str(work / "out.json"), "--resume", "--html", str(page))
+    assert r.exit_code == 0, r.output
+    assert sorted(Cards(page.read_text()).names) == PHOTOS
+    if CHROMIUM is not None:  # as a browser sees it
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", f"--user-data-dir={work / 'prof'}"]
+        dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                             timeout=120).stdout
+        assert sorted(Cards(dom).names) == PHOTOS
+
+
+@pytest.mark.slow
+def test_min_confidence_keeps_a_low_record_out_of_sidecars(work):
+    photos, out = work / "photos", work / "out.json"
+    recs = json.loads(out.read_text())
+    confidence = {"chelsea.jpg": 0.2, "coffee.jpg": 0.9}  # the others have none: not filtered
+    for rec in recs:
+        if rec["path"] in confidence:
+            rec["confidence"] = confidence[rec["path"]]
+    out.write_text(json.dumps(recs))
+    report = publish_output(out, [photos], PublishRequest(sidecars=("xmp",), min_confidence=0.5), model="attention")
+    assert report.held_back == ["chelsea.jpg"]
+    assert not (photos / "chelsea.xmp").exists()
+    assert all((photos / f"{Path(n).stem}.xmp").is_file() for n in PHOTOS if n != "chelsea.jpg")
+    kept = records(out)
+    assert kept["chelsea.jpg"]["low_confidence"] is True and kept["chelsea.jpg"]["caption"]
+    assert not any("low_confidence" in r for n, r in kept.items() if n != "chelsea.jpg")
+    # the command line does the same, and says so
+    r = run(str(photos), "-o", str(out), "--resume", "--sidecar", "txt", "--min-confidence", "0.5")
+    assert r.exit_code == 0, r.output
+    assert "1 record(s) below --min-confidence 0.5" in r.output
+    assert not (photos / "chelsea.txt").exists() and (photos / "coffee.txt").is_file()
+    r = run(str(photos), "-o", str(out), "--resume", "--min-confidence", "1.5")
+    assert r.exit_code == 2 and "--min-confidence 1.5" in r.output
+
+
+def test_low_confidence_rule():
+    assert is_low_confidence({"confidence": 0.1}, 0.5)
+    assert not is_low_confidence({"confidence": 0.5}, 0.5)
+    assert not is_low_confidence({}, 0.5)  # no confidence: never filtered
+    assert not is_low_confidence({"confidence": 0.1}, None)
+
+
+def test_records_are_matched_to_files_with_names_that_are_not_utf8(tmp_path):
+    name = os.fsdecode(b"caf\xe9.jpg")
+    shutil.copy(EXAMPLES / "chelsea.jpg", tmp_path / name)
+    shutil.copy(EXAMPLES / "coffee.jpg", tmp_path / "coffee.jpg")
+    recs = [{**path_fields(name), "caption": "a cat"}, {"path": "coffee.jpg", "caption": "a cup"},
+            {"path": "gone.jpg", "caption": "not an input"}]
+    assert "path_bytes" in recs[0]
+    pairs = pair_records([tmp_path], recs)
+    assert [(p.name, r["caption"]) for p, r in pairs] == [(name, "a cat"), ("coffee.jpg", "a cup")]
+
+
+@pytest.mark.slow
+def test_a_failed_write_is_one_line_the_rest_go_on_and_strict_fails(work):
+    photos = work / "photos"
+    (photos / "rocket.jpg").chmod(0o444)
+    r = run(str(photos), "-o", str(work / "out.json"), "--resume", "--embed")
+    assert r.exit_code == 0, r.output
+    assert len(re.findall(r"^failed .*rocket\.jpg: ", r.output, re.M)) == 1, r.output
+    assert f"wrote {len(PHOTOS) - 1}, skipped 0 (a person's words; --overwrite replaces them), failed 1" in r.output
+    r = run(str(photos), "-o", str(work / "out.json"), "--resume", "--embed", "--strict")
+    assert r.exit_code == 1 and "1 metadata write(s) failed (--strict)" in r.output
