@@ -60,7 +60,7 @@ class SoftAttention(nn.Module):
         α (B*M, L).
         """
         B, L, A = Wa_a.shape
-        x = torch.tanh(Wa_a.unsqueeze(1) + self.W_h(h).view(B, -1, 1, A))  # (B, M, L, A)
+        x = (Wa_a.unsqueeze(1) + self.W_h(h).view(B, -1, 1, A)).tanh_()  # (B, M, L, A), in place: no copy
         e = self.w(x).squeeze(3)  # (B, M, L)
         alpha = torch.softmax(e, dim=2)  # (B, M, L)
         context = torch.bmm(alpha, a)  # Σ_i α_ti a_i: (B, M, D)
