@@ -34,6 +34,7 @@ from capcli.checkpoint import load_checkpoint, save_checkpoint
 from capcli.cli import app
 from capcli.encoders import get_spec
 from capcli.errors import CheckpointError, UsageError
+from capcli.images import load_image
 from capcli.models import build
 from capcli.progress import Progress
 from capcli.viz import save_attention_map
@@ -308,7 +309,10 @@ def test_attention_maps_need_an_attention_model(photo_dir, ckpts, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ the API
 def test_caption_images_and_paths(example_photos, captioner, photo_dir):
-    imgs = [Image.open(p) for p in example_photos]  # includes a grayscale PNG
+    # The photos as caption_paths decodes them (a JPEG at the scale the encoder needs), for the same pixels both
+    # ways; the grayscale PNG as it is.
+    imgs = [Image.open(p) if p.suffix == ".png" else load_image(p, captioner.spec.input_size) for p in example_photos]
+    assert any(im.mode == "L" for im in imgs)
     recs = captioner.caption_images(imgs, beam_size=3, top_k=3, max_len=8)
     assert len(recs) == len(imgs)
     for rec in recs:
