@@ -13,7 +13,10 @@ Training and the float32 reference search use ``nn.Linear``. The search twins of
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 MATMULS = ("float32", "bfloat16", "int8")
@@ -45,8 +48,38 @@ class PackedLinear:
         return y if self.bias is None else y.add_(self.bias)
 
 
+@dataclass
+class LSTMWeights:
+    """An LSTM layer's weights in float32, for twins that regroup its products.
+
+    PyTorch stacks the four gates' rows in the order i, f, g, o (input, forget, cell candidate, output: the
+    order ``lstm_update`` reads them in) in ``weight_ih`` (4H, I), ``weight_hh`` (4H, H) and both biases (4H,):
+    gates = W_ih x + b_ih + W_hh h + b_hh.
+    """
+
+    W_ih: torch.Tensor  # (4H, I)
+    W_hh: torch.Tensor  # (4H, H)
+    b_ih: torch.Tensor  # (4H,)
+    b_hh: torch.Tensor  # (4H,)
+
+    @classmethod
+    def of(cls, cell: nn.LSTMCell | nn.LSTM) -> LSTMWeights:
+        """From an ``nn.LSTMCell``, or a one-layer, one-way ``nn.LSTM``."""
+        if isinstance(cell, nn.LSTM):
+            if cell.num_layers != 1 or cell.bidirectional or cell.proj_size:
+                raise ValueError("twins read one-layer, one-way LSTMs only")
+            w_ih, w_hh, b_ih, b_hh = cell.weight_ih_l0, cell.weight_hh_l0, cell.bias_ih_l0, cell.bias_hh_l0
+        else:
+            w_ih, w_hh, b_ih, b_hh = cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh
+        return cls(*(w.detach().float() for w in (w_ih, w_hh, b_ih, b_hh)))
+
+
 def lstm_update(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The LSTM's elementwise half (PyTorch's gate order i, f, g, o): gates (n, 4H), c (n, H) -> new h, c."""
+    """The LSTM's elementwise half: gates = W_ih x + W_hh h + b (n, 4H) in the order i, f, g, o (see
+    :class:`LSTMWeights`), c (n, H) -> new h, c:
+
+        c' = σ(f) c + σ(i) tanh(g),   h' = σ(o) tanh(c')
+    """
     i, f, g, o = gates.chunk(4, 1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     return torch.sigmoid(o) * torch.tanh(c), c

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import register
 from .base import CaptionModel, State
-from .packed import PackedLinear, lstm_update
+from .packed import LSTMWeights, PackedLinear, lstm_update
 
 CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}
 
@@ -49,20 +49,19 @@ class SoftAttention(nn.Module):
         self.w = nn.Linear(attention_dim, 1)
 
     def project(self, a: torch.Tensor) -> torch.Tensor:
-        """2 W_a a_i for all regions, computed once per image: (B, L, D) -> (B, L, A); doubled for forward's σ."""
-        return 2 * self.W_a(a)
+        """W_a a_i for all regions, computed once per image: (B, L, D) -> (B, L, A)."""
+        return self.W_a(a)
 
-    def forward(self, a: torch.Tensor, Wa_a2: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """a (B, L, D), Wa_a2 = 2 W_a a (B, L, A) per image; h (B*M, H): M hypotheses per image (M beams, or 1).
+    def forward(self, a: torch.Tensor, Wa_a: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """e_ti = w^T tanh(W_a a_i + W_h h_{t-1}) (eq. 4), α_t = softmax(e_t) (eq. 5), context Σ_i α_ti a_i.
 
-        The regions are shared by an image's hypotheses, never copied per beam: -> context (B*M, D), α (B*M, L).
+        a (B, L, D) and Wa_a = W_a a (B, L, A) are per image; h (B*M, H) holds M hypotheses per image (M beams,
+        or 1). The regions are shared by an image's hypotheses, never copied per beam: -> context (B*M, D),
+        α (B*M, L).
         """
-        B, L, A = Wa_a2.shape
-        # Eq. 4 through tanh(x) = 2σ(2x) - 1: e = w^T tanh(x) + b = 2 w^T σ(2x) + b - Σ_k w_k, the same numbers.
-        # This (B, M, L, A) tensor is a beam search's biggest elementwise job, and on a CPU σ runs it 2-5x faster
-        # than tanh (measured in float32 and bfloat16).
-        s = (Wa_a2.unsqueeze(1) + 2 * self.W_h(h).view(B, -1, 1, A)).sigmoid_()  # σ(2x)
-        e = 2 * nn.functional.linear(s, self.w.weight).squeeze(3) + (self.w.bias - self.w.weight.sum())  # (B, M, L)
+        B, L, A = Wa_a.shape
+        x = (Wa_a.unsqueeze(1) + self.W_h(h).view(B, -1, 1, A)).tanh_()  # (B, M, L, A), in place: no copy
+        e = self.w(x).squeeze(3)  # (B, M, L)
         alpha = torch.softmax(e, dim=2)  # (B, M, L)
         context = torch.bmm(alpha, a)  # Σ_i α_ti a_i: (B, M, D)
         return context.flatten(0, 1), alpha.flatten(0, 1)
@@ -72,7 +71,7 @@ class SoftAttention(nn.Module):
 class ShowAttendTell(CaptionModel):
     arch = "attention"
     feature_kind = "grid"
-    image_slots = 2  # a and 2 W_a a: per image, shared by its beams
+    image_slots = 2  # a and W_a a: per image, shared by its beams
 
     def __init__(self, cfg: ShowAttendTellConfig) -> None:
         super().__init__()
@@ -103,8 +102,8 @@ class ShowAttendTell(CaptionModel):
             return self.cell(x, (h, c))
         return self.cell(x, h), c  # GRU / plain RNN carry no memory cell
 
-    def _attend(self, a: torch.Tensor, Wa_a2: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        context, alpha = self.attention(a, Wa_a2, h)
+    def _attend(self, a: torch.Tensor, Wa_a: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        context, alpha = self.attention(a, Wa_a, h)
         beta = torch.sigmoid(self.f_beta(h))  # gating scalar: (B, 1)
         return beta * context, alpha  # ẑ_t: (B, D)
 
@@ -125,7 +124,7 @@ class ShowAttendTell(CaptionModel):
         steps = lengths - 1  # words to predict per caption, <end> included
         order = torch.argsort(steps, descending=True)
         a, captions, steps = a[order], captions[order], steps[order]
-        a, Wa_a2, h, c = self.init_state(a)
+        a, Wa_a, h, c = self.init_state(a)
         Ey = self.embed(captions[:, :-1])  # E y_{t-1}: (B, T-1, E)
         hs = a.new_zeros(B, T - 1, h.size(1))
         zs = a.new_zeros(B, T - 1, a.size(2))
@@ -133,7 +132,7 @@ class ShowAttendTell(CaptionModel):
         steps_list = steps.tolist()
         for t in range(int(steps_list[0])):
             n = sum(1 for s in steps_list if s > t)  # captions still running at step t
-            z, alpha = self._attend(a[:n], Wa_a2[:n], h[:n])
+            z, alpha = self._attend(a[:n], Wa_a[:n], h[:n])
             h, c = self._cell(torch.cat([Ey[:n, t], z], 1), h[:n], c[:n])
             hs[:n, t], zs[:n, t], alphas[:n, t] = h, z, alpha
         logits = self._deep_output(Ey, hs, zs)  # (B, T-1, V), one matmul for all steps
@@ -141,12 +140,12 @@ class ShowAttendTell(CaptionModel):
         return logits[inverse], alphas[inverse]
 
     def step(self, tokens: torch.Tensor, state: State):
-        a, Wa_a2, h, c = state
+        a, Wa_a, h, c = state
         Ey = self.embed(tokens)  # (B, E)
-        z, alpha = self._attend(a, Wa_a2, h)
+        z, alpha = self._attend(a, Wa_a, h)
         h, c = self._cell(torch.cat([Ey, z], 1), h, c)
         logits = self._deep_output(Ey, h, z)  # (B, V)
-        return torch.log_softmax(logits.float(), -1), (a, Wa_a2, h, c), alpha
+        return torch.log_softmax(logits.float(), -1), (a, Wa_a, h, c), alpha
 
     def for_search(self, matmul: str) -> SearchShowAttendTell | None:
         return SearchShowAttendTell(self, matmul) if self.cfg.cell == "lstm" else None
@@ -160,17 +159,22 @@ class ShowAttendTell(CaptionModel):
 
 
 class SearchShowAttendTell:
-    """Show, Attend and Tell for the caption search only: the same equations, regrouped for a CPU.
+    """Show, Attend and Tell for the caption search only: the model's equations, regrouped for a CPU.
+
+    Built from the model's modules (their weights copied in float32, or packed for ``matmul``):
 
     - E y_{t-1}'s share of the LSTM's input product, with both LSTM biases, is a table with a row per word;
     - the products of h_t are one: L_h h_t (eq. 7) and, for the next step, W_h h_t (eq. 4), f_β(h_t) and the
       LSTM's W_hh h_t; so are the two of ẑ_t (the LSTM's input, and L_z ẑ_t of eq. 7);
-    - eq. 4, the biggest elementwise job, runs over ``CHUNK`` images at a time, so that its (chunk, M, L, A)
-      block stays in cache, and without an exp per element: with u = 2 W_a a_i (once per image) and
-      v = 2 W_h h (per hypothesis), σ(u + v) = 1 / (1 + e^-u e^-v), so e^-u is kept instead of u. That
-      needs e^-u and e^-v in float32's range: |v| <= 2 max_j ||W_h[j]||_1 since |h| < 1, which must be at most
-      ``EXP_V_MAX`` (53 for the shipped model; else σ it is), and u is clipped to ±80 before its exp, which
-      moves σ(u + v) by less than e^-(80 - 60) -- where it is within that of 0 or 1 anyway;
+    - eq. 4 runs through tanh(x) = 2σ(2x) - 1, so e_ti = w^T tanh(x) + b = 2 w^T σ(2x) + (b - Σ_k w_k): the same
+      numbers up to rounding, and on a CPU σ runs this (B, M, L, A) tensor, a beam search's biggest elementwise
+      job, 2-5x faster than tanh (measured in float32 and bfloat16). The products are doubled once, here:
+      u = 2 W_a a_i (once per image) and v = 2 W_h h (per hypothesis), x = u + v;
+    - eq. 4 runs over ``CHUNK`` images at a time, so that its (chunk, M, L, A) block stays in cache, and without
+      an exp per element: σ(u + v) = 1 / (1 + e^-u e^-v), so e^-u is kept instead of u. That needs e^-u and
+      e^-v in float32's range: |v| <= 2 max_j ||W_h[j]||_1 since |h| < 1, which must be at most ``EXP_V_MAX``
+      (53 for the shipped model; else σ it is), and u is clipped to ±80 before its exp, which moves σ(u + v) by
+      less than e^-(80 - 60) -- where it is within that of 0 or 1 anyway;
     - matrix products in ``matmul`` arithmetic (:class:`PackedLinear`: float32, bfloat16 or int8), the rest in
       float32; the grid a is kept in bfloat16 unless ``matmul`` is float32.
 
@@ -182,40 +186,40 @@ class SearchShowAttendTell:
     EXP_V_MAX = 60.0
 
     def __init__(self, model: ShowAttendTell, matmul: str) -> None:
-        cfg = model.cfg
-        E, H, A = cfg.embed_dim, cfg.hidden_dim, cfg.attention_dim
+        E, A = model.cfg.embed_dim, model.cfg.attention_dim
         self.E, self.A = E, A
         self.grid_dtype = torch.float32 if matmul == "float32" else torch.bfloat16
-        with torch.no_grad():
-            f32 = {k: v.detach().float() for k, v in model.state_dict().items()}
-            W_ih = f32["cell.weight_ih"]  # (4H, E + D): [E y; ẑ] in that order
-            self.embed = f32["embed.weight"]  # (V, E)
-            self.word_gates = self.embed @ W_ih[:, :E].t() + f32["cell.bias_ih"] + f32["cell.bias_hh"]  # (V, 4H)
-            self.W_a = PackedLinear(2 * f32["attention.W_a.weight"], 2 * f32["attention.W_a.bias"], matmul)
-            self.init_hc = PackedLinear(torch.cat([f32["init_h.weight"], f32["init_c.weight"]]),
-                                        torch.cat([f32["init_h.bias"], f32["init_c.bias"]]), matmul)
-            self.w = f32["attention.w.weight"].t().contiguous()  # (A, 1)
-            self.w_bias = float(f32["attention.w.bias"] - f32["attention.w.weight"].sum())  # see SoftAttention
-            self.of_z = PackedLinear(torch.cat([W_ih[:, E:], f32["L_z.weight"]]),
-                                     torch.cat([torch.zeros(4 * H), f32["L_z.bias"]]), matmul)  # (4H + E)
-            self.of_h = PackedLinear(
-                torch.cat([f32["L_h.weight"], 2 * f32["attention.W_h.weight"], f32["f_beta.weight"],
-                           f32["cell.weight_hh"]]),
-                torch.cat([f32["L_h.bias"], torch.zeros(A), f32["f_beta.bias"], torch.zeros(4 * H)]), matmul)
-            self.L_o = PackedLinear(f32["L_o.weight"], f32["L_o.bias"], matmul)
-            self.exp_form = float(2 * f32["attention.W_h.weight"].abs().sum(1).max()) <= self.EXP_V_MAX
+        att, lstm = model.attention, LSTMWeights.of(model.cell)
+        W_ih_y, W_ih_z = lstm.W_ih[:, :E], lstm.W_ih[:, E:]  # the LSTM's input is [E y_{t-1}; ẑ_t]
+        W_a, b_a = _f32(att.W_a)
+        W_h, _ = _f32(att.W_h)
+        w, b_w = _f32(att.w)  # (1, A), (1,)
+        (W_ih_h, b_ih_h), (W_ic, b_ic) = _f32(model.init_h), _f32(model.init_c)
+        (W_Lh, b_Lh), (W_Lz, b_Lz), (W_b, b_b) = _f32(model.L_h), _f32(model.L_z), _f32(model.f_beta)
+        self.embed = model.embed.weight.detach().float()  # (V, E)
+        self.word_gates = self.embed @ W_ih_y.t() + lstm.b_ih + lstm.b_hh  # (V, 4H)
+        self.W_a = PackedLinear(2 * W_a, 2 * b_a, matmul)  # u = 2 W_a a
+        self.init_hc = PackedLinear(torch.cat([W_ih_h, W_ic]), torch.cat([b_ih_h, b_ic]), matmul)  # -> [h_0; c_0]
+        self.w = w.t().contiguous()  # (A, 1)
+        self.w_bias = float(b_w - w.sum())  # b - Σ_k w_k
+        zeros = torch.zeros
+        self.of_z = PackedLinear(torch.cat([W_ih_z, W_Lz]), torch.cat([zeros(len(W_ih_z)), b_Lz]), matmul)  # (4H + E)
+        self.of_h = PackedLinear(torch.cat([W_Lh, 2 * W_h, W_b, lstm.W_hh]),  # (E + A + 1 + 4H)
+                                 torch.cat([b_Lh, zeros(A), b_b, zeros(len(lstm.W_hh))]), matmul)
+        self.L_o = PackedLinear(*_f32(model.L_o), matmul)
+        self.exp_form = float(2 * W_h.abs().sum(1).max()) <= self.EXP_V_MAX
 
     def init_state(self, a: torch.Tensor) -> State:
         a = a.float()
         B, L, D = a.shape
         h, c = torch.tanh(self.init_hc(a.mean(1))).chunk(2, 1)
-        u = self.W_a(a.reshape(B * L, D)).view(B, L, -1)  # 2 W_a a_i
+        u = self.W_a(a.reshape(B * L, D)).view(B, L, -1)  # 2 W_a a_i: (B, L, A)
         u = torch.exp(-u.clamp_(-80.0, 80.0)) if self.exp_form else u
         return (a.to(self.grid_dtype), u, h, c, self.of_h(h)[:, self.E:])
 
     def _alpha(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Eq. 4-5 as SoftAttention computes them, from u (B, L, A) as kept in the state and v = 2 W_h h
-        (B, M, 1, A) -> α (B, M, L)."""
+        """Eq. 4-5 through σ (see the class): from u (B, L, A) as kept in the state and v = 2 W_h h (B, M, 1, A),
+        e = 2 w^T σ(u + v) + (b - Σ_k w_k) (B, M, L) -> α = softmax(e) (B, M, L)."""
         B, L, A = u.shape
         M, n = v.size(1), self.CHUNK
         e = u.new_empty(B, M, L, 1)
@@ -243,3 +247,9 @@ class SearchShowAttendTell:
         of_h = self.of_h(h)
         logits = self.L_o(self.embed[tokens] + of_h[:, :E] + of_z[:, -E:])  # eq. 7
         return torch.log_softmax(logits, -1), (a, u, h, c, of_h[:, E:]), alpha.flatten(0, 1)
+
+
+def _f32(layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A linear layer's weight (out, in) and bias (out,) as float32 copies, for a twin to regroup."""
+    bias = layer.bias.detach().float() if layer.bias is not None else None
+    return layer.weight.detach().float(), bias

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import register
 from .base import CaptionModel, State
-from .packed import PackedLinear, lstm_update
+from .packed import LSTMWeights, PackedLinear, lstm_update
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
@@ -119,29 +119,40 @@ class ShowTell(CaptionModel):
 
 
 class SearchShowTell:
-    """Show and Tell for the caption search only: the same equations, regrouped.
+    """Show and Tell for the caption search only: the model's equations, regrouped; built from its modules.
 
     W_e S_t's share of the LSTM's input product, with both biases, is a table with a row per word; W_o h_t and,
     for the next step, the LSTM's W_hh h_t are one matrix product, in ``matmul`` arithmetic (:class:`PackedLinear`).
+    The image step (x_{-1} = W_I f through the LSTM from a zero state, or h_0 = tanh(W_h f), c_0 = tanh(W_c f))
+    runs once per image, through the model's own layers.
     State: (h, c, W_hh h), all per hypothesis.
     """
 
     image_slots = 0
 
     def __init__(self, model: ShowTell, matmul: str) -> None:
-        self.model = model  # for the image step, once per image
-        with torch.no_grad():
-            f32 = {k: v.detach().float() for k, v in model.state_dict().items()}
-            self.V = f32["out.weight"].size(0)
-            self.word_gates = f32["embed.weight"] @ f32["rnn.weight_ih_l0"].t() + f32["rnn.bias_ih_l0"] \
-                + f32["rnn.bias_hh_l0"]  # (V, 4H)
-            self.of_h = PackedLinear(torch.cat([f32["out.weight"], f32["rnn.weight_hh_l0"]]),
-                                     torch.cat([f32["out.bias"], torch.zeros(f32["rnn.weight_hh_l0"].size(0))]),
-                                     matmul)
+        self.condition = model.cfg.condition
+        # The image step's layers, run as they are: W_I and the LSTM itself, or W_h and W_c.
+        self.image_layers = [model.image_embed, model.rnn] if self.condition == "first-step" \
+            else [model.init_h, model.init_c]
+        lstm = LSTMWeights.of(model.rnn)
+        W_o, b_o = model.out.weight.detach().float(), model.out.bias.detach().float()
+        self.V = len(W_o)
+        self.word_gates = model.embed.weight.detach().float() @ lstm.W_ih.t() + lstm.b_ih + lstm.b_hh  # (V, 4H)
+        self.of_h = PackedLinear(torch.cat([W_o, lstm.W_hh]), torch.cat([b_o, torch.zeros(len(lstm.W_hh))]),
+                                 matmul)  # h -> [W_o h + b_o; W_hh h]: (V + 4H)
 
     def init_state(self, features: torch.Tensor) -> State:
+        """(B, D) pooled features -> the state after seeing the image."""
+        features = features.float()
         with torch.no_grad():
-            h, c = (x[0].float() for x in self.model._initial_hidden(features.float()))  # (B, H) each
+            if self.condition == "init-state":
+                h, c = (torch.tanh(layer(features)) for layer in self.image_layers)  # h_0, c_0: (B, H) each
+            else:
+                W_I, lstm = self.image_layers
+                _, (h, c) = lstm(W_I(features).unsqueeze(1))  # x_{-1} = W_I f from h = c = 0: (1, B, H) each
+                h, c = h[0], c[0]
+        h, c = h.float(), c.float()
         return (h, c, self.of_h(h)[:, self.V:])
 
     def step(self, tokens: torch.Tensor, state: State):
