@@ -124,6 +124,8 @@ class Captioner:
         natively, see ``models.decoding.resolve_precision``) | float32 | bfloat16 | int8.
         ``grounding``: auto (ground captions in the encoder's ImageNet evidence where the encoder has its ImageNet
         head, see ``capcli/grounding.py``) | off. A fine-tuned encoder's head no longer reads its features: off.
+        Records get a ``confidence`` when the checkpoint has a fitted calibration (``capcli/confidence.py``: the
+        shipped model) and grounding is on.
         """
         dev = _device(device)
         if checkpoint is None:
@@ -263,7 +265,8 @@ class Captioner:
         """Caption image files, decoded by ``workers`` threads (CPU) or processes (CUDA) beside the encoder,
         encoded ``batch_size`` at a time and searched about ``search_batch`` at a time; yields one record per
         path, in input order:
-        ``{"path", "caption", "logprob", ["alternatives"], ["words", "alphas"]}`` or ``{"path", "error"}``.
+        ``{"path", "caption", "logprob", ["alternatives"], ["labels"], ["confidence"], ["words", "alphas"]}`` or
+        ``{"path", "error"}``.
 
         ``path`` is the path as given (a string). Unreadable files yield an ``error`` record; the rest go on.
         """
