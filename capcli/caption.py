@@ -11,7 +11,8 @@ however many photos.
 Outputs (chosen by the extension of ``-o``):
 
 - ``.jsonl``: one JSON object per line, written and flushed as each image is done;
-- ``.csv``: columns path, caption, logprob, error, alternatives (a JSON list), path_bytes, streamed the same way;
+- ``.csv``: columns path, caption, logprob, error, alternatives (a JSON list), labels, confidence, path_bytes,
+  streamed the same way;
 - ``.json``: one array, rewritten atomically every 30 s and at the end, also after Ctrl-C or a failure.
 
 A record names its file by ``path``, plus ``path_bytes`` for a name that is not UTF-8 (the rule is in
@@ -42,6 +43,7 @@ from PIL import Image, ImageOps
 
 from . import atomic, lock
 from .checkpoint import load_checkpoint
+from .confidence import ConfidenceModel, for_checkpoint
 from .encoders import Encoder, create_encoder, get_spec
 from .errors import CapcliError, CheckpointError, ImageError, OutputError, UsageError, os_reason
 from .grounding import MODES as GROUNDING_MODES
@@ -59,7 +61,7 @@ _ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED_MODELS = {"attention": _ASSETS / "flickr8k-attention.pt", "basic": _ASSETS / "flickr8k-basic.pt"}
 DEFAULT_MODEL = SHIPPED_MODELS["attention"]
 FORMATS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}
-CSV_FIELDS = ("path", "caption", "logprob", "error", "alternatives", "labels", "path_bytes")
+CSV_FIELDS = ("path", "caption", "logprob", "error", "alternatives", "labels", "confidence", "path_bytes")
 JSON_SAVE_EVERY_S = 30.0
 SEARCH_BATCH = 128  # images per beam search in caption_paths (several encoder batches)
 
@@ -110,6 +112,8 @@ class Captioner:
         twin = self.model.for_search(precision) if precision != "float32" else None
         self._search_model: Searchable = twin if twin is not None else self.model
         self.precision = precision if twin is not None else "float32"
+        # P(the caption names no object not in the photo), for a checkpoint with a fitted calibration (load()).
+        self.confidence: ConfidenceModel | None = None
 
     @classmethod
     def load(cls, checkpoint: str | Path | None = None, device: str | torch.device = "auto",
@@ -120,6 +124,8 @@ class Captioner:
         natively, see ``models.decoding.resolve_precision``) | float32 | bfloat16 | int8.
         ``grounding``: auto (ground captions in the encoder's ImageNet evidence where the encoder has its ImageNet
         head, see ``capcli/grounding.py``) | off. A fine-tuned encoder's head no longer reads its features: off.
+        Records get a ``confidence`` when the checkpoint has a fitted calibration (``capcli/confidence.py``: the
+        shipped model) and grounding is on.
         """
         dev = _device(device)
         if checkpoint is None:
@@ -154,7 +160,10 @@ class Captioner:
             except (RuntimeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{path}: its fine-tuned encoder weights do not fit {spec.name}") from e
             grounding = "off"
-        return cls(model, encoder.for_inference(), vocab, dev, source=path, precision=precision, grounding=grounding)
+        cap = cls(model, encoder.for_inference(), vocab, dev, source=path, precision=precision, grounding=grounding)
+        if cap.grounder is not None:  # fitted on grounded captions (their labels are features)
+            cap.confidence = for_checkpoint(path)
+        return cap
 
     @property
     def has_attention(self) -> bool:
@@ -224,6 +233,8 @@ class Captioner:
                                    for h in hyps]
         if plan is not None:
             rec["labels"] = [{"word": w, "p": p} for w, p in plan.labels]
+            if self.confidence is not None:
+                rec["confidence"] = round(self.confidence(rec["caption"], rec["logprob"], rec["labels"]), 4)
         if return_alphas and best.alphas is not None:
             rec["words"] = self._text(best.tokens, plan).split()  # one per row of alphas
             rec["alphas"] = best.alphas.float().numpy()  # (L, N)
@@ -257,7 +268,8 @@ class Captioner:
         """Caption image files, decoded by ``workers`` threads (CPU) or processes (CUDA) beside the encoder,
         encoded ``batch_size`` at a time and searched about ``search_batch`` at a time; yields one record per
         path, in input order:
-        ``{"path", "caption", "logprob", ["alternatives"], ["words", "alphas"]}`` or ``{"path", "error"}``.
+        ``{"path", "caption", "logprob", ["alternatives"], ["labels"], ["confidence"], ["words", "alphas"]}`` or
+        ``{"path", "error"}``.
 
         ``path`` is the path as given (a string). Unreadable files yield an ``error`` record; the rest go on.
         """
@@ -437,6 +449,8 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
                 for key in ("alternatives", "labels"):
                     if row.get(key):
                         rec[key] = json.loads(row[key])
+                if row.get("confidence"):
+                    rec["confidence"] = float(row["confidence"])
             except (ValueError, json.JSONDecodeError):
                 continue
         out.append(rec)
@@ -567,6 +581,7 @@ class _CsvWriter(_StreamWriter):
         return {"path": rec["path"], "caption": rec.get("caption", ""), "logprob": rec.get("logprob", ""),
                 "error": rec.get("error", ""), "alternatives": json.dumps(alts, ensure_ascii=False) if alts else "",
                 "labels": json.dumps(rec["labels"], ensure_ascii=False) if rec.get("labels") else "",
+                "confidence": rec.get("confidence", ""),
                 "path_bytes": rec.get("path_bytes", "")}
 
     def encode(self, rec: dict[str, Any]) -> bytes:
