@@ -30,6 +30,7 @@ from .config import TrainConfig
 from .errors import WRITE_ERRNOS, CapcliError, os_reason
 from .names import display
 from .progress import Progress
+from .runtime import tune_cpu_allocator
 
 if TYPE_CHECKING:
     from .chair import ChairScores
@@ -138,6 +139,9 @@ def _root(
     ] = False,
 ) -> None:
     """capcli: natural-language captions for photos."""
+    # The command opts in to the process-wide allocator tuning that makes CPU forward passes up to ~2x faster
+    # (the library never does it itself); one command runs and exits, so keeping its peak heap costs nothing.
+    tune_cpu_allocator()
 
 
 DataRoot = Annotated[

@@ -10,7 +10,8 @@ import torch
 from capcli.encoders import create_encoder, get_spec
 from capcli.images import load_image
 from capcli.models import build
-from capcli.models.decoding import PRECISIONS, Decoded, beam_search, greedy, resolve_precision, sample
+from capcli.models.decoding import Decoded, beam_search, greedy, sample
+from capcli.runtime import PRECISIONS, resolve_precision
 from capcli.vocab import Vocabulary
 
 START, END = Vocabulary.start_id, Vocabulary.end_id
