@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from capcli import evaluate as ev
+from capcli import report
 from capcli.cli import app
 from capcli.errors import EvaluateError
 
@@ -328,7 +329,7 @@ def test_html_escapes_captions(small_flickr8k, tmp_path):
     val = ds.split("val")[:2]
     results = {val[0].id: '<script>alert("x")</script> & a dog', val[1].id: "a dog"}
     s = ev.score(results, ds.references("val"), metrics=("bleu", "cider"), tokenizer="python")
-    page = ev.write_html(tmp_path / "r.html", ds, results, s, "val").read_text()
+    page = report.write_html(tmp_path / "r.html", ds, results, s, "val").read_text()
     assert "<script>alert" not in page and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; a dog" in page
 
 
