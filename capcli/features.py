@@ -176,44 +176,17 @@ def extract_features(
                 out.rmdir()  # only if the run failed before writing anything
 
 
-def _extract(dataset: Dataset, encoder: str, spec: EncoderSpec, out: Path, shard_size: int, batch_size: int,
-             workers: int, device: str, weights: str | Path | None, image_ids: Iterable[int] | None, decode: str,
-             progress: Progress) -> Path:
-    """:func:`extract_features` once ``out`` is locked."""
-    import torch
-
-    records = dataset.images if image_ids is None else [dataset.get(int(i)) for i in dict.fromkeys(image_ids)]
-    if not records:
-        raise FeaturesError(f"dataset {dataset.name} has no images to extract features from")
-    ids = [r.id for r in records]
+def _manifest_for(out: Path, dataset: Dataset, encoder: str, spec: EncoderSpec, weights: str | None,
+                  ids: list[int], shard_size: int) -> dict:
+    """The folder's manifest when it holds features of this very job (else FeaturesError), or a new one."""
     digest = _ids_digest(ids)
-    weights_s = str(Path(weights).expanduser().resolve()) if weights is not None else None
-
     manifest = _read_manifest(out)
-    if manifest is not None:
-        if manifest.get("encoder") != encoder:
-            raise FeaturesError(
-                f"{out} holds features of encoder {manifest.get('encoder')!r}, not {encoder!r}; "
-                "choose another --out or delete that folder"
-            )
-        if manifest.get("weights") != weights_s:
-            raise FeaturesError(
-                f"{out} holds {encoder} features from weights {manifest.get('weights') or 'default'}, "
-                f"not {weights_s or 'default'}; choose another --out or delete that folder"
-            )
-        if manifest.get("ids_digest") != digest:
-            raise FeaturesError(
-                f"{out} holds {encoder} features of a different image set ({manifest.get('num_images')} images "
-                f"of {manifest.get('dataset', {}).get('name')!r}); choose another --out or delete that folder"
-            )
-        asked_shard_size, shard_size = shard_size, int(manifest["shard_size"])  # the folder's shards stay
-    else:
-        asked_shard_size = shard_size
-        manifest = {
+    if manifest is None:
+        return {
             "format": FORMAT,
             "encoder": encoder,
             "spec": spec.to_dict(),
-            "weights": weights_s,
+            "weights": weights,
             "preprocessing": preprocessing(spec),
             "dtype": "float16",
             "num_regions": spec.num_regions,
@@ -227,14 +200,112 @@ def _extract(dataset: Dataset, encoder: str, spec: EncoderSpec, out: Path, shard
             "num_extracted": 0,
             "complete": False,
         }
+    if manifest.get("encoder") != encoder:
+        raise FeaturesError(
+            f"{out} holds features of encoder {manifest.get('encoder')!r}, not {encoder!r}; "
+            "choose another --out or delete that folder"
+        )
+    if manifest.get("weights") != weights:
+        raise FeaturesError(
+            f"{out} holds {encoder} features from weights {manifest.get('weights') or 'default'}, "
+            f"not {weights or 'default'}; choose another --out or delete that folder"
+        )
+    if manifest.get("ids_digest") != digest:
+        raise FeaturesError(
+            f"{out} holds {encoder} features of a different image set ({manifest.get('num_images')} images "
+            f"of {manifest.get('dataset', {}).get('name')!r}); choose another --out or delete that folder"
+        )
+    return manifest
 
-    n_shards = (len(records) + shard_size - 1) // shard_size
+
+def _listed_shards(out: Path, manifest: dict) -> dict[int, dict]:
+    """The manifest's shards whose files exist, by index; a listed shard that vanished is forgotten, with its
+    failures, so that it is extracted again."""
     done = {int(s["index"]): s for s in manifest["shards"] if (out / s["file"]).is_file()}
-    if len(done) < len(manifest["shards"]):  # a listed shard vanished: redo it and forget its failures
+    if len(done) < len(manifest["shards"]):
         lost = {int(s["index"]) for s in manifest["shards"]} - set(done)
         manifest["failed"] = [f for f in manifest["failed"] if f.get("shard") not in lost]
         manifest["shards"] = [done[k] for k in sorted(done)]
         manifest["complete"] = False
+    return done
+
+
+def _clear_folder(out: Path, manifest: dict, done: dict[int, dict]) -> None:
+    """Create ``out``, delete half-written shards and shards the manifest does not list, write the manifest."""
+    with _write_errors(out, manifest):
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob("shard-*.h5*"):  # half-written shards, or shards renamed after the last manifest
+            k = int(stale.name[6:11]) if stale.name[6:11].isdigit() else -1
+            if stale.name.endswith(".tmp") or k not in done:
+                stale.unlink()
+        _write_manifest(out, manifest)
+
+
+class _Shards:
+    """Fills shard after shard from the encoded batches; publishes each, then the manifest, once complete."""
+
+    def __init__(self, out: Path, manifest: dict, spec: EncoderSpec, encoder: str, n_records: int,
+                 todo: list[int], progress: Progress) -> None:
+        self.out, self.manifest, self.spec, self.encoder, self.progress = out, manifest, spec, encoder, progress
+        self.shard_size, self.n_records = int(manifest["shard_size"]), n_records
+        self.n_shards = (n_records + self.shard_size - 1) // self.shard_size
+        self.remaining = {k: self.images_in(k) for k in todo}
+        self.writer: _ShardWriter | None = None
+        self.current = -1
+        self.shard_failed: list[dict] = []
+        self.n_failed = 0  # in this run
+
+    def images_in(self, k: int) -> int:
+        return min((k + 1) * self.shard_size, self.n_records) - k * self.shard_size
+
+    def begin(self, k: int, failed: list[tuple[int, str, str]]) -> None:
+        """A batch of shard ``k`` is next; ``failed``: its images that could not be read."""
+        if k != self.current:
+            self.writer = _ShardWriter(self.out, k, self.spec.num_regions, self.spec.feature_dim, self.encoder)
+            self.current, self.shard_failed = k, []
+        for image_id, file, reason in failed:
+            self.shard_failed.append({"id": int(image_id), "file": file, "reason": reason, "shard": k})
+            self.n_failed += 1
+            if self.n_failed <= MAX_WARNINGS:
+                self.progress.warn(f"skipped {reason}")
+
+    def add(self, ids: np.ndarray, features: tuple[np.ndarray, np.ndarray] | None, n_items: int) -> None:
+        """The batch's (grid, pooled) features (None: no image of it was readable) of its ``n_items`` images."""
+        k = self.current
+        if features is not None:
+            self.writer.append(ids, *features)
+        self.remaining[k] -= n_items
+        if self.remaining[k] == 0:  # shard complete: publish it, then record it
+            count = self.writer.n
+            self.writer.close()
+            self.writer = None
+            m = self.manifest
+            m["shards"].append({"index": k, "file": shard_name(k), "count": count, "images": self.images_in(k)})
+            m["shards"].sort(key=lambda s: s["index"])
+            m["failed"] += self.shard_failed
+            m["num_extracted"] = sum(s["count"] for s in m["shards"])
+            m["complete"] = len(m["shards"]) == self.n_shards
+            _write_manifest(self.out, m)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+
+def _extract(dataset: Dataset, encoder: str, spec: EncoderSpec, out: Path, shard_size: int, batch_size: int,
+             workers: int, device: str, weights: str | Path | None, image_ids: Iterable[int] | None, decode: str,
+             progress: Progress) -> Path:
+    """:func:`extract_features` once ``out`` is locked."""
+    import torch
+
+    records = dataset.images if image_ids is None else [dataset.get(int(i)) for i in dict.fromkeys(image_ids)]
+    if not records:
+        raise FeaturesError(f"dataset {dataset.name} has no images to extract features from")
+    weights_s = str(Path(weights).expanduser().resolve()) if weights is not None else None
+    manifest = _manifest_for(out, dataset, encoder, spec, weights_s, [r.id for r in records], shard_size)
+    asked_shard_size, shard_size = shard_size, int(manifest["shard_size"])  # the folder's shards stay
+    n_shards = (len(records) + shard_size - 1) // shard_size
+    done = _listed_shards(out, manifest)
     todo = [k for k in range(n_shards) if k not in done]
     if not todo:
         if not manifest.get("complete"):
@@ -258,64 +329,26 @@ def _extract(dataset: Dataset, encoder: str, spec: EncoderSpec, out: Path, shard
     # Decoding starts now, while the encoder loads. Weights problems surface before the output
     # folder is touched.
     source = batch_source(items, batches, workers, decode, dev)
-    writer: _ShardWriter | None = None
-    current = -1
-    shard_failed: list[dict] = []
-    n_failed_run = 0
+    shards = _Shards(out, manifest, spec, encoder, len(records), todo, progress)
     try:
         enc = _create(encoder, weights).to(dev)
-        with _write_errors(out, manifest):
-            out.mkdir(parents=True, exist_ok=True)
-            for stale in out.glob("shard-*.h5*"):  # half-written shards, or shards renamed after the last manifest
-                k = int(stale.name[6:11]) if stale.name[6:11].isdigit() else -1
-                if stale.name.endswith(".tmp") or k not in done:
-                    stale.unlink()
-            _write_manifest(out, manifest)
+        _clear_folder(out, manifest, done)
         if done:
             progress.info(f"resuming {out}: {len(done)} of {n_shards} shards already done")
         if asked_shard_size != shard_size:
             progress.info(f"keeping the folder's shard size {shard_size} (not {asked_shard_size})")
-
-        total = sum(len(b) for b in batches)
-        remaining = {k: min((k + 1) * shard_size, len(records)) - k * shard_size for k in todo}
-
-        progress.start(f"features {encoder}", total=total, unit="img")
+        progress.start(f"features {encoder}", total=sum(len(b) for b in batches), unit="img")
         with torch.inference_mode(), _write_errors(out, manifest):
             for batch_idx, (bids, images, failed, n_items) in enumerate(source):
-                k = batches[batch_idx][0] // shard_size
-                if k != current:
-                    writer = _ShardWriter(out, k, spec.num_regions, spec.feature_dim, encoder)
-                    current, shard_failed = k, []
-                for image_id, file, reason in failed:
-                    shard_failed.append({"id": int(image_id), "file": file, "reason": reason, "shard": k})
-                    n_failed_run += 1
-                    if n_failed_run <= MAX_WARNINGS:
-                        progress.warn(f"skipped {reason}")
-                if images is not None:
-                    grid, pooled = _forward(enc, images, dev)
-                    writer.append(bids.numpy(), grid, pooled)
-                remaining[k] -= n_items
-                if remaining[k] == 0:  # shard complete: publish it, then record it
-                    count = writer.n
-                    writer.close()
-                    writer = None
-                    manifest["shards"].append(
-                        {"index": k, "file": shard_name(k), "count": count,
-                         "images": min((k + 1) * shard_size, len(records)) - k * shard_size}
-                    )
-                    manifest["shards"].sort(key=lambda s: s["index"])
-                    manifest["failed"] += shard_failed
-                    manifest["num_extracted"] = sum(s["count"] for s in manifest["shards"])
-                    manifest["complete"] = len(manifest["shards"]) == n_shards
-                    _write_manifest(out, manifest)
+                shards.begin(batches[batch_idx][0] // shard_size, failed)
+                shards.add(bids.numpy(), _forward(enc, images, dev) if images is not None else None, n_items)
                 progress.advance(n_items)
     finally:
-        if writer is not None:
-            writer.abort()
+        shards.abort()
         progress.done()
         source.close()  # stops the decoding now, also on error
-    if n_failed_run:
-        progress.warn(f"{n_failed_run} unreadable image(s) skipped; listed under 'failed' in {out / MANIFEST}")
+    if shards.n_failed:
+        progress.warn(f"{shards.n_failed} unreadable image(s) skipped; listed under 'failed' in {out / MANIFEST}")
     _check_some_read(manifest)
     return out
 

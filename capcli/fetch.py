@@ -606,6 +606,74 @@ def dataset_name(dataset: str, year: int = 2014) -> str:
     return key
 
 
+@dataclass
+class _FetchRun:
+    """One :func:`fetch` call's settings and findings, shared by the sources it gets."""
+
+    raw: Path
+    result: FetchResult
+    mirror: str | None
+    keep_archives: bool
+    retries: int
+    backoff: float
+    max_wait: float
+    timeout: float
+    progress: Progress
+    _sums: dict[str, str] | None = None
+    _sums_read: bool = False
+
+    def sums(self) -> dict[str, str] | None:
+        """The mirror's checksums, read once, when the first mirrored file is downloaded."""
+        if not self._sums_read:
+            self._sums, self._sums_read = mirror_sums(self.mirror, self.timeout), True
+        return self._sums
+
+    def get(self, src: Source) -> None:
+        """Download (unless already here), verify and extract one source; an optional one that cannot be had
+        is noted and marked ``.unavailable`` instead."""
+        result, progress = self.result, self.progress
+        archive = self.raw / "downloads" / src.file
+        extracted = archive.with_name(src.file + ".extracted")
+        unavailable = archive.with_name(src.file + ".unavailable")
+        if extracted.exists():
+            result.skipped.append(src.file)
+            return
+        if src.optional and unavailable.exists():
+            note = f"{src.file} was unavailable on an earlier run; skipped (pass --karpathy URL_OR_PATH to add it)"
+            result.notes.append(note)
+            return
+        if archive.exists() and not _downloaded(archive):
+            _adopt(src, archive, progress)
+        if not _downloaded(archive):
+            if self.mirror and src.mirrored:
+                src = _mirrored(src, self.mirror, self.sums())
+            try:
+                download(src, archive, retries=min(self.retries, 1) if src.optional else self.retries,
+                         backoff=self.backoff, max_wait=self.max_wait, timeout=self.timeout, progress=progress)
+            except FetchError as e:
+                if not src.optional:
+                    raise
+                atomic.write_json(unavailable, {"url": src.url, "error": str(e)})
+                result.notes.append(f"{src.file} unavailable ({e}); continuing without it")
+                return
+            result.downloaded.append(src.file)
+        try:
+            count = _install(src, archive, self.raw / src.dest, progress)
+        except _BadArchive as e:  # never reuse a broken archive
+            os.replace(archive, archive.with_name(src.file + ".bad"))
+            archive.with_name(src.file + ".done").unlink(missing_ok=True)
+            if not src.optional:
+                raise FetchError(f"{e}; moved aside to {src.file}.bad") from None
+            atomic.write_json(unavailable, {"url": src.url, "error": str(e)})
+            result.notes.append(f"{src.file} unusable ({e}; moved aside to {src.file}.bad); continuing without it")
+            return
+        atomic.write_json(extracted, {"file": src.file, "dest": str(self.raw / src.dest), "files": count})
+        unavailable.unlink(missing_ok=True)
+        result.extracted.append(src.file)
+        if not self.keep_archives:
+            archive.unlink(missing_ok=True)
+
+
 def fetch(
     dataset: str,
     *,
@@ -644,59 +712,11 @@ def fetch(
     raw = paths.raw_dir(name, root)
     downloads = raw / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
-    result = FetchResult(name, raw)
-    sums: dict[str, str] | None = None
-    sums_read = False
-
-    def wanted(s: Source) -> bool:
-        return only is None or s.part == only or (only == "annotations" and s.part == "splits")
-
+    run = _FetchRun(raw, FetchResult(name, raw), mirror, keep_archives, retries, backoff, max_wait, timeout, progress)
     for src in table:
-        if not wanted(src):
-            continue
-        archive = downloads / src.file
-        done_marker = archive.with_name(src.file + ".done")
-        extracted = archive.with_name(src.file + ".extracted")
-        unavailable = archive.with_name(src.file + ".unavailable")
-        if extracted.exists():
-            result.skipped.append(src.file)
-            continue
-        if src.optional and unavailable.exists():
-            note = f"{src.file} was unavailable on an earlier run; skipped (pass --karpathy URL_OR_PATH to add it)"
-            result.notes.append(note)
-            continue
-        if archive.exists() and not _downloaded(archive):
-            _adopt(src, archive, progress)
-        if not _downloaded(archive):
-            if mirror and src.mirrored:
-                if not sums_read:
-                    sums, sums_read = mirror_sums(mirror, timeout), True
-                src = _mirrored(src, mirror, sums)
-            try:
-                download(src, archive, retries=min(retries, 1) if src.optional else retries, backoff=backoff,
-                         max_wait=max_wait, timeout=timeout, progress=progress)
-            except FetchError as e:
-                if not src.optional:
-                    raise
-                atomic.write_json(unavailable, {"url": src.url, "error": str(e)})
-                result.notes.append(f"{src.file} unavailable ({e}); continuing without it")
-                continue
-            result.downloaded.append(src.file)
-        try:
-            count = _install(src, archive, raw / src.dest, progress)
-        except _BadArchive as e:  # never reuse a broken archive
-            os.replace(archive, archive.with_name(src.file + ".bad"))
-            done_marker.unlink(missing_ok=True)
-            if not src.optional:
-                raise FetchError(f"{e}; moved aside to {src.file}.bad") from None
-            atomic.write_json(unavailable, {"url": src.url, "error": str(e)})
-            result.notes.append(f"{src.file} unusable ({e}; moved aside to {src.file}.bad); continuing without it")
-            continue
-        atomic.write_json(extracted, {"file": src.file, "dest": str(raw / src.dest), "files": count})
-        unavailable.unlink(missing_ok=True)
-        result.extracted.append(src.file)
-        if not keep_archives:
-            archive.unlink(missing_ok=True)
+        if only is None or src.part == only or (only == "annotations" and src.part == "splits"):
+            run.get(src)
+    result = run.result
 
     if not result.changed:
         progress.info(f"{name}: nothing to download, every file is already here ({raw})")

@@ -1,4 +1,5 @@
-"""Photos decoded into encoder batches beside the encoder: the workers ``caption``, ``features`` and ``train`` share.
+"""Photos decoded into encoder batches beside the encoder: the workers of ``caption`` and ``features`` (and so of
+``train``, which extracts its features through ``features``; fine-tuning decodes in its own DataLoader workers).
 
 :class:`ImageItems` reads one photo (``EncoderSpec.read``: upright, RGB, resized, uint8) or says why it cannot;
 :func:`batch_source` runs it over batches of indices in threads on the CPU, DataLoader worker processes for a

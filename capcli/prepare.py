@@ -302,31 +302,9 @@ def detect_kind(source: Path) -> str:
     raise DatasetError(f"{source}: cannot tell the dataset kind; pass --kind")
 
 
-def prepare(
-    source: str | Path,
-    *,
-    kind: str = "auto",
-    images: str | Path | None = None,
-    splits: str | Path | None = None,
-    karpathy: str | Path | None = None,
-    name: str | None = None,
-    out: str | Path | None = None,
-    progress: Progress = NULL,
-    root: str | Path | None = None,
-) -> tuple[Dataset, PrepareReport]:
-    """Read ``source`` and write the canonical layout to ``out`` (default: the data root's datasets/NAME)."""
-    source = Path(source)
-    if kind not in KINDS:
-        raise UsageError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
-    if not source.exists():
-        raise DatasetError(f"{source}: no such file or folder")
-    kind = detect_kind(source) if kind == "auto" else kind
-    if karpathy is not None and kind != "coco":
-        raise UsageError(f"--karpathy goes with COCO annotation files, but {source} is {kind}")
-    if splits is not None and kind != "coco-splits":
-        raise UsageError(f"--splits goes with --kind coco-splits, but {source} is {kind}")
-    report = PrepareReport(kind=kind)
-    img_dir = Path(images) if images else None
+def _read_source(source: Path, kind: str, img_dir: Path | None, karpathy: str | Path | None,
+                 splits: str | Path | None, report: PrepareReport) -> tuple[Path, list[Entry]]:
+    """The image folder and the (file, split, captions, source id) entries of ``source``, read as ``kind``."""
     if kind == "coco":
         anns = sorted(source.glob("annotations/captions_*.json")) + sorted(source.glob("captions_*.json")) \
             if source.is_dir() else [source]
@@ -349,9 +327,13 @@ def prepare(
         caps = source / "captions.json" if source.is_dir() else source
         split_file = Path(splits) if splits else caps.parent / "splits.json"
         image_root, entries = read_coco_splits(caps, split_file, img_dir)
-    if not image_root.is_dir():
-        raise DatasetError(f"image folder {image_root} does not exist; pass --images")
+    return image_root, entries
 
+
+def _records(entries: list[Entry], image_root: Path, source: Path, report: PrepareReport,
+             progress: Progress) -> list[ImageRecord]:
+    """The entries whose image exists and that have a caption, as records (counted in ``report``, with warnings);
+    DatasetError for a duplicate file, or when none is left."""
     progress.start("checking images", total=len(entries))
     records: list[ImageRecord] = []
     seen_files: set[str] = set()
@@ -385,6 +367,37 @@ def prepare(
         progress.warn(f"{report.empty_captions} empty captions skipped")
     if report.images_without_captions:
         progress.warn(f"{report.images_without_captions} images without any caption skipped")
+    return records
+
+
+def prepare(
+    source: str | Path,
+    *,
+    kind: str = "auto",
+    images: str | Path | None = None,
+    splits: str | Path | None = None,
+    karpathy: str | Path | None = None,
+    name: str | None = None,
+    out: str | Path | None = None,
+    progress: Progress = NULL,
+    root: str | Path | None = None,
+) -> tuple[Dataset, PrepareReport]:
+    """Read ``source`` and write the canonical layout to ``out`` (default: the data root's datasets/NAME)."""
+    source = Path(source)
+    if kind not in KINDS:
+        raise UsageError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
+    if not source.exists():
+        raise DatasetError(f"{source}: no such file or folder")
+    kind = detect_kind(source) if kind == "auto" else kind
+    if karpathy is not None and kind != "coco":
+        raise UsageError(f"--karpathy goes with COCO annotation files, but {source} is {kind}")
+    if splits is not None and kind != "coco-splits":
+        raise UsageError(f"--splits goes with --kind coco-splits, but {source} is {kind}")
+    report = PrepareReport(kind=kind)
+    image_root, entries = _read_source(source, kind, Path(images) if images else None, karpathy, splits, report)
+    if not image_root.is_dir():
+        raise DatasetError(f"image folder {image_root} does not exist; pass --images")
+    records = _records(entries, image_root, source, report, progress)
     validate(records, check_files=False, image_root=image_root)
 
     ds_name = name or _default_name(source, kind)
