@@ -16,6 +16,8 @@ sentinel line, and METEOR runs under a watchdog.
 
 Beside the toolkit's metrics, :func:`evaluate_results` and :func:`evaluate_checkpoint` add CHAIR_s / CHAIR_i
 (object hallucination, :mod:`capcli.chair`), which is capcli's own code: the toolkit has no such metric.
+:func:`run` is ``capcli evaluate`` as one call (which options go together, where the outputs go); the HTML
+report is :mod:`capcli.report`.
 """
 
 from __future__ import annotations
@@ -590,8 +592,7 @@ def evaluate_checkpoint(
     ds = open_dataset(dataset)
     recs = split_records(ds, split)
     _check_metrics(metrics)  # fail before the slow part
-    if tokenizer not in TOKENIZERS:
-        raise EvaluateError(f"unknown tokenizer {tokenizer!r}; use one of {', '.join(TOKENIZERS)}")
+    _check_tokenizer(tokenizer)
     captioner = Captioner.load(checkpoint, device=device, precision=precision, grounding=grounding)
     results: dict[int, str] = {}
     failed: list[tuple[ImageRecord, str]] = []
