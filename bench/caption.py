@@ -45,8 +45,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from capcli.caption import DEFAULT_MODEL, SEARCH_BATCH, Captioner, caption_files  # noqa: E402
-from capcli.features import collate_images, tune_cpu_allocator  # noqa: E402
 from capcli.images import is_image_file  # noqa: E402
+from capcli.photos import collate_images  # noqa: E402
+from capcli.runtime import tune_cpu_allocator  # noqa: E402
 
 DEFAULT_FOLDER = ROOT.parent / "shared" / "data" / "flickr8k" / "images"
 
@@ -193,7 +194,7 @@ def main() -> None:
     cap = Captioner.load(ckpt, device=a.device)
     paths = sorted(p for p in a.folder.iterdir() if is_image_file(p))[: a.n]
     print(f"model: {which}")
-    tuned = tune_cpu_allocator() if cap.device.type == "cpu" else False  # caption_paths does it too
+    tuned = tune_cpu_allocator() if cap.device.type == "cpu" else False  # as `capcli caption` does
     print(f"{len(paths)} photos from {a.folder}; device {cap.device}; torch threads {torch.get_num_threads()}; "
           f"{os.cpu_count()} CPUs; glibc allocator tuned for both: {tuned}")
 

@@ -4,7 +4,7 @@ Baseline: encoder-only forward passes over images already decoded to uint8 tenso
 (batch 32), in NCHW and in channels-last; the faster of the two is the ceiling. Then the whole
 ``extract_features`` call into a fresh folder (JPEG decoding in workers, model creation, HDF5 writing).
 Each figure is the best of ``--repeats`` runs, to shrug off other jobs on the machine. On the CPU,
-``extract_features`` raises glibc's mmap/trim thresholds (see ``tune_cpu_allocator``); the baseline is
+``capcli features`` raises glibc's mmap/trim thresholds (``capcli.runtime.tune_cpu_allocator``); both are
 measured after the same tuning, so the ratio shows the pipeline's own overhead. The encoder with the
 default allocator is printed too, for reference.
 
@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 from capcli.encoders import DEFAULT_ENCODER, create_encoder, get_spec
-from capcli.features import extract_features, resolve_device, tune_cpu_allocator
+from capcli.features import extract_features
 from capcli.images import is_image_file
 from capcli.layout import Dataset, ImageRecord
+from capcli.runtime import resolve_device, tune_cpu_allocator
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "flickr8k" / "images"
@@ -94,8 +95,8 @@ def main() -> None:
     cpu = device == "cpu"
     if cpu:  # for the record: the encoder with glibc's default allocator settings (before capcli tunes them)
         plain = encoder_only(images, args.batch, channels_last=True, device=device)
-        # extract_features tunes the allocator on the CPU (capcli.features.tune_cpu_allocator); do it
-        # now, so the baseline below runs under exactly the same conditions as the pipeline.
+        # `capcli features` tunes the allocator (capcli.runtime.tune_cpu_allocator); do it now, for the
+        # baseline and the pipeline below alike.
         tune_cpu_allocator()
 
     nchw, cl, e2e = [], [], []

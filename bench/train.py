@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 
-from capcli.features import extract_features, resolve_device
+from capcli.features import extract_features
 from capcli.layout import Dataset
 from capcli.prepare import prepare
 from capcli.progress import Progress
+from capcli.runtime import resolve_device, tune_cpu_allocator
 from capcli.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,6 +123,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    tune_cpu_allocator()  # as `capcli train` does
     name = torch.cuda.get_device_name(0) if device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
     print(f"device: {device} ({name}); torch {torch.__version__}")
     ds, feats = bench_data(args.flickr8k, args.images, args.val, args.cache)

@@ -31,11 +31,13 @@ from .config import TrainConfig
 from .errors import WRITE_ERRNOS, CapcliError, os_reason
 from .names import display
 from .progress import Progress
+from .runtime import tune_cpu_allocator
 
 if TYPE_CHECKING:
     import torch
 
     from .chair import ChairScores
+    from .evaluate import Evaluation
     from .publish import PublishRequest
 
 console = Console()
@@ -185,6 +187,9 @@ def _root(
 ) -> None:
     """capcli: natural-language captions for photos."""
     ctx.meta[_ROOT_KEY] = root  # ctx.meta is shared with the command's context
+    # The command opts in to the process-wide allocator tuning that makes CPU forward passes up to ~2x faster
+    # (the library never does it itself); one command runs and exits, so keeping its peak heap costs nothing.
+    tune_cpu_allocator()
 
 
 # --- prepare ---------------------------------------------------------------------------------------
@@ -436,49 +441,25 @@ def evaluate(
     """Score captions with the COCO caption toolkit (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D; SPICE if installed) and
     object hallucination (CHAIR_s, CHAIR_i)."""
     from . import evaluate as ev
-    from .errors import UsageError
-    from .layout import open_dataset
 
-    if not data:
-        raise UsageError("--data is required: a prepared dataset folder or a dataset name (see `capcli info`)")
-    if results is not None and checkpoint is not None:
-        raise UsageError("give either a CHECKPOINT to caption the split with, or --results FILE, not both")
-    if allow_missing and results is None:
-        raise UsageError("--allow-missing goes with --results")
-    ds = open_dataset(data, root)
-    metrics = (*ev.DEFAULT_METRICS, "spice")
-    if results is not None:
-        captions, scores = ev.evaluate_results(results, ds, split, allow_missing=allow_missing, metrics=metrics,
-                                               tokenizer=tokenizer, progress=RichProgress())
-        metrics_path = (out / f"metrics_{ds.name}_{split}.json") if out else results.with_name(
-            f"{results.stem}.metrics.json")
-        written = [ev.write_metrics(metrics_path, scores, split, len(captions), results=results, dataset=ds.name)]
-    else:
-        captions, scores = ev.evaluate_checkpoint(checkpoint, ds, split, beam_size=beam, batch_size=batch_size,
-                                                  device=device, progress=RichProgress(), metrics=metrics,
-                                                  tokenizer=tokenizer, length_penalty=length_penalty,
-                                                  precision=precision, grounding=grounding)
-        folder = out or (checkpoint.parent if checkpoint is not None else Path.cwd())
-        stem = f"{ds.name}_{split}_beam{beam}" + (f"_lp{length_penalty:g}" if length_penalty else "") + (
-            f"_{precision}" if precision != "float32" else "") + ("_ungrounded" if grounding == "off" else "")
-        written = [
-            ev.write_results(folder / f"results_{stem}.json", captions),
-            ev.write_metrics(folder / f"metrics_{stem}.json", scores, split, len(captions),
-                             checkpoint=checkpoint if checkpoint is not None else "default model", beam=beam,
-                             length_penalty=length_penalty, grounding=grounding,
-                             dataset=ds.name),
-        ]
-    if html is not None:
-        title = f"capcli evaluation: {results.name if results is not None else (checkpoint or 'default model')}"
-        written.append(ev.write_html(html, ds, captions, scores, split, title=title, progress=RichProgress()))
+    done = ev.run(data, checkpoint, results=results, split=split, beam=beam, length_penalty=length_penalty, out=out,
+                  html=html, batch_size=batch_size, device=device, precision=precision, grounding=grounding,
+                  allow_missing=allow_missing, tokenizer=tokenizer, root=root, progress=RichProgress())
+    _render_evaluation(done)
 
+
+def _render_evaluation(done: Evaluation) -> None:
+    """The scores as a table (CHAIR under the toolkit's metrics), the notes on stderr, the files written."""
+    from .evaluate import METRIC_KEYS
+
+    scores, captions = done.scores, done.captions
     how = "the COCO toolkit's Java PTBTokenizer" if scores.tokenizer == "ptb" else "capcli's Python tokenizer"
-    console.print(f"{ds.name} {split}: {len(captions)} images, tokenised by {how}", highlight=False)
+    console.print(f"{done.dataset.name} {done.split}: {len(captions)} images, tokenised by {how}", highlight=False)
     t = Table()
     t.add_column("metric")
     t.add_column("score (%)", justify="right")  # percent, as the README and the papers; the JSON keeps 0..1
     t.add_column("")
-    for key in ev.METRIC_KEYS:
+    for key in METRIC_KEYS:
         if key in scores.values:
             kind = "official" if scores.official.get(key) else "[yellow]approximate[/]"
             t.add_row(key, f"{100 * scores.values[key]:.1f}", kind)
@@ -491,7 +472,7 @@ def evaluate(
         console.print(f"most often hallucinated: {top}", highlight=False, soft_wrap=True)
     for note in scores.notes:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
-    for path in written:
+    for path in done.written:
         console.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 

@@ -16,15 +16,14 @@ sentinel line, and METEOR runs under a watchdog.
 
 Beside the toolkit's metrics, :func:`evaluate_results` and :func:`evaluate_checkpoint` add CHAIR_s / CHAIR_i
 (object hallucination, :mod:`capcli.chair`), which is capcli's own code: the toolkit has no such metric.
+:func:`run` is ``capcli evaluate`` as one call (which options go together, where the outputs go); the HTML
+report is :mod:`capcli.report`.
 """
 
 from __future__ import annotations
 
 import atexit
-import base64
 import contextlib
-import functools
-import html
 import io
 import json
 import re
@@ -33,7 +32,7 @@ import subprocess
 import threading
 import types
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from typing import Any
 from . import atomic
 from .chair import ChairScores
 from .chair import chair as chair_scores
-from .errors import CapcliError, EvaluateError
+from .errors import EvaluateError, UsageError
 from .layout import Dataset, ImageRecord, open_dataset
 from .progress import NULL, Progress
 
@@ -91,7 +90,7 @@ class _QuietSubprocess(types.SimpleNamespace):
     tokenizer's stderr chatter ("PTBTokenizer tokenized N tokens ...") is captured, not printed."""
 
 
-_ptb_lock = threading.Lock()
+_ptb_lock = threading.Lock()  # guards the swap of pycocoevalcap's ptbtokenizer.subprocess below
 
 
 def _ptb_tokenize(captions: dict[Any, list[str]]) -> tuple[dict[Any, list[str]], str]:
@@ -138,34 +137,13 @@ def _ptb_tokenize(captions: dict[Any, list[str]]) -> tuple[dict[Any, list[str]],
     return out, err
 
 
-_ref_cache: list[tuple[tuple, dict[Any, list[str]], str]] = []  # the last references tokenised
-
-
-def _ptb_tokenize_references(refs: dict[int, list[str]]) -> tuple[dict[Any, list[str]], str]:
-    """:func:`_ptb_tokenize` for references, remembering the last set: validation scores the same
-    references every epoch, so this saves one Java start per epoch."""
-    key = tuple((i, tuple(v)) for i, v in refs.items())
-    with _ptb_lock:
-        if _ref_cache and _ref_cache[0][0] == key:
-            _, out, err = _ref_cache[0]
-            return {k: list(v) for k, v in out.items()}, err
-    out, err = _ptb_tokenize(refs)
-    with _ptb_lock:
-        _ref_cache[:] = [(key, {k: list(v) for k, v in out.items()}, err)]
-    return out, err
-
-
 def _python_tokenize(captions: dict[Any, list[str]]) -> dict[Any, list[str]]:
     from .vocab import tokenize
 
     return {k: [" ".join(tokenize(clean_caption(c))) for c in v] for k, v in captions.items()}
 
 
-# ---- METEOR under a watchdog, one JVM kept warm ---------------------------------------------------
-_meteor_lock = threading.Lock()
-_meteor: Any = None  # a pycocoevalcap Meteor whose JVM has loaded its paraphrase tables
-
-
+# ---- the toolkit's Java side, kept warm -----------------------------------------------------------
 def _drop_meteor(m: Any) -> None:
     """Stop a Meteor JVM so that nothing (its ``__del__`` included) can block on it afterwards."""
     m.lock = threading.Lock()  # a failed compute_score may still hold the old one; __del__ takes it
@@ -177,52 +155,81 @@ def _drop_meteor(m: Any) -> None:
         m.meteor_p.wait(timeout=5)
 
 
+class Toolkit:
+    """The COCO toolkit's Java side, kept between calls of :func:`score`: the last references tokenised
+    (validation scores the same references every epoch: one Java start less per epoch) and one METEOR JVM
+    that has loaded its paraphrase tables. :data:`TOOLKIT` is the one :func:`score` uses unless given another.
+    """
+
+    def __init__(self) -> None:
+        self._refs_lock = threading.Lock()
+        self._refs: tuple[tuple, dict[Any, list[str]], str] | None = None  # (key, tokenised, stderr)
+        self._meteor_lock = threading.Lock()
+        self._meteor: Any = None  # a pycocoevalcap Meteor
+
+    def tokenize_references(self, refs: dict[int, list[str]]) -> tuple[dict[Any, list[str]], str]:
+        """:func:`_ptb_tokenize` for references, remembering the last set."""
+        key = tuple((i, tuple(v)) for i, v in refs.items())
+        with self._refs_lock:
+            if self._refs is not None and self._refs[0] == key:
+                _, out, err = self._refs
+                return {k: list(v) for k, v in out.items()}, err
+        out, err = _ptb_tokenize(refs)
+        with self._refs_lock:
+            self._refs = (key, {k: list(v) for k, v in out.items()}, err)
+        return out, err
+
+    def meteor(self, gts: dict[int, list[str]], res: dict[int, list[str]], timeout: float) -> tuple[float, list[float]]:
+        """pycocoevalcap's ``Meteor().compute_score`` under a watchdog; EvaluateError if it fails or stops answering."""
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        # "|||" separates fields in METEOR's protocol; the PTB tokenizer already splits it into "| | |".
+        gts = {k: [r.replace("|||", "| | |") for r in v] for k, v in gts.items()}
+        res = {k: [h.replace("|||", "| | |") for h in v] for k, v in res.items()}
+        with self._meteor_lock:
+            if self._meteor is None or self._meteor.meteor_p.poll() is not None:
+                try:
+                    self._meteor = Meteor()
+                except OSError as e:
+                    raise EvaluateError(f"METEOR could not start ({e})") from e
+            m = self._meteor
+            box: dict[str, Any] = {}
+
+            def work() -> None:
+                try:
+                    box["value"] = m.compute_score(gts, res)
+                except Exception as e:  # noqa: BLE001 (reported below as one line)
+                    box["error"] = e
+
+            t = threading.Thread(target=work, name="capcli-meteor", daemon=True)
+            t.start()
+            t.join(timeout)
+            if t.is_alive() or "error" in box:
+                _drop_meteor(m)
+                self._meteor = None
+                t.join(5)
+                why = f"no answer within {timeout:.0f} s" if "error" not in box else f"{box['error']!s:.200}"
+                raise EvaluateError(f"METEOR failed ({why or 'its process stopped'})")
+            score, scores = box["value"]
+            return float(score), [float(s) for s in scores]
+
+    def close(self) -> None:
+        """Stop the warm METEOR process, if any."""
+        with self._meteor_lock:
+            if self._meteor is not None:
+                _drop_meteor(self._meteor)
+                self._meteor = None
+
+
+TOOLKIT = Toolkit()
+
+
 def close_meteor() -> None:
-    """Stop the warm METEOR process, if any (done automatically at exit)."""
-    global _meteor
-    with _meteor_lock:
-        if _meteor is not None:
-            _drop_meteor(_meteor)
-            _meteor = None
+    """Stop :data:`TOOLKIT`'s warm METEOR process, if any (done automatically at exit)."""
+    TOOLKIT.close()
 
 
 atexit.register(close_meteor)
-
-
-def _meteor_score(gts: dict[int, list[str]], res: dict[int, list[str]], timeout: float) -> tuple[float, list[float]]:
-    """pycocoevalcap's ``Meteor().compute_score``; EvaluateError if it fails or stops answering."""
-    global _meteor
-    from pycocoevalcap.meteor.meteor import Meteor
-
-    # "|||" separates fields in METEOR's protocol; the PTB tokenizer already splits it into "| | |".
-    gts = {k: [r.replace("|||", "| | |") for r in v] for k, v in gts.items()}
-    res = {k: [h.replace("|||", "| | |") for h in v] for k, v in res.items()}
-    with _meteor_lock:
-        if _meteor is None or _meteor.meteor_p.poll() is not None:
-            try:
-                _meteor = Meteor()
-            except OSError as e:
-                raise EvaluateError(f"METEOR could not start ({e})") from e
-        m = _meteor
-        box: dict[str, Any] = {}
-
-        def work() -> None:
-            try:
-                box["value"] = m.compute_score(gts, res)
-            except Exception as e:  # noqa: BLE001 (reported below as one line)
-                box["error"] = e
-
-        t = threading.Thread(target=work, name="capcli-meteor", daemon=True)
-        t.start()
-        t.join(timeout)
-        if t.is_alive() or "error" in box:
-            _drop_meteor(m)
-            _meteor = None
-            t.join(5)
-            why = f"no answer within {timeout:.0f} s" if "error" not in box else f"{box['error']!s:.200}"
-            raise EvaluateError(f"METEOR failed ({why or 'its process stopped'})")
-        score, scores = box["value"]
-        return float(score), [float(s) for s in scores]
 
 
 # ---- SPICE ---------------------------------------------------------------------------------------
@@ -256,6 +263,89 @@ def _spice_score(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[
     return float(score), [float(s["All"]["f"]) for s in scores]
 
 
+# ---- the scorers ---------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """One :func:`score` call: the tokenised text in image-id order, and the scores recorded so far."""
+
+    ids: list[int]
+    gts: dict[int, list[str]]
+    res: dict[int, list[str]]
+    use_ptb: bool  # tokenised by the toolkit's Java PTBTokenizer, so its numbers are official
+    java: bool  # `java` is on the PATH
+    out: Scores
+    toolkit: Toolkit = TOOLKIT
+    meteor_timeout: float = 180.0
+
+    def record(self, key: str, total: float, each: Sequence[float], official: bool) -> None:
+        self.out.values[key] = float(total)
+        self.out.official[key] = official
+        for i, v in zip(self.ids, each, strict=True):
+            self.out.per_image[i][key] = float(v)
+
+    def skip(self, metric: str, reason: str) -> None:
+        self.out.skipped[_NAMES[metric]] = reason
+        self.out.notes.append(reason)
+
+
+def _bleu(run: _Run) -> None:
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its pooled counts
+        total, each = Bleu(4).compute_score(run.gts, run.res)
+    for n, key in enumerate(BLEU_KEYS):
+        run.record(key, total[n], each[n], run.use_ptb)
+
+
+def _rouge(run: _Run) -> None:
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    total, each = Rouge().compute_score(run.gts, run.res)
+    run.record("ROUGE-L", total, each, run.use_ptb)
+
+
+def _cider(run: _Run) -> None:
+    from pycocoevalcap.cider.cider import Cider
+
+    try:
+        total, each = Cider().compute_score(run.gts, run.res)
+    except ValueError as e:  # no n-gram at all in the references
+        raise EvaluateError(f"CIDEr cannot be computed: the references hold no words ({e})") from e
+    run.record("CIDEr", total, each, run.use_ptb)
+
+
+def _meteor(run: _Run) -> None:
+    if not run.use_ptb:
+        run.skip("meteor", "METEOR skipped: it runs only in the toolkit's Java pipeline "
+                 f"({'tokenizer=python was asked for' if run.java else 'no `java` was found on the PATH'})")
+        return
+    try:
+        total, each = run.toolkit.meteor(run.gts, run.res, run.meteor_timeout)
+    except EvaluateError as e:
+        run.skip("meteor", f"METEOR skipped: {e}")
+        return
+    run.record("METEOR", total, each, True)
+
+
+def _spice(run: _Run) -> None:
+    ok, why = spice_status()
+    if not ok:
+        run.skip("spice", why)
+        return
+    try:
+        total, each = _spice_score(run.gts, run.res)
+    except EvaluateError as e:
+        run.skip("spice", f"SPICE skipped: {e}")
+        return
+    run.record("SPICE", total, each, run.use_ptb)
+
+
+# each records its numbers on the run (or why it was skipped); score() runs them in METRICS order
+SCORERS: dict[str, Callable[[_Run], None]] = {
+    "bleu": _bleu, "meteor": _meteor, "rouge": _rouge, "cider": _cider, "spice": _spice,
+}
+
+
 # ---- the scoring API -----------------------------------------------------------------------------
 def _check_metrics(metrics: Sequence[str]) -> list[str]:
     if isinstance(metrics, str):
@@ -269,47 +359,39 @@ def _check_metrics(metrics: Sequence[str]) -> list[str]:
     return [m for m in METRICS if m in wanted]
 
 
-def score(
-    hypotheses: Mapping[int, str],
-    references: Mapping[int, Sequence[str]],
-    metrics: Sequence[str] = DEFAULT_METRICS,
-    tokenizer: str = "auto",
-    progress: Progress = NULL,
-    meteor_timeout: float | None = None,
-) -> Scores:
-    """Score one caption per image against its references with the COCO caption toolkit.
-
-    ``hypotheses`` {image id: caption}; ``references`` {image id: [captions]} must cover every
-    hypothesis id (extra reference ids are ignored). ``tokenizer``: ``"auto"`` (Java's PTBTokenizer
-    when ``java`` is on the PATH, else capcli's), ``"java"`` (fail without Java) or ``"python"``
-    (approximate). Corpus-level statistics (BLEU's pooled counts, CIDEr's document frequencies) are
-    over the hypotheses given, as in ``COCOEvalCap``.
-    """
-    wanted = _check_metrics(metrics)
+def _check_tokenizer(tokenizer: str) -> None:
     if tokenizer not in TOKENIZERS:
         raise EvaluateError(f"unknown tokenizer {tokenizer!r}; use one of {', '.join(TOKENIZERS)}")
+
+
+def _check_captions(hypotheses: Mapping[int, str], references: Mapping[int, Sequence[str]]) -> list[int]:
+    """The hypotheses' image ids, sorted, once each has a string caption and references."""
     if not hypotheses:
         raise EvaluateError("no captions to score")
     ids = sorted(hypotheses)
     for i in ids:
         if not isinstance(hypotheses[i], str):
             raise EvaluateError(f"image {i}: the caption must be a string, not {type(hypotheses[i]).__name__}")
-        refs = references.get(i)
-        if not refs:
+        if not references.get(i):
             raise EvaluateError(f"image {i} has no reference captions to score against")
+    return ids
 
+
+def _tokenised(hypotheses: Mapping[int, str], references: Mapping[int, Sequence[str]], ids: list[int],
+               wanted: list[str], tokenizer: str, toolkit: Toolkit) -> _Run:
+    """References and hypotheses tokenised as the toolkit does (Java PTBTokenizer) or, without Java or with
+    ``tokenizer="python"``, by capcli's tokenizer, with a note saying which numbers are then approximate."""
     out = Scores()
     java = shutil.which("java") is not None
     if tokenizer == "java" and not java:
         raise EvaluateError("tokenizer 'java' needs Java, and no `java` was found on the PATH")
     use_ptb = java and tokenizer != "python"
-
     refs_in = {i: [str(r) for r in references[i]] for i in ids}
     hyps_in = {i: [hypotheses[i]] for i in ids}
     if use_ptb:
         try:
             # Like COCOEvalCap: references and hypotheses are tokenised in two separate runs.
-            gts, err_r = _ptb_tokenize_references(refs_in)
+            gts, err_r = toolkit.tokenize_references(refs_in)
             res, err_h = _ptb_tokenize(hyps_in)
             out.tokenizer = "ptb"
             n_bad = (err_r + err_h).count("Untokenizable")
@@ -331,76 +413,44 @@ def score(
                 "tokenizer instead of the COCO toolkit's Java PTBTokenizer; they are usually close to the "
                 "official numbers but not guaranteed identical (install Java for numbers comparable with papers)"
             )
+    out.per_image = {i: {} for i in ids}
+    # the scorers iterate in this order; per-image lists follow it
+    return _Run(ids, {i: gts[i] for i in ids}, {i: res[i] for i in ids}, use_ptb, java, out, toolkit)
 
-    gts = {i: gts[i] for i in ids}  # the scorers iterate in this order; per-image lists follow it
-    res = {i: res[i] for i in ids}
-    per = out.per_image = {i: {} for i in ids}
 
-    def record(key: str, total: float, each: Sequence[float], official: bool) -> None:
-        out.values[key] = float(total)
-        out.official[key] = official
-        for i, v in zip(ids, each, strict=True):
-            per[i][key] = float(v)
+def score(
+    hypotheses: Mapping[int, str],
+    references: Mapping[int, Sequence[str]],
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    tokenizer: str = "auto",
+    progress: Progress = NULL,
+    meteor_timeout: float | None = None,
+    toolkit: Toolkit | None = None,
+) -> Scores:
+    """Score one caption per image against its references with the COCO caption toolkit.
 
-    def skip(metric: str, reason: str) -> None:
-        out.skipped[_NAMES[metric]] = reason
-        out.notes.append(reason)
-
-    def _score_one(m: str) -> None:
-        if m == "bleu":
-            from pycocoevalcap.bleu.bleu import Bleu
-
-            with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its pooled counts
-                total, each = Bleu(4).compute_score(gts, res)
-            for n, key in enumerate(BLEU_KEYS):
-                record(key, total[n], each[n], use_ptb)
-        elif m == "rouge":
-            from pycocoevalcap.rouge.rouge import Rouge
-
-            total, each = Rouge().compute_score(gts, res)
-            record("ROUGE-L", total, each, use_ptb)
-        elif m == "cider":
-            from pycocoevalcap.cider.cider import Cider
-
-            try:
-                total, each = Cider().compute_score(gts, res)
-            except ValueError as e:  # no n-gram at all in the references
-                raise EvaluateError(f"CIDEr cannot be computed: the references hold no words ({e})") from e
-            record("CIDEr", total, each, use_ptb)
-        elif m == "meteor":
-            if not use_ptb:
-                skip("meteor", "METEOR skipped: it runs only in the toolkit's Java pipeline "
-                     f"({'tokenizer=python was asked for' if java else 'no `java` was found on the PATH'})")
-                return
-            timeout = meteor_timeout if meteor_timeout is not None else 180.0 + 0.05 * len(ids)
-            try:
-                total, each = _meteor_score(gts, res, timeout)
-            except EvaluateError as e:
-                skip("meteor", f"METEOR skipped: {e}")
-                return
-            record("METEOR", total, each, True)
-        elif m == "spice":
-            ok, why = spice_status()
-            if not ok:
-                skip("spice", why)
-                return
-            try:
-                total, each = _spice_score(gts, res)
-            except EvaluateError as e:
-                skip("spice", f"SPICE skipped: {e}")
-                return
-            record("SPICE", total, each, use_ptb)
-
+    ``hypotheses`` {image id: caption}; ``references`` {image id: [captions]} must cover every
+    hypothesis id (extra reference ids are ignored). ``tokenizer``: ``"auto"`` (Java's PTBTokenizer
+    when ``java`` is on the PATH, else capcli's), ``"java"`` (fail without Java) or ``"python"``
+    (approximate). Corpus-level statistics (BLEU's pooled counts, CIDEr's document frequencies) are
+    over the hypotheses given, as in ``COCOEvalCap``. ``toolkit``: whose warm Java processes to use
+    (default :data:`TOOLKIT`).
+    """
+    wanted = _check_metrics(metrics)
+    _check_tokenizer(tokenizer)
+    ids = _check_captions(hypotheses, references)
+    run = _tokenised(hypotheses, references, ids, wanted, tokenizer, toolkit or TOOLKIT)
+    run.meteor_timeout = meteor_timeout if meteor_timeout is not None else 180.0 + 0.05 * len(ids)
     # say only what will run: SPICE without its models or Java, METEOR without Java, are skipped
-    runs = [m for m in wanted if (m != "spice" or spice_status()[0]) and (m != "meteor" or use_ptb)]
+    runs = [m for m in wanted if (m != "spice" or spice_status()[0]) and (m != "meteor" or run.use_ptb)]
     progress.start(f"scoring {', '.join(_NAMES[m] for m in runs)}", total=len(wanted), unit="metric")
     try:
         for m in wanted:
-            _score_one(m)
+            SCORERS[m](run)
             progress.advance(1)
     finally:
         progress.done()
-    return out
+    return run.out
 
 
 def add_chair(scores: Scores, captions: Mapping[int, str], references: Mapping[int, Sequence[str]]) -> Scores:
@@ -544,8 +594,7 @@ def evaluate_checkpoint(
     ds = open_dataset(dataset)
     recs = split_records(ds, split)
     _check_metrics(metrics)  # fail before the slow part
-    if tokenizer not in TOKENIZERS:
-        raise EvaluateError(f"unknown tokenizer {tokenizer!r}; use one of {', '.join(TOKENIZERS)}")
+    _check_tokenizer(tokenizer)
     captioner = Captioner.load(checkpoint, device=device, precision=precision, grounding=grounding)
     results: dict[int, str] = {}
     failed: list[tuple[ImageRecord, str]] = []
@@ -628,133 +677,84 @@ def write_metrics(path: str | Path, scores: Scores, split: str, n_images: int, *
     return atomic.write_json(Path(path), metrics_document(scores, split, n_images, **source))
 
 
-def thumbnail_data_uri(path: str | Path, size: int = 160) -> str:
-    """A small JPEG of the image as a ``data:`` URI (so a report keeps working when moved)."""
-    from .images import load_image
+# ---- `capcli evaluate` as one call ---------------------------------------------------------------
+@dataclass
+class Evaluation:
+    """What :func:`run` did: the dataset and split scored, the captions, their scores and the files written."""
 
-    img = load_image(path)
-    img.thumbnail((size, size))
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-table.m td,table.m th{padding:.2em .8em;text-align:left}
-table.r{border-collapse:collapse;width:100%}
-table.r td{border-top:1px solid #ddd;padding:.5em;vertical-align:top}
-td.img img{display:block;max-width:160px}
-.cap{font-size:1.1em;font-weight:600}
-ul.refs{margin:.3em 0;padding-left:1.2em;color:#555}
-.score{font-variant-numeric:tabular-nums;white-space:nowrap}
-.approx{color:#a60}
-.nav a,.nav button{margin-right:1em}
-.obj{display:inline-block;border-radius:.6em;padding:0 .5em;margin:.2em .3em 0 0;font-size:.85em;background:#e8eef4}
-.obj.hal{background:#c62828;color:#fff;font-weight:600}
-"""
-
-_JS = """
-function flipOrder(){var b=document.getElementById('rows');var r=Array.prototype.slice.call(b.rows).reverse();
-for(var i=0;i<r.length;i++){b.appendChild(r[i]);}
-var t=document.getElementById('order');t.textContent=t.textContent.indexOf('worst')==0?
-'best first':'worst first';}
-"""
+    dataset: Dataset
+    split: str
+    captions: dict[int, str]
+    scores: Scores
+    written: list[Path] = field(default_factory=list)
 
 
-def write_html(
-    path: str | Path,
-    dataset: Dataset,
-    results: Mapping[int, str],
-    scores: Scores,
-    split: str,
-    title: str = "capcli evaluation",
+def run(
+    data: str | Path | Dataset,
+    checkpoint: str | Path | None = None,
+    *,
+    results: str | Path | None = None,
+    split: str = "val",
+    beam: int = 3,
+    length_penalty: float = 0.0,
+    out: str | Path | None = None,
+    html: str | Path | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    precision: str = "float32",
+    grounding: str = "auto",
+    allow_missing: bool = False,
+    tokenizer: str = "auto",
+    root: str | Path | None = None,
+    metrics: Sequence[str] = (*DEFAULT_METRICS, "spice"),
     progress: Progress = NULL,
-    thumb_size: int = 160,
-) -> Path:
-    """A self-contained HTML report: per image its thumbnail, caption, references and CIDEr, and with
-    ``scores.chair`` the caption's COCO objects as badges (hallucinated ones in red) and CHAIR_s / CHAIR_i.
+) -> Evaluation:
+    """``capcli evaluate``: score ``checkpoint``'s captions of ``split`` (or the COCO ``results`` file) and write
+    the outputs.
 
-    Rows are sorted worst to best CIDEr; links jump to either end and a button flips the order.
-    Thumbnails are embedded as base64 JPEGs; the page loads nothing from elsewhere.
+    ``data``: a prepared dataset folder, a dataset name under ``root``, or a :class:`Dataset`. Give a checkpoint
+    (None: the default model) or ``results``, not both; ``allow_missing`` goes with ``results``.
+
+    Outputs: with a checkpoint, ``results_STEM.json`` and ``metrics_STEM.json`` in ``out`` (default: the
+    checkpoint's folder, the current folder for the default model), STEM naming the dataset, split, beam and
+    any non-default length penalty, precision and grounding; with ``results``, ``metrics_DATASET_SPLIT.json`` in
+    ``out`` or else ``RESULTS.metrics.json`` beside the results file. ``html``: also the report there
+    (:func:`capcli.report.write_html`).
     """
-    esc = functools.partial(html.escape, quote=True)
-    key = "CIDEr" if "CIDEr" in scores.values else next(iter(scores.values), None)
+    from .report import write_html
 
-    def per(i: int, k: str | None) -> float:
-        return scores.per_image.get(i, {}).get(k, float("nan")) if k else float("nan")
-
-    ids = sorted(results, key=lambda i: (per(i, key), i))
-    rows: list[str] = []
-    progress.start("report thumbnails", total=len(ids))
-    try:
-        for rank, i in enumerate(ids, 1):
-            rec = dataset.get(i)
-            try:
-                img = f'<img alt="image {i}" src="{thumbnail_data_uri(dataset.path(rec), thumb_size)}">'
-            except CapcliError as e:
-                img = f'<span class="approx">image unavailable: {esc(str(e))}</span>'
-            refs = "".join(f"<li>{esc(c)}</li>" for c in rec.captions)
-            anchor = ' id="worst"' if rank == 1 else (' id="best"' if rank == len(ids) else "")
-            detail = " ".join(
-                f"{k} {per(i, k):.3f}" for k in ("BLEU-4", "METEOR", "ROUGE-L") if k in scores.per_image.get(i, {})
-            )
-            rows.append(
-                f'<tr{anchor} data-id="{i}"><td class="score">#{rank}</td><td class="img">{img}</td>'
-                f'<td><div class="cap">{esc(results[i])}</div>{_chair_badges(scores.chair, i)}'
-                f'<ul class="refs">{refs}</ul>'
-                f'<div class="score">image {i} · {esc(rec.file)}</div></td>'
-                f'<td class="score"><b>{esc(str(key))} {per(i, key):.3f}</b><br>{esc(detail)}</td></tr>'
-            )
-            progress.advance(1)
-    finally:
-        progress.done()
-    metric_rows = "".join(
-        f"<tr><th>{esc(k)}</th><td class=\"score\">{scores.values[k]:.4f}</td>"
-        f"<td>{'official' if scores.official.get(k) else '<span class=approx>approximate</span>'}</td></tr>"
-        for k in METRIC_KEYS
-        if k in scores.values
-    )
-    notes = "".join(f"<li>{esc(n)}</li>" for n in scores.notes)
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title><style>{_CSS}</style></head>
-<body><h1>{esc(title)}</h1>
-<p>Dataset {esc(dataset.name)}, split {esc(split)}, {len(ids)} images.</p>
-<table class="m">{metric_rows}{_chair_rows(scores.chair)}</table>
-{f'<ul class="notes">{notes}</ul>' if notes else ''}
-<p class="nav"><a href="#worst">worst</a><a href="#best">best</a>
-<button type="button" onclick="flipOrder()">flip order</button> showing <span id="order">worst first</span>
-(per-image {esc(str(key))})</p>
-<table class="r"><tbody id="rows">
-{chr(10).join(rows)}
-</tbody></table>
-<script>{_JS}</script>
-</body></html>
-"""
-    return atomic.write_text(path, page)
-
-
-# ---- CHAIR in the HTML report ---------------------------------------------------------------------
-def _chair_rows(chair: ChairScores | None) -> str:
-    """Summary rows for the report's metric table (empty without CHAIR)."""
-    if chair is None:
-        return ""
-    ci = f"{chair.chair_i:.1f}%" if chair.chair_i is not None else "-"
-    top = ", ".join(f"{c} {n}" for c, n in chair.top_hallucinated)
-    how = (f"{chair.captions_hallucinating} of {chair.captions} captions, {chair.hallucinated} of "
-           f"{chair.mentioned} objects mentioned; most often: {top or 'none'}")
-    return (f'<tr><th>CHAIR_s</th><td class="score">{chair.chair_s:.1f}%</td><td>lower is better</td></tr>'
-            f'<tr><th>CHAIR_i</th><td class="score">{ci}</td><td>hallucinated objects: {html.escape(how)}</td></tr>')
-
-
-def _chair_badges(chair: ChairScores | None, image_id: int) -> str:
-    """The caption's COCO objects as badges, hallucinated ones (not named by any reference) in red."""
-    one = chair.per_image.get(image_id) if chair is not None else None
-    if one is None or not one.mentioned:
-        return ""
-    bad = set(one.hallucinated)
-    return "<div>" + "".join(
-        f'<span class="obj hal" title="not in any reference">{html.escape(o)}</span>' if o in bad
-        else f'<span class="obj">{html.escape(o)}</span>'
-        for o in one.mentioned
-    ) + "</div>"
+    if not data:
+        raise UsageError("--data is required: a prepared dataset folder or a dataset name (see `capcli info`)")
+    if results is not None and checkpoint is not None:
+        raise UsageError("give either a CHECKPOINT to caption the split with, or --results FILE, not both")
+    if allow_missing and results is None:
+        raise UsageError("--allow-missing goes with --results")
+    ds = open_dataset(data, root)
+    out = Path(out) if out is not None else None
+    if results is not None:
+        results = Path(results)
+        captions, scores = evaluate_results(results, ds, split, allow_missing=allow_missing, metrics=metrics,
+                                            tokenizer=tokenizer, progress=progress)
+        metrics_path = (out / f"metrics_{ds.name}_{split}.json") if out else results.with_name(
+            f"{results.stem}.metrics.json")
+        written = [write_metrics(metrics_path, scores, split, len(captions), results=results, dataset=ds.name)]
+        title = f"capcli evaluation: {results.name}"
+    else:
+        checkpoint = Path(checkpoint) if checkpoint is not None else None
+        captions, scores = evaluate_checkpoint(checkpoint, ds, split, beam_size=beam, batch_size=batch_size,
+                                               device=device, progress=progress, metrics=metrics,
+                                               tokenizer=tokenizer, length_penalty=length_penalty,
+                                               precision=precision, grounding=grounding)
+        folder = out or (checkpoint.parent if checkpoint is not None else Path.cwd())
+        stem = f"{ds.name}_{split}_beam{beam}" + (f"_lp{length_penalty:g}" if length_penalty else "") + (
+            f"_{precision}" if precision != "float32" else "") + ("_ungrounded" if grounding == "off" else "")
+        written = [
+            write_results(folder / f"results_{stem}.json", captions),
+            write_metrics(folder / f"metrics_{stem}.json", scores, split, len(captions),
+                          checkpoint=checkpoint if checkpoint is not None else "default model", beam=beam,
+                          length_penalty=length_penalty, grounding=grounding, dataset=ds.name),
+        ]
+        title = f"capcli evaluation: {checkpoint or 'default model'}"
+    if html is not None:
+        written.append(write_html(html, ds, captions, scores, split, title=title, progress=progress))
+    return Evaluation(ds, split, captions, scores, written)

@@ -13,17 +13,15 @@ complete; the manifest is rewritten atomically after each shard, so a killed run
 first incomplete shard and a reader only ever sees complete shards.
 
 Decoding and resizing run beside the encoder (threads on the CPU, DataLoader worker processes for a
-GPU; see :func:`batch_source`), batch by batch, so memory stays flat whatever the dataset size.
+GPU; see :func:`capcli.photos.batch_source`), batch by batch, so memory stays flat whatever the dataset size.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +30,12 @@ import numpy as np
 
 from . import atomic, lock, paths
 from .encoders import DEFAULT_ENCODER, EncoderSpec, get_spec
-from .errors import DatasetError, FeaturesError, ImageError, OutputError, UsageError, os_reason
+from .errors import DatasetError, FeaturesError, OutputError, UsageError, os_reason
 from .layout import Dataset
 from .names import display
+from .photos import ImageItems, batch_source
 from .progress import NULL, Progress
+from .runtime import resolve_device
 
 FORMAT = "capcli-features/1"
 MANIFEST = "manifest.json"
@@ -46,50 +46,6 @@ MAX_WARNINGS = 10  # unreadable images warned one by one; beyond this only the f
 
 def shard_name(k: int) -> str:
     return f"shard-{k:05d}.h5"
-
-
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; an unavailable CUDA device is a UsageError."""
-    import torch
-
-    device = (device or "auto").lower()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
-        return device
-    if device == "cpu":
-        return device
-    raise UsageError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
-
-
-_ALLOCATOR_TUNED = False
-
-
-def tune_cpu_allocator() -> bool:
-    """Keep freed memory in glibc's heap instead of unmapping it after every forward pass.
-
-    A CNN forward pass on the CPU allocates and frees tens of MB per layer. glibc serves blocks above
-    its mmap threshold (at most 32 MB by default) with fresh ``mmap`` calls, so every batch page-faults
-    its activations in again: millions of page faults and seconds of kernel time per hundred images,
-    worse in a VM. Raising the thresholds removes that (the encoder runs up to ~2x faster here); the
-    price is that the process keeps its peak heap (~1.5 GB for Lite0 at batch 32). Process-wide and
-    idempotent; returns False (and does nothing) where the C library is not glibc.
-    """
-    global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED:
-        return True
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    _ALLOCATOR_TUNED = mallopt(m_mmap_threshold, 1 << 30) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1
-    return _ALLOCATOR_TUNED
 
 
 def preprocessing(spec: EncoderSpec) -> dict:
@@ -103,138 +59,6 @@ def preprocessing(spec: EncoderSpec) -> dict:
         "mean": list(spec.mean),
         "std": list(spec.std),
     }
-
-
-# ---- the pipeline: decoding in workers ---------------------------------------------------------------
-
-
-class ImageItems:
-    """Map-style dataset over (id, path): returns (id, uint8 tensor (3, S, S)) or (id, file, reason)."""
-
-    def __init__(self, items: Sequence[tuple[int, str, str]], spec: EncoderSpec) -> None:
-        self.items = list(items)  # (id, absolute path, file as in the dataset)
-        self.spec = spec
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):  # noqa: ANN204
-        image_id, path, file = self.items[i]
-        try:
-            return image_id, self.spec.read(path)
-        except ImageError as e:
-            return image_id, file, str(e)
-        except Exception as e:  # noqa: BLE001 - any decoder surprise must not kill a long run
-            return image_id, file, f"{file}: cannot read ({type(e).__name__}: {e})"
-
-
-def collate_images(batch: list) -> tuple:
-    """Stack the readable images; pass the failures on as (id, file, reason) triples."""
-    import torch
-
-    good = [b for b in batch if len(b) == 2]
-    failed = [b for b in batch if len(b) == 3]
-    ids = torch.tensor([b[0] for b in good], dtype=torch.int64)
-    # numpy, not torch.stack: single-threaded, so a decoding thread never starts an OpenMP team. Stacked as
-    # (B, S, S, 3) pixels and seen as (B, 3, S, S): channels-last, as preprocess gives them and the encoder runs.
-    images = (torch.from_numpy(np.stack([b[1].permute(1, 2, 0).numpy() for b in good])).permute(0, 3, 1, 2)
-              if good else None)  # (B, 3, S, S) uint8
-    return ids, images, failed, len(batch)
-
-
-class _ThreadBatches:
-    """Decodes batches in a few threads of this process, ``prefetch`` batches ahead, in order.
-
-    PIL releases the GIL while it decodes and resizes, and preprocessing is numpy, so threads overlap
-    with the encoder as well as worker processes do on the CPU, without their costs: no fork of a
-    large heap (copy-on-write faults on every page the encoder then writes), no start-up, no
-    shared-memory transfer of every batch. Work starts in the constructor, so decoding overlaps with
-    loading the encoder.
-    """
-
-    def __init__(self, items: ImageItems, batches: list[list[int]], threads: int, prefetch: int) -> None:
-        from collections import deque
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._items = items
-        self._todo = iter(batches)
-        self._pool = ThreadPoolExecutor(max(threads, 1), thread_name_prefix="capcli-decode")
-        self._pending: deque = deque()
-        for _ in range(max(prefetch, 1)):
-            self._submit()
-
-    def _decode(self, batch: list[int]) -> tuple:
-        return collate_images([self._items[i] for i in batch])
-
-    def _submit(self) -> None:
-        batch = next(self._todo, None)
-        if batch is not None:
-            self._pending.append(self._pool.submit(self._decode, batch))
-
-    def __iter__(self) -> _ThreadBatches:
-        return self
-
-    def __next__(self) -> tuple:
-        if not self._pending:
-            raise StopIteration
-        future = self._pending.popleft()
-        self._submit()
-        return future.result()
-
-    def close(self) -> None:
-        for f in self._pending:
-            f.cancel()
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-class _InlineBatches:
-    """workers=0: decode each batch in the calling thread, when it is asked for."""
-
-    def __init__(self, items: ImageItems, batches: list[list[int]]) -> None:
-        self._gen = (collate_images([items[i] for i in b]) for b in batches)
-
-    def __iter__(self):  # noqa: ANN204
-        return self._gen
-
-    def close(self) -> None:
-        self._gen.close()
-
-
-class _ProcessBatches:
-    """DataLoader worker processes: decoding scales past the GIL (for a GPU, which outruns a few threads)."""
-
-    def __init__(self, items: ImageItems, batches: list[list[int]], workers: int, pin: bool) -> None:
-        import torch
-
-        loader = torch.utils.data.DataLoader(
-            items, batch_sampler=batches, num_workers=workers, collate_fn=collate_images, pin_memory=pin,
-            prefetch_factor=4,
-        )
-        self._it = iter(loader)  # starts the workers now
-
-    def __iter__(self):  # noqa: ANN204
-        return self._it
-
-    def close(self) -> None:
-        shutdown = getattr(self._it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
-        self._it = None
-
-
-def batch_source(items: ImageItems, batches: list[list[int]], workers: int, decode: str, dev: str):  # noqa: ANN202
-    """Where decoded batches come from: threads on the CPU, worker processes for CUDA (``decode="auto"``)."""
-    if decode not in ("auto", "threads", "processes"):
-        raise UsageError(f"decode={decode!r}: use auto, threads or processes")
-    workers = min(workers, len(batches))
-    if workers == 0:
-        return _InlineBatches(items, batches)
-    if decode == "processes" or (decode == "auto" and dev.startswith("cuda")):
-        return _ProcessBatches(items, batches, workers, pin=dev.startswith("cuda"))
-    # One batch ahead per thread: a thread decodes 32 small photos in ~15 ms against the encoder's ~400 ms on two
-    # cores, and a deeper queue only adds a burst of decoding beside the first batch (measured: 4 ahead made that
-    # batch 14% slower, 2 ahead 2%).
-    return _ThreadBatches(items, batches, workers, prefetch=workers)
 
 
 def _ids_digest(ids: Iterable[int]) -> str:
@@ -334,7 +158,8 @@ def extract_features(
 
     ``workers`` images are decoded in parallel with the encoder: by threads on the CPU and by
     DataLoader worker processes for CUDA (``decode="auto"``; or force ``"threads"``/``"processes"``).
-    On the CPU the glibc allocator is tuned first (:func:`tune_cpu_allocator`).
+    On the CPU, call :func:`capcli.runtime.tune_cpu_allocator` once first for up to ~2x the encoder's speed
+    (``capcli features`` does).
     """
     spec = get_spec(encoder)  # unknown encoder -> EncoderError, before anything is touched
     if shard_size < 1 or batch_size < 1 or workers < 0:
@@ -351,44 +176,17 @@ def extract_features(
                 out.rmdir()  # only if the run failed before writing anything
 
 
-def _extract(dataset: Dataset, encoder: str, spec: EncoderSpec, out: Path, shard_size: int, batch_size: int,
-             workers: int, device: str, weights: str | Path | None, image_ids: Iterable[int] | None, decode: str,
-             progress: Progress) -> Path:
-    """:func:`extract_features` once ``out`` is locked."""
-    import torch
-
-    records = dataset.images if image_ids is None else [dataset.get(int(i)) for i in dict.fromkeys(image_ids)]
-    if not records:
-        raise FeaturesError(f"dataset {dataset.name} has no images to extract features from")
-    ids = [r.id for r in records]
+def _manifest_for(out: Path, dataset: Dataset, encoder: str, spec: EncoderSpec, weights: str | None,
+                  ids: list[int], shard_size: int) -> dict:
+    """The folder's manifest when it holds features of this very job (else FeaturesError), or a new one."""
     digest = _ids_digest(ids)
-    weights_s = str(Path(weights).expanduser().resolve()) if weights is not None else None
-
     manifest = _read_manifest(out)
-    if manifest is not None:
-        if manifest.get("encoder") != encoder:
-            raise FeaturesError(
-                f"{out} holds features of encoder {manifest.get('encoder')!r}, not {encoder!r}; "
-                "choose another --out or delete that folder"
-            )
-        if manifest.get("weights") != weights_s:
-            raise FeaturesError(
-                f"{out} holds {encoder} features from weights {manifest.get('weights') or 'default'}, "
-                f"not {weights_s or 'default'}; choose another --out or delete that folder"
-            )
-        if manifest.get("ids_digest") != digest:
-            raise FeaturesError(
-                f"{out} holds {encoder} features of a different image set ({manifest.get('num_images')} images "
-                f"of {manifest.get('dataset', {}).get('name')!r}); choose another --out or delete that folder"
-            )
-        asked_shard_size, shard_size = shard_size, int(manifest["shard_size"])  # the folder's shards stay
-    else:
-        asked_shard_size = shard_size
-        manifest = {
+    if manifest is None:
+        return {
             "format": FORMAT,
             "encoder": encoder,
             "spec": spec.to_dict(),
-            "weights": weights_s,
+            "weights": weights,
             "preprocessing": preprocessing(spec),
             "dtype": "float16",
             "num_regions": spec.num_regions,
@@ -402,14 +200,112 @@ def _extract(dataset: Dataset, encoder: str, spec: EncoderSpec, out: Path, shard
             "num_extracted": 0,
             "complete": False,
         }
+    if manifest.get("encoder") != encoder:
+        raise FeaturesError(
+            f"{out} holds features of encoder {manifest.get('encoder')!r}, not {encoder!r}; "
+            "choose another --out or delete that folder"
+        )
+    if manifest.get("weights") != weights:
+        raise FeaturesError(
+            f"{out} holds {encoder} features from weights {manifest.get('weights') or 'default'}, "
+            f"not {weights or 'default'}; choose another --out or delete that folder"
+        )
+    if manifest.get("ids_digest") != digest:
+        raise FeaturesError(
+            f"{out} holds {encoder} features of a different image set ({manifest.get('num_images')} images "
+            f"of {manifest.get('dataset', {}).get('name')!r}); choose another --out or delete that folder"
+        )
+    return manifest
 
-    n_shards = (len(records) + shard_size - 1) // shard_size
+
+def _listed_shards(out: Path, manifest: dict) -> dict[int, dict]:
+    """The manifest's shards whose files exist, by index; a listed shard that vanished is forgotten, with its
+    failures, so that it is extracted again."""
     done = {int(s["index"]): s for s in manifest["shards"] if (out / s["file"]).is_file()}
-    if len(done) < len(manifest["shards"]):  # a listed shard vanished: redo it and forget its failures
+    if len(done) < len(manifest["shards"]):
         lost = {int(s["index"]) for s in manifest["shards"]} - set(done)
         manifest["failed"] = [f for f in manifest["failed"] if f.get("shard") not in lost]
         manifest["shards"] = [done[k] for k in sorted(done)]
         manifest["complete"] = False
+    return done
+
+
+def _clear_folder(out: Path, manifest: dict, done: dict[int, dict]) -> None:
+    """Create ``out``, delete half-written shards and shards the manifest does not list, write the manifest."""
+    with _write_errors(out, manifest):
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob("shard-*.h5*"):  # half-written shards, or shards renamed after the last manifest
+            k = int(stale.name[6:11]) if stale.name[6:11].isdigit() else -1
+            if stale.name.endswith(".tmp") or k not in done:
+                stale.unlink()
+        _write_manifest(out, manifest)
+
+
+class _Shards:
+    """Fills shard after shard from the encoded batches; publishes each, then the manifest, once complete."""
+
+    def __init__(self, out: Path, manifest: dict, spec: EncoderSpec, encoder: str, n_records: int,
+                 todo: list[int], progress: Progress) -> None:
+        self.out, self.manifest, self.spec, self.encoder, self.progress = out, manifest, spec, encoder, progress
+        self.shard_size, self.n_records = int(manifest["shard_size"]), n_records
+        self.n_shards = (n_records + self.shard_size - 1) // self.shard_size
+        self.remaining = {k: self.images_in(k) for k in todo}
+        self.writer: _ShardWriter | None = None
+        self.current = -1
+        self.shard_failed: list[dict] = []
+        self.n_failed = 0  # in this run
+
+    def images_in(self, k: int) -> int:
+        return min((k + 1) * self.shard_size, self.n_records) - k * self.shard_size
+
+    def begin(self, k: int, failed: list[tuple[int, str, str]]) -> None:
+        """A batch of shard ``k`` is next; ``failed``: its images that could not be read."""
+        if k != self.current:
+            self.writer = _ShardWriter(self.out, k, self.spec.num_regions, self.spec.feature_dim, self.encoder)
+            self.current, self.shard_failed = k, []
+        for image_id, file, reason in failed:
+            self.shard_failed.append({"id": int(image_id), "file": file, "reason": reason, "shard": k})
+            self.n_failed += 1
+            if self.n_failed <= MAX_WARNINGS:
+                self.progress.warn(f"skipped {reason}")
+
+    def add(self, ids: np.ndarray, features: tuple[np.ndarray, np.ndarray] | None, n_items: int) -> None:
+        """The batch's (grid, pooled) features (None: no image of it was readable) of its ``n_items`` images."""
+        k = self.current
+        if features is not None:
+            self.writer.append(ids, *features)
+        self.remaining[k] -= n_items
+        if self.remaining[k] == 0:  # shard complete: publish it, then record it
+            count = self.writer.n
+            self.writer.close()
+            self.writer = None
+            m = self.manifest
+            m["shards"].append({"index": k, "file": shard_name(k), "count": count, "images": self.images_in(k)})
+            m["shards"].sort(key=lambda s: s["index"])
+            m["failed"] += self.shard_failed
+            m["num_extracted"] = sum(s["count"] for s in m["shards"])
+            m["complete"] = len(m["shards"]) == self.n_shards
+            _write_manifest(self.out, m)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+
+def _extract(dataset: Dataset, encoder: str, spec: EncoderSpec, out: Path, shard_size: int, batch_size: int,
+             workers: int, device: str, weights: str | Path | None, image_ids: Iterable[int] | None, decode: str,
+             progress: Progress) -> Path:
+    """:func:`extract_features` once ``out`` is locked."""
+    import torch
+
+    records = dataset.images if image_ids is None else [dataset.get(int(i)) for i in dict.fromkeys(image_ids)]
+    if not records:
+        raise FeaturesError(f"dataset {dataset.name} has no images to extract features from")
+    weights_s = str(Path(weights).expanduser().resolve()) if weights is not None else None
+    manifest = _manifest_for(out, dataset, encoder, spec, weights_s, [r.id for r in records], shard_size)
+    asked_shard_size, shard_size = shard_size, int(manifest["shard_size"])  # the folder's shards stay
+    n_shards = (len(records) + shard_size - 1) // shard_size
+    done = _listed_shards(out, manifest)
     todo = [k for k in range(n_shards) if k not in done]
     if not todo:
         if not manifest.get("complete"):
@@ -424,8 +320,6 @@ def _extract(dataset: Dataset, encoder: str, spec: EncoderSpec, out: Path, shard
             f"image folder {dataset.image_root} of dataset {dataset.name} not found; run `capcli prepare` again"
         )
     dev = resolve_device(device)
-    if dev == "cpu":
-        tune_cpu_allocator()
     # Batches never cross a shard boundary, so each batch belongs to exactly one shard.
     batches: list[list[int]] = []
     for k in todo:
@@ -435,64 +329,26 @@ def _extract(dataset: Dataset, encoder: str, spec: EncoderSpec, out: Path, shard
     # Decoding starts now, while the encoder loads. Weights problems surface before the output
     # folder is touched.
     source = batch_source(items, batches, workers, decode, dev)
-    writer: _ShardWriter | None = None
-    current = -1
-    shard_failed: list[dict] = []
-    n_failed_run = 0
+    shards = _Shards(out, manifest, spec, encoder, len(records), todo, progress)
     try:
         enc = _create(encoder, weights).to(dev)
-        with _write_errors(out, manifest):
-            out.mkdir(parents=True, exist_ok=True)
-            for stale in out.glob("shard-*.h5*"):  # half-written shards, or shards renamed after the last manifest
-                k = int(stale.name[6:11]) if stale.name[6:11].isdigit() else -1
-                if stale.name.endswith(".tmp") or k not in done:
-                    stale.unlink()
-            _write_manifest(out, manifest)
+        _clear_folder(out, manifest, done)
         if done:
             progress.info(f"resuming {out}: {len(done)} of {n_shards} shards already done")
         if asked_shard_size != shard_size:
             progress.info(f"keeping the folder's shard size {shard_size} (not {asked_shard_size})")
-
-        total = sum(len(b) for b in batches)
-        remaining = {k: min((k + 1) * shard_size, len(records)) - k * shard_size for k in todo}
-
-        progress.start(f"features {encoder}", total=total, unit="img")
+        progress.start(f"features {encoder}", total=sum(len(b) for b in batches), unit="img")
         with torch.inference_mode(), _write_errors(out, manifest):
             for batch_idx, (bids, images, failed, n_items) in enumerate(source):
-                k = batches[batch_idx][0] // shard_size
-                if k != current:
-                    writer = _ShardWriter(out, k, spec.num_regions, spec.feature_dim, encoder)
-                    current, shard_failed = k, []
-                for image_id, file, reason in failed:
-                    shard_failed.append({"id": int(image_id), "file": file, "reason": reason, "shard": k})
-                    n_failed_run += 1
-                    if n_failed_run <= MAX_WARNINGS:
-                        progress.warn(f"skipped {reason}")
-                if images is not None:
-                    grid, pooled = _forward(enc, images, dev)
-                    writer.append(bids.numpy(), grid, pooled)
-                remaining[k] -= n_items
-                if remaining[k] == 0:  # shard complete: publish it, then record it
-                    count = writer.n
-                    writer.close()
-                    writer = None
-                    manifest["shards"].append(
-                        {"index": k, "file": shard_name(k), "count": count,
-                         "images": min((k + 1) * shard_size, len(records)) - k * shard_size}
-                    )
-                    manifest["shards"].sort(key=lambda s: s["index"])
-                    manifest["failed"] += shard_failed
-                    manifest["num_extracted"] = sum(s["count"] for s in manifest["shards"])
-                    manifest["complete"] = len(manifest["shards"]) == n_shards
-                    _write_manifest(out, manifest)
+                shards.begin(batches[batch_idx][0] // shard_size, failed)
+                shards.add(bids.numpy(), _forward(enc, images, dev) if images is not None else None, n_items)
                 progress.advance(n_items)
     finally:
-        if writer is not None:
-            writer.abort()
+        shards.abort()
         progress.done()
         source.close()  # stops the decoding now, also on error
-    if n_failed_run:
-        progress.warn(f"{n_failed_run} unreadable image(s) skipped; listed under 'failed' in {out / MANIFEST}")
+    if shards.n_failed:
+        progress.warn(f"{shards.n_failed} unreadable image(s) skipped; listed under 'failed' in {out / MANIFEST}")
     _check_some_read(manifest)
     return out
 

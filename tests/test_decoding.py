@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from capcli.encoders import create_encoder, get_spec
+from capcli.errors import UsageError
 from capcli.images import load_image
 from capcli.models import build
-from capcli.models.decoding import PRECISIONS, Decoded, beam_search, greedy, resolve_precision, sample
+from capcli.models.decoding import Decoded, beam_search, greedy, sample
+from capcli.runtime import PRECISIONS, resolve_device, resolve_precision
 from capcli.vocab import Vocabulary
 
 START, END = Vocabulary.start_id, Vocabulary.end_id
@@ -202,6 +204,15 @@ def test_precision_resolution():
         resolve_precision("fp16", cpu)
     with pytest.raises(ValueError, match="is for CPUs"):
         resolve_precision("int8", cuda)
+
+
+def test_device_resolution():
+    assert resolve_device("cpu") == resolve_device("CPU") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UsageError, match="mps: Apple GPUs are not supported"):
+        resolve_device("mps")
+    with pytest.raises(UsageError, match="use auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu")
 
 
 def test_beam_arguments():

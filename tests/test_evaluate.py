@@ -15,8 +15,9 @@ import pytest
 from typer.testing import CliRunner
 
 from capcli import evaluate as ev
+from capcli import report
 from capcli.cli import app
-from capcli.errors import EvaluateError
+from capcli.errors import EvaluateError, UsageError
 from capcli.progress import Progress
 
 requires_java = pytest.mark.skipif(shutil.which("java") is None, reason="Java is needed for the official pipeline")
@@ -334,12 +335,33 @@ def test_cli_allow_missing_scores_subset(ds_dir, small_flickr8k, tmp_path):
     assert doc["n_images"] == 7
 
 
+def test_run_is_the_cli_as_a_call(ds_dir, small_flickr8k, tmp_path):
+    """evaluate.run: the CLI's option rules and output names, and what the CLI prints, for a Python caller."""
+    res = write(tmp_path / "res.json", good_results(small_flickr8k))
+    with pytest.raises(UsageError, match="not both"):
+        ev.run(ds_dir, "model.pt", results=res)
+    with pytest.raises(UsageError, match="--allow-missing goes with --results"):
+        ev.run(ds_dir, allow_missing=True)
+    with pytest.raises(UsageError, match="--data is required"):
+        ev.run("", results=res)
+    done = ev.run(ds_dir, results=res, tokenizer="python", html=tmp_path / "r.html")
+    assert done.split == "val" and done.dataset.name == small_flickr8k.name and len(done.captions) == 10
+    assert done.written == [tmp_path / "res.metrics.json", tmp_path / "r.html"]
+    assert all(p.is_file() for p in done.written)
+    doc = json.loads(done.written[0].read_text())
+    assert doc["metrics"] == {k: done.scores.values[k] for k in ev.METRIC_KEYS if k in done.scores.values}
+    r = CliRunner().invoke(app, ["evaluate", "--results", str(res), "--data", str(ds_dir), "--tokenizer", "python"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(done.written[0].read_text())["metrics"] == doc["metrics"]  # the CLI wrote the same numbers
+    assert re.search(rf"CIDEr\s*│\s*{done.scores.values['CIDEr']:.4f}", r.output), r.output
+
+
 def test_html_escapes_captions(small_flickr8k, tmp_path):
     ds = small_flickr8k
     val = ds.split("val")[:2]
     results = {val[0].id: '<script>alert("x")</script> & a dog', val[1].id: "a dog"}
     s = ev.score(results, ds.references("val"), metrics=("bleu", "cider"), tokenizer="python")
-    page = ev.write_html(tmp_path / "r.html", ds, results, s, "val").read_text()
+    page = report.write_html(tmp_path / "r.html", ds, results, s, "val").read_text()
     assert "<script>alert" not in page and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; a dog" in page
 
 

@@ -252,3 +252,18 @@ def test_training_code_has_no_function_over_80_lines():
     too_long = [f"{where} ({n} lines)" for n, where in train if n > 80]
     assert not too_long, too_long
     assert module.main(["--under", "capcli/train/", "--top", "1", "--max", "80"]) == 0
+
+
+# cli.train_cmd is being shortened on another branch (issue #16's rough edges); drop it from here once merged
+LONG_FOR_NOW = {("capcli/cli.py", "train_cmd")}
+
+
+def test_no_function_in_capcli_is_over_80_lines():
+    spec = importlib.util.spec_from_file_location("longest_functions", ROOT / "scripts" / "longest_functions.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    lengths = module.function_lengths(ROOT / "capcli")
+    assert len(lengths) > 400  # the whole package was found and read
+    too_long = [f"{where} ({n} lines)" for n, where in lengths
+                if n > 80 and (where.split(":")[0], where.split(" ")[1]) not in LONG_FOR_NOW]
+    assert not too_long, too_long

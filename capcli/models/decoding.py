@@ -12,49 +12,6 @@ import torch
 
 from .base import Searchable
 
-PRECISIONS = ("auto", "float32", "bfloat16", "int8")
-
-
-def _cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux reports them (empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _native_bfloat16() -> bool:
-    try:  # a private probe: a torch without it gets float32
-        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """The arithmetic of a caption search's matrix products: ``float32``, ``bfloat16``, ``int8``, or ``auto``.
-
-    ``auto`` on a CPU is int8 where it has VNNI (AVX512-VNNI or AVX-VNNI: int8 products ~2x bfloat16's),
-    else bfloat16 where it computes that natively (AVX512-BF16 or AMX, through oneDNN), else float32; on a GPU,
-    float32. Below float32 the search runs the model's twin (``CaptionModel.for_search``): only the products
-    round differently, everything else stays float32. On Flickr8k val the shipped model scores the same
-    either way (README, `capcli caption`).
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    if precision == "int8" and device.type != "cpu":
-        raise ValueError("precision 'int8' is for CPUs: on a GPU use float32 or bfloat16")
-    if precision != "auto":
-        return precision
-    if device.type != "cpu":
-        return "float32"
-    if {"avx512_vnni", "avx_vnni"} & _cpu_flags() and hasattr(torch, "_int_mm"):
-        return "int8"
-    return "bfloat16" if _native_bfloat16() else "float32"
-
 
 @dataclass
 class Decoded:

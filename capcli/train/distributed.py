@@ -25,7 +25,7 @@ class Dist:
     @classmethod
     def setup(cls, device: str) -> Dist:
         """Join the process group that ``torchrun`` describes in the environment (WORLD_SIZE > 1)."""
-        from ..features import resolve_device
+        from ..runtime import resolve_device
 
         dev = resolve_device(device)
         world = int(os.environ.get("WORLD_SIZE", "1"))
