@@ -36,6 +36,7 @@ from .runtime import tune_cpu_allocator
 if TYPE_CHECKING:
     import torch
 
+    from .caption import CaptionSummary
     from .chair import ChairScores
     from .evaluate import Evaluation
     from .publish import PublishRequest
@@ -555,6 +556,18 @@ def caption(
                           attention_maps=attention_maps, resume=resume, shard=shard_ij, progress=RichProgress())
     except KeyboardInterrupt:
         _interrupted(out)
+    _caption_summary(s, out)
+    n_publish_failed = _publish(out, paths, recursive, request, model) if request.wanted else 0
+    if strict and (s.failed or s.unsupported or n_publish_failed):
+        what = [f"{s.failed} image(s) failed" if s.failed else "",
+                f"{s.n_unsupported} file(s) skipped as unsupported" if s.unsupported else "",
+                f"{n_publish_failed} metadata write(s) failed" if n_publish_failed else ""]
+        _error(f"{' and '.join(w for w in what if w)} (--strict)")
+        raise typer.Exit(1)
+
+
+def _caption_summary(s: CaptionSummary, out: Path) -> None:
+    """The caption command's summary line; exit 1 when no image could be captioned."""
     extra = "".join([f", {s.skipped} already done" if s.skipped else "",
                      f", {s.outside_shard} in other shards" if s.outside_shard else "",
                      f", skipped (unsupported) {s.unsupported_text()}" if s.unsupported else ""])
@@ -563,13 +576,6 @@ def caption(
                   f"({s.rate:.1f} img/s) -> {escape(display(str(out)))}", highlight=False, soft_wrap=True)
     if s.failed and not s.captioned:
         _error("no image could be captioned")
-        raise typer.Exit(1)
-    n_publish_failed = _publish(out, paths, recursive, request, model) if request.wanted else 0
-    if strict and (s.failed or s.unsupported or n_publish_failed):
-        what = [f"{s.failed} image(s) failed" if s.failed else "",
-                f"{s.n_unsupported} file(s) skipped as unsupported" if s.unsupported else "",
-                f"{n_publish_failed} metadata write(s) failed" if n_publish_failed else ""]
-        _error(f"{' and '.join(w for w in what if w)} (--strict)")
         raise typer.Exit(1)
 
 
