@@ -645,7 +645,7 @@ def info(root: DataRoot = None) -> None:
 
 def _auto_precision(device: torch.device) -> str:
     """What ``--precision auto`` picks for the caption search on this machine, and why."""
-    from .models.decoding import resolve_precision
+    from .runtime import resolve_precision
 
     chosen = resolve_precision("auto", device)
     why = {"int8": "the CPU has VNNI", "bfloat16": "the CPU computes bfloat16 natively",

@@ -137,7 +137,7 @@ def test_info_says_what_auto_precision_picks_and_whether_java_is_there(tmp_path)
 
     import torch
 
-    from capcli.models.decoding import resolve_precision
+    from capcli.runtime import resolve_precision
 
     r = _run("info", "--root", str(tmp_path))
     flat = _flat(r.output)

@@ -353,7 +353,7 @@ def test_run_is_the_cli_as_a_call(ds_dir, small_flickr8k, tmp_path):
     r = CliRunner().invoke(app, ["evaluate", "--results", str(res), "--data", str(ds_dir), "--tokenizer", "python"])
     assert r.exit_code == 0, r.output
     assert json.loads(done.written[0].read_text())["metrics"] == doc["metrics"]  # the CLI wrote the same numbers
-    assert re.search(rf"CIDEr\s*│\s*{done.scores.values['CIDEr']:.4f}", r.output), r.output
+    assert re.search(rf"CIDEr\s*│\s*{100 * done.scores.values['CIDEr']:.1f}", r.output), r.output  # in percent
 
 
 def test_html_escapes_captions(small_flickr8k, tmp_path):
