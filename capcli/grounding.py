@@ -31,19 +31,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .chair import objects_in
 from .grounding_table import WordTable, load_word_table
 from .models.decoding import Constraints
 from .vocab import Vocabulary
 
 MODES = ("auto", "off")
-# Words that name a person: held back together (ImageNet has no person class).
-_PERSON = (
-    "man men woman women boy boys girl girls child children kid kids people person persons player players lady "
-    "ladies guy guys baby babies toddler toddlers adult adults teenager teenagers teen teens crowd skier skiers "
-    "surfer surfers rider riders biker bikers cyclist cyclists climber climbers swimmer swimmers runner runners "
-    "snowboarder snowboarders skateboarder skateboarders dancer dancers worker workers family couple he she "
-    "someone gentleman")
-PERSON_WORDS = frozenset(_PERSON.split())
+# Words that name a person are CHAIR's ("person" and its synonyms, capcli/chair.py); these say one too.
+PERSON_PRONOUNS = ("he", "she", "someone", "couple", "family")
 
 
 @dataclass(frozen=True)
@@ -110,7 +105,9 @@ class Grounder:
         self.matrix = torch.zeros(len(usable), 1000)  # (W, 1000): class c is evidence for word w
         for i, (_, idx) in enumerate(usable):
             self.matrix[i, torch.as_tensor(idx)] = 1.0
-        self.person_ids = sorted(vocab.index(w) for w in PERSON_WORDS if w in vocab)
+        # ImageNet has no person class: these are held back together, as CHAIR counts them together.
+        self.person_ids = sorted(i for i, w in enumerate(vocab.words)
+                                 if w in PERSON_PRONOUNS or objects_in(w) == {"person"})
         self._ranks = torch.tensor([self._rank(w) for w in self.words])  # (W,) place in the vocabulary
         self.person_classes = torch.zeros(1000)
         self.person_classes[sorted(table.person_classes)] = 1.0
