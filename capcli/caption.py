@@ -236,7 +236,7 @@ class Captioner:
             if self.confidence is not None:
                 rec["confidence"] = round(self.confidence(rec["caption"], rec["logprob"], rec["labels"]), 4)
         if return_alphas and best.alphas is not None:
-            rec["words"] = self._text(best.tokens, plan).split()  # one per row of alphas
+            rec["words"] = rec["caption"].split()  # one per row of alphas (a word per token)
             rec["alphas"] = best.alphas.float().numpy()  # (L, N)
         return rec
 

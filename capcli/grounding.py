@@ -11,10 +11,10 @@ own encoder's ImageNet head recognises the refrigerator. Grounding puts that evi
   (``decoding.Constraints``: one beam set per subset of constraints met, Anderson et al. 2017), unless it is one of
   the decoder's own frequent words (``known``), which it names by itself when they are there.
 - **Don't say what is not there.** Words the evidence reliably sees (``hold_words``: dog, bird, ...) are held back
-  (never generated) when e < ``hold``. In a scene the decoder never learned (the word to say, or the likeliest
-  word, is rarer than its ``familiar`` most frequent words), the people and dogs of its captions come from
-  Flickr8k's habits: dogs are then held back below ``hold_unfamiliar``, and person words unless the classes that
-  imply a person (worn clothing, a diver...) have e >= ``person``.
+  (never generated) when e < ``hold``. In a scene the decoder never learned (the word to say is rarer than its
+  ``familiar`` most frequent words, or at least ``scene`` of the evidence is on such words), the people and dogs
+  of its captions come from Flickr8k's habits: dogs are then held back below ``hold_unfamiliar``, and person
+  words unless the classes that imply a person (worn clothing, a diver...) have e >= ``person``.
 - **Only where needed.** The plain search runs first; only the photos whose caption breaks its plan are searched
   again under it, so every other caption stays exactly as it was and the extra beams go where the evidence is.
 - **Words the captions never taught** are said through their nearest in-vocabulary WordNet relative
