@@ -202,12 +202,14 @@ class Captioner:
                          return_alphas: bool) -> list[list[Decoded]]:
         """Today's search; then, for the photos whose caption breaks its plan (a held-back word said, a word to
         say missing), the search again with the plan's bans and constraints (one beam set per subset of the words
-        to say met), on those photos alone. Captions that keep their plan stay exactly as they were."""
+        to say met, each ``repair_beams`` wider), on those photos alone. Captions that keep their plan stay exactly
+        as they were."""
         g, v, model = self.grounder, self.vocab, self._search_model
         assert g is not None
 
         def search(x: torch.Tensor, ps: list[Plan] | None) -> list[list[Decoded]]:
-            return beam_search(model, x, v.start_id, v.end_id, beam_size=beam_size, max_len=max_len,
+            beams = beam_size if ps is None else beam_size + g.policy.repair_beams
+            return beam_search(model, x, v.start_id, v.end_id, beam_size=beams, max_len=max_len,
                                length_penalty=length_penalty, top_k=top_k, banned=banned, with_alphas=return_alphas,
                                constraints=g.constraints(ps, feats.device) if ps is not None else None)
 

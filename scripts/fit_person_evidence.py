@@ -10,9 +10,9 @@ of toilets and kitchens). The person evidence of a photo is ``Σ_c w_c p(c)``, i
 
 Labels come from the reference captions by capcli's CHAIR table: a person when at least two of the five references
 name one, none when no reference does (photos in between are left out). The L2 weight is chosen on Flickr8k **val**
-by log-loss, and the script prints, for thresholds on the evidence, how many val photos would have their people held
-back and how many of those have none (the policy's ``person_mass`` is the largest threshold at which at least 80% of
-them have none). coco-mini is never read.
+by log-loss. The fit's intercept holds Flickr8k's share of photos with people (77%); the script prints how many val
+photos would have their people held back at even odds (``GroundingPolicy.person_p``), at that share and at a share of
+one half, and how many of those have none. coco-mini is never read.
 
     python scripts/fit_person_evidence.py [--data flickr8k] [--cache DIR]
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -33,7 +34,6 @@ from capcli.grounding import PERSON_EVIDENCE
 from capcli.layout import Dataset
 
 L2_GRID = (1e-7, 1e-6, 1e-5, 1e-4)
-THRESHOLDS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 ENCODER = "efficientnet-lite0"  # the shipped encoder; the weights are over ImageNet classes, as any head's
 
 
@@ -98,13 +98,17 @@ def main() -> None:
     losses = {l2: log_loss(p_va @ w + b, y_va) for l2, (w, b) in fits.items()}
     best = min(losses, key=losses.__getitem__)
     w, b = fits[best]
+    base_rate = float(y_tr.mean())
     mass = p_va @ w
-    held = {t: (int((mass < t).sum()), int(((mass < t) & (y_va == 0)).sum())) for t in THRESHOLDS}
+    held = {}
+    for prior in (base_rate, 0.5):  # P(person) < 0.5 at the training photos' share of people, and at even odds
+        below = mass + b - math.log(base_rate / (1 - base_rate)) + math.log(prior / (1 - prior)) < 0
+        held[f"{prior:.4f}"] = {"photos": int(below.sum()), "without_people": int((below & (y_va == 0)).sum())}
     meta = {"encoder": ENCODER, "trained_on": f"{ds.name} train ({len(y_tr)} photos, {int(y_tr.sum())} with people)",
             "labels": "person: >= 2 of the references name one (capcli.chair); none: no reference does",
-            "l2": best, "bias": round(b, 4), "val_log_loss": {str(k): round(v, 4) for k, v in losses.items()},
-            "val_photos": len(y_va), "val_held_back": {str(t): {"photos": n, "without_people": k}
-                                                        for t, (n, k) in held.items()}}
+            "l2": best, "bias": round(b, 4), "base_rate": round(base_rate, 4),
+            "val_log_loss": {str(k): round(v, 4) for k, v in losses.items()}, "val_photos": len(y_va),
+            "val_held_back_at_prior": held}
     weights = {str(c): round(float(v), 4) for c, v in enumerate(w.tolist()) if v >= 1e-3}
     PERSON_EVIDENCE.write_text(json.dumps({"meta": meta, "weights": weights}, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(meta, indent=1))
