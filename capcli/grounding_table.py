@@ -86,10 +86,6 @@ class WordTable:
         sums = {w: probs[..., idx].sum(-1) for w, idx in zip(names, indices, strict=True)}
         return dict(sorted(sums.items(), key=lambda kv: -float(np.max(kv[1]))))
 
-    def person_evidence(self, probs: np.ndarray) -> np.ndarray:
-        """The probability mass (..., ) on classes that imply a person in the photo."""
-        return np.asarray(probs)[..., sorted(self.person_classes)].sum(-1)
-
 
 def parse_word_table(data: dict) -> WordTable:
     """A WordTable from the JSON's dict; GroundingError if it is not a complete table."""
