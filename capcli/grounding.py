@@ -137,14 +137,13 @@ class Evidence:
         return Evidence(*(t.cpu() for t in (self.words, self.person, self.animal)))
 
 
-def person_weights(path: Path = PERSON_EVIDENCE) -> tuple[torch.Tensor, float, float]:
-    """The learned person evidence (scripts/fit_person_evidence.py): non-negative weights (1000,), the bias, and
-    the share of the training photos with people."""
+def person_weights(path: Path = PERSON_EVIDENCE) -> tuple[torch.Tensor, float]:
+    """The learned person evidence (scripts/fit_person_evidence.py): non-negative weights (1000,) and the bias."""
     data = json.loads(path.read_text(encoding="utf-8"))
     w = torch.zeros(1000)
     for c, v in data["weights"].items():
         w[int(c)] = v
-    return w, float(data["meta"]["bias"]), float(data["meta"]["base_rate"])
+    return w, float(data["meta"]["bias"])
 
 
 @dataclass
@@ -199,7 +198,7 @@ class Grounder:
         self.animate_ids = sorted(vocab.index(w) for w in ANIMATE_VERBS if w in vocab)
         self.animal_classes = torch.zeros(1000)
         self.animal_classes[list(ANIMAL_CLASSES)] = 1.0
-        self.person_weights, self.person_bias, self.person_base = person_weights()
+        self.person_weights, self.person_bias = person_weights()
 
     def _alias(self, word: str) -> list[int]:
         """The relative's tokens that will say ``word`` (singular -> singular, plural -> plural), or []."""
