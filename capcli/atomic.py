@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,17 +34,18 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def write_json(path: str | Path, doc: Any, indent: int | None = 1) -> Path:
-    """Atomically write ``doc`` as JSON (non-ASCII kept as is) to ``path``.
+def json_bytes(doc: Any, indent: int | None = 1) -> bytes:
+    """``doc`` as UTF-8 JSON (non-ASCII kept as is), ending in a newline.
 
     A lone surrogate (a file-name byte that is not UTF-8, as ``os.fsdecode`` holds it) is written as its JSON
     escape ``\\udcNN``: still valid JSON and UTF-8, and ``json.loads`` gives the same string back.
     """
-    text = json.dumps(doc, ensure_ascii=False, indent=indent)
-    return write_text(path, _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n")
+    return (json.dumps(doc, ensure_ascii=False, indent=indent) + "\n").encode("utf-8", "backslashreplace")
+
+
+def write_json(path: str | Path, doc: Any, indent: int | None = 1) -> Path:
+    """Atomically write ``doc`` as JSON (:func:`json_bytes`) to ``path``."""
+    return write_bytes(path, json_bytes(doc, indent))
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:

@@ -49,6 +49,7 @@ from .errors import CapcliError, CheckpointError, ImageError, OutputError, Usage
 from .grounding import MODES as GROUNDING_MODES
 from .grounding import Grounder, GroundingPolicy, Plan
 from .images import is_image_file, load_image, to_rgb
+from .metadata import SIDECAR_NAMINGS, sidecar_path
 from .models import build
 from .models.base import CaptionModel, Searchable
 from .models.decoding import Decoded, beam_search, greedy
@@ -613,9 +614,8 @@ class _JsonWriter(_Writer):
 
     def save(self) -> None:
         t = time.monotonic()
-        text = json.dumps(self.records, ensure_ascii=False, indent=1) + "\n"
         try:
-            atomic.write_bytes(self.path, _encode_line(text))
+            atomic.write_json(self.path, self.records)
         except OSError as e:
             raise self.failed(e) from None
         self.safe = len(self.records)
@@ -640,7 +640,7 @@ def rewrite_records(out: str | Path, records: Sequence[dict[str, Any]]) -> None:
     out = Path(out)
     kind = output_format(out)
     if kind == "json":
-        data = _encode_line(json.dumps(list(records), ensure_ascii=False, indent=1) + "\n")
+        data = atomic.json_bytes(list(records))
     else:
         writer = _JsonlWriter if kind == "jsonl" else _CsvWriter
         data = writer.header + b"".join(writer.encode(writer, r) for r in records)  # encode uses no state
@@ -692,9 +692,8 @@ def _by_extension(files: Sequence[Path], out: Path) -> dict[str, int]:
 
 def _not_sidecars(files: Sequence[Path], items: Sequence[InputFile]) -> list[Path]:
     """``files`` less the sidecars of the photos (``a.xmp``, ``a.jpg.xmp``, ``a.txt``: what ``--sidecar`` writes)."""
-    sidecars = set()
-    for it in items:
-        sidecars |= {it.path.with_suffix(".xmp"), it.path.with_name(it.path.name + ".xmp"), it.path.with_suffix(".txt")}
+    sidecars = {sidecar_path(it.path, "xmp", n) for it in items for n in SIDECAR_NAMINGS}
+    sidecars |= {sidecar_path(it.path, "txt") for it in items}
     return [p for p in files if p not in sidecars]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from .errors import UsageError
+from .evaluate import TOKENIZERS
 from .progress import Progress
 
 ARCHS = ("basic", "attention")
@@ -17,7 +18,7 @@ CONDITIONS = ("first-step", "init-state")  # how Show and Tell sees the image
 SCHEDULES = ("plateau", "cosine", "none")
 SELECT = {"cider": "CIDEr", "bleu4": "BLEU-4"}  # --select -> key of Scores.values
 SAVE_DTYPES = ("float32", "float16")
-VAL_TOKENIZERS = ("auto", "java", "python")
+VAL_TOKENIZERS = TOKENIZERS  # what `capcli evaluate --tokenizer` takes
 
 
 @dataclass

@@ -274,7 +274,6 @@ class _Run:
     use_ptb: bool  # tokenised by the toolkit's Java PTBTokenizer, so its numbers are official
     java: bool  # `java` is on the PATH
     out: Scores
-    toolkit: Toolkit = TOOLKIT
     meteor_timeout: float = 180.0
 
     def record(self, key: str, total: float, each: Sequence[float], official: bool) -> None:
@@ -320,7 +319,7 @@ def _meteor(run: _Run) -> None:
                  f"({'tokenizer=python was asked for' if run.java else 'no `java` was found on the PATH'})")
         return
     try:
-        total, each = run.toolkit.meteor(run.gts, run.res, run.meteor_timeout)
+        total, each = TOOLKIT.meteor(run.gts, run.res, run.meteor_timeout)
     except EvaluateError as e:
         run.skip("meteor", f"METEOR skipped: {e}")
         return
@@ -378,7 +377,7 @@ def _check_captions(hypotheses: Mapping[int, str], references: Mapping[int, Sequ
 
 
 def _tokenised(hypotheses: Mapping[int, str], references: Mapping[int, Sequence[str]], ids: list[int],
-               wanted: list[str], tokenizer: str, toolkit: Toolkit) -> _Run:
+               wanted: list[str], tokenizer: str) -> _Run:
     """References and hypotheses tokenised as the toolkit does (Java PTBTokenizer) or, without Java or with
     ``tokenizer="python"``, by capcli's tokenizer, with a note saying which numbers are then approximate."""
     out = Scores()
@@ -391,7 +390,7 @@ def _tokenised(hypotheses: Mapping[int, str], references: Mapping[int, Sequence[
     if use_ptb:
         try:
             # Like COCOEvalCap: references and hypotheses are tokenised in two separate runs.
-            gts, err_r = toolkit.tokenize_references(refs_in)
+            gts, err_r = TOOLKIT.tokenize_references(refs_in)
             res, err_h = _ptb_tokenize(hyps_in)
             out.tokenizer = "ptb"
             n_bad = (err_r + err_h).count("Untokenizable")
@@ -415,7 +414,7 @@ def _tokenised(hypotheses: Mapping[int, str], references: Mapping[int, Sequence[
             )
     out.per_image = {i: {} for i in ids}
     # the scorers iterate in this order; per-image lists follow it
-    return _Run(ids, {i: gts[i] for i in ids}, {i: res[i] for i in ids}, use_ptb, java, out, toolkit)
+    return _Run(ids, {i: gts[i] for i in ids}, {i: res[i] for i in ids}, use_ptb, java, out)
 
 
 def score(
@@ -425,7 +424,6 @@ def score(
     tokenizer: str = "auto",
     progress: Progress = NULL,
     meteor_timeout: float | None = None,
-    toolkit: Toolkit | None = None,
 ) -> Scores:
     """Score one caption per image against its references with the COCO caption toolkit.
 
@@ -433,13 +431,12 @@ def score(
     hypothesis id (extra reference ids are ignored). ``tokenizer``: ``"auto"`` (Java's PTBTokenizer
     when ``java`` is on the PATH, else capcli's), ``"java"`` (fail without Java) or ``"python"``
     (approximate). Corpus-level statistics (BLEU's pooled counts, CIDEr's document frequencies) are
-    over the hypotheses given, as in ``COCOEvalCap``. ``toolkit``: whose warm Java processes to use
-    (default :data:`TOOLKIT`).
+    over the hypotheses given, as in ``COCOEvalCap``. The Java side is :data:`TOOLKIT`'s, kept warm.
     """
     wanted = _check_metrics(metrics)
     _check_tokenizer(tokenizer)
     ids = _check_captions(hypotheses, references)
-    run = _tokenised(hypotheses, references, ids, wanted, tokenizer, toolkit or TOOLKIT)
+    run = _tokenised(hypotheses, references, ids, wanted, tokenizer)
     run.meteor_timeout = meteor_timeout if meteor_timeout is not None else 180.0 + 0.05 * len(ids)
     # say only what will run: SPICE without its models or Java, METEOR without Java, are skipped
     runs = [m for m in wanted if (m != "spice" or spice_status()[0]) and (m != "meteor" or run.use_ptb)]

@@ -10,10 +10,8 @@ the least-confident-first order. The layout is a single column on a phone and a 
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import html
-import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +20,7 @@ from typing import Any
 
 from . import atomic
 from .errors import ImageError
-from .images import load_image
+from .images import thumbnail_data_uri
 
 THUMB_PX = 320  # longest side of a thumbnail, in pixels
 
@@ -43,15 +41,6 @@ class Card:
     size: tuple[int, int] = (0, 0)  # thumbnail width, height
 
 
-def thumbnail(photo: str | Path, px: int = THUMB_PX) -> tuple[str, tuple[int, int]]:
-    """A photo as an upright JPEG data URI at most ``px`` on its longest side, and its size."""
-    img = load_image(photo, min_size=px)
-    img.thumbnail((px, px))
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=78, optimize=True)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), img.size
-
-
 def score(record: dict[str, Any]) -> tuple[float | None, str]:
     """The card's score and its kind: the record's confidence, else the caption's per-word probability."""
     if record.get("confidence") is not None:
@@ -67,7 +56,7 @@ def make_card(photo: Path | None, record: dict[str, Any], thumb_px: int = THUMB_
     thumb, size = "", (0, 0)
     if photo is not None:
         with contextlib.suppress(ImageError):
-            thumb, size = thumbnail(photo, thumb_px)
+            thumb, size = thumbnail_data_uri(photo, thumb_px, quality=78)
     s, kind = score(record) if not record.get("error") else (None, "")
     alts = tuple((str(a.get("caption", "")), a.get("logprob")) for a in record.get("alternatives") or [])
     labels = tuple((str(lab["word"]), float(lab.get("p", 0.0))) for lab in record.get("labels") or [])

@@ -12,6 +12,7 @@ demosaicing), else a half-size decode of the raw data, turned upright by the cam
 
 from __future__ import annotations
 
+import base64
 import io
 import warnings
 from pathlib import Path
@@ -161,3 +162,13 @@ def _raw_preview(raw, min_size: int | None) -> Image.Image | None:  # noqa: ANN0
 def _libraw_reason(e: Exception) -> str:
     text = e.args[0] if e.args else type(e).__name__
     return text.decode(errors="replace") if isinstance(text, bytes) else str(text)
+
+
+def thumbnail_data_uri(path: str | Path, px: int, quality: int = 80) -> tuple[str, tuple[int, int]]:
+    """A photo as an upright JPEG ``data:`` URI at most ``px`` on its longest side (so a page keeps working when
+    moved), and the thumbnail's size."""
+    img = load_image(path, min_size=px)
+    img.thumbnail((px, px))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality, optimize=True)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), img.size

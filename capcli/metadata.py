@@ -45,14 +45,12 @@ from typing import Any
 
 from . import __version__, atomic
 from .errors import UsageError
+from .images import RAW_EXTENSIONS as RAW_TYPES
 
 NAMESPACE = "http://ns.capcli.org/xmp/1.0/"
 PREFIX = "capcli"
 TXT_RECORD = ".capcli-txt.json"
 EMBED_TYPES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff"})
-RAW_TYPES = frozenset({".3fr", ".arw", ".cr2", ".cr3", ".crw", ".dcr", ".dng", ".erf", ".iiq", ".kdc", ".mef", ".mos",
-                       ".mrw", ".nef", ".nrw", ".orf", ".pef", ".raf", ".raw", ".rw2", ".rwl", ".sr2", ".srf", ".srw",
-                       ".x3f"})
 SIDECAR_KINDS = ("xmp", "txt")
 SIDECAR_NAMINGS = ("stem", "ext")  # Lightroom: name.xmp; darktable: name.jpg.xmp
 EMPTY_PACKET = ('<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n<x:xmpmeta xmlns:x="adobe:ns:meta/">'

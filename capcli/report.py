@@ -3,10 +3,8 @@ and scores, worst first, with CHAIR's object badges (hallucinated objects in red
 
 from __future__ import annotations
 
-import base64
 import functools
 import html
-import io
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -14,20 +12,9 @@ from . import atomic
 from .chair import ChairScores
 from .errors import CapcliError
 from .evaluate import METRIC_KEYS, Scores
+from .images import thumbnail_data_uri
 from .layout import Dataset
 from .progress import NULL, Progress
-
-
-def thumbnail_data_uri(path: str | Path, size: int = 160) -> str:
-    """A small JPEG of the image as a ``data:`` URI (so a report keeps working when moved)."""
-    from .images import load_image
-
-    img = load_image(path)
-    img.thumbnail((size, size))
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
@@ -81,7 +68,7 @@ def write_html(
         for rank, i in enumerate(ids, 1):
             rec = dataset.get(i)
             try:
-                img = f'<img alt="image {i}" src="{thumbnail_data_uri(dataset.path(rec), thumb_size)}">'
+                img = f'<img alt="image {i}" src="{thumbnail_data_uri(dataset.path(rec), thumb_size)[0]}">'
             except CapcliError as e:
                 img = f'<span class="approx">image unavailable: {esc(str(e))}</span>'
             refs = "".join(f"<li>{esc(c)}</li>" for c in rec.captions)

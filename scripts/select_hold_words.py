@@ -23,6 +23,7 @@ import torch
 from capcli.caption import DEFAULT_MODEL, Captioner
 from capcli.chair import chair, objects_in
 from capcli.evaluate import open_dataset
+from capcli.grounding import Grounder
 from capcli.vocab import tokenize
 
 MIN_PHOTOS, MISS_EVIDENCE, MAX_MISSED = 5, 0.01, 0.05
@@ -35,17 +36,18 @@ def main() -> None:
     args = ap.parse_args()
     ds = open_dataset(args.data)
     val = ds.split("val")
-    cap = Captioner.load(DEFAULT_MODEL, device="cpu", precision="float32")  # grounded: for its grounder
     plain = Captioner.load(DEFAULT_MODEL, device="cpu", precision="float32", grounding="off")
-    g = cap.grounder
-    assert g is not None
-    with torch.inference_mode():
-        logits = torch.cat([cap.encoder.imagenet_logits(cap.encoder(torch.stack([cap.spec.read(ds.path(r))
-                                                                                 for r in val[s: s + 64]])))
-                            for s in range(0, len(val), 64)])
-    ev = g.evidence(logits).words  # (n, W)
-    captions = {r.id: rec["caption"] for r, rec in zip(val, plain.caption_paths([ds.path(r) for r in val]),
-                                                        strict=True)}
+    g = Grounder.for_model(plain.vocab)
+    logits, captions = [], {}
+    with torch.inference_mode():  # each photo read and encoded once: its ImageNet logits and its plain caption
+        for s in range(0, len(val), 64):
+            batch = val[s: s + 64]
+            grid = plain.encoder(torch.stack([plain.spec.read(ds.path(r)) for r in batch]))  # (B, N, D)
+            logits.append(plain.encoder.imagenet_logits(grid))
+            recs = plain._decode(plain.model.features_of_kind(grid, plain.model.feature_kind), None, beam_size=3,
+                                 max_len=20, top_k=1, length_penalty=0.0, return_alphas=False)
+            captions.update({r.id: rec["caption"] for r, rec in zip(batch, recs, strict=True)})
+    ev = g.evidence(torch.cat(logits)).words  # (n, W)
     refs = {r.id: list(r.captions) for r in val}
     scores = chair(captions, refs)
     never_misses, habits = [], []

@@ -124,17 +124,14 @@ class SearchShowTell:
     W_e S_t's share of the LSTM's input product, with both biases, is a table with a row per word; W_o h_t and,
     for the next step, the LSTM's W_hh h_t are one matrix product, in ``matmul`` arithmetic (:class:`PackedLinear`).
     The image step (x_{-1} = W_I f through the LSTM from a zero state, or h_0 = tanh(W_h f), c_0 = tanh(W_c f))
-    runs once per image, through the model's own layers.
+    runs once per image, through the model itself.
     State: (h, c, W_hh h), all per hypothesis.
     """
 
     image_slots = 0
 
     def __init__(self, model: ShowTell, matmul: str) -> None:
-        self.condition = model.cfg.condition
-        # The image step's layers, run as they are: W_I and the LSTM itself, or W_h and W_c.
-        self.image_layers = [model.image_embed, model.rnn] if self.condition == "first-step" \
-            else [model.init_h, model.init_c]
+        self.model = model  # for the image step, once per image
         lstm = LSTMWeights.of(model.rnn)
         W_o, b_o = model.out.weight.detach().float(), model.out.bias.detach().float()
         self.V = len(W_o)
@@ -144,15 +141,8 @@ class SearchShowTell:
 
     def init_state(self, features: torch.Tensor) -> State:
         """(B, D) pooled features -> the state after seeing the image."""
-        features = features.float()
         with torch.no_grad():
-            if self.condition == "init-state":
-                h, c = (torch.tanh(layer(features)) for layer in self.image_layers)  # h_0, c_0: (B, H) each
-            else:
-                W_I, lstm = self.image_layers
-                _, (h, c) = lstm(W_I(features).unsqueeze(1))  # x_{-1} = W_I f from h = c = 0: (1, B, H) each
-                h, c = h[0], c[0]
-        h, c = h.float(), c.float()
+            h, c = (x[0].float() for x in self.model._initial_hidden(features.float()))  # (B, H) each
         return (h, c, self.of_h(h)[:, self.V:])
 
     def step(self, tokens: torch.Tensor, state: State):
