@@ -199,7 +199,8 @@ def main() -> None:
           f"{os.cpu_count()} CPUs; glibc allocator tuned for both: {tuned}")
 
     images = collate_images([(i, cap.spec.read(p)) for i, p in enumerate(paths)])[1]  # as the pipeline decodes them
-    caps = {"float32": Captioner(cap.model, cap.encoder, cap.vocab, cap.device, precision="float32"), "auto": cap,
+    caps = {"float32": Captioner(cap.model, cap.encoder, cap.vocab, cap.device, precision="float32",
+                                 familiarity=cap.familiarity), "auto": cap,
             "ungrounded": Captioner(cap.model, cap.encoder, cap.vocab, cap.device, grounding="off")}
     print(f"search precision: auto = {cap.precision} on this machine")
     copies = {"jpeg": paths}

@@ -46,6 +46,7 @@ from .checkpoint import load_checkpoint
 from .confidence import ConfidenceModel, for_checkpoint
 from .encoders import Encoder, create_encoder, get_spec
 from .errors import CapcliError, CheckpointError, ImageError, OutputError, UsageError, os_reason
+from .familiar import Familiarity
 from .grounding import MODES as GROUNDING_MODES
 from .grounding import Grounder, GroundingPolicy, Plan
 from .images import is_image_file, load_image, to_rgb
@@ -92,7 +93,7 @@ class Captioner:
 
     def __init__(self, model: CaptionModel, encoder: Encoder, vocab: Vocabulary, device: torch.device,
                  source: Path | None = None, precision: str = "auto", grounding: str = "auto",
-                 policy: GroundingPolicy | None = None) -> None:
+                 policy: GroundingPolicy | None = None, familiarity: Familiarity | None = None) -> None:
         try:
             precision = resolve_precision(precision, device)  # of the search's matrix products (encoder: float32)
         except ValueError as e:
@@ -103,6 +104,8 @@ class Captioner:
         self.grounder: Grounder | None = None
         if grounding == "auto" and encoder.has_head:
             self.grounder = Grounder.for_model(vocab, policy or GroundingPolicy())
+        # The model's training photos (checkpoint "familiarity"): grounding is stricter about photos unlike them.
+        self.familiarity = familiarity
         self.model = model.to(device).eval()
         self.encoder = encoder.to(device).eval()
         self.vocab = vocab
@@ -161,7 +164,8 @@ class Captioner:
             except (RuntimeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{path}: its fine-tuned encoder weights do not fit {spec.name}") from e
             grounding = "off"
-        cap = cls(model, encoder.for_inference(), vocab, dev, source=path, precision=precision, grounding=grounding)
+        cap = cls(model, encoder.for_inference(), vocab, dev, source=path, precision=precision, grounding=grounding,
+                  familiarity=Familiarity.of_checkpoint(ckpt, path))
         if cap.grounder is not None:  # fitted on grounded captions (their labels are features)
             cap.confidence = for_checkpoint(path)
         return cap
@@ -177,7 +181,8 @@ class Captioner:
             grid = self.encoder(images.to(self.device, non_blocking=True))  # (B, N, D)
             plans = None
             if self.grounder is not None:
-                plans = self.grounder.plans(self.encoder.imagenet_logits(grid))
+                outside = self.familiarity.outside(grid) if self.familiarity is not None else None  # (B,)
+                plans = self.grounder.plans(self.encoder.imagenet_logits(grid), outside)
             return self.model.features_of_kind(grid, self.model.feature_kind), plans
 
     def _decode(self, feats: torch.Tensor, plans: list[Plan] | None, beam_size: int, max_len: int, top_k: int,

@@ -7,6 +7,7 @@
      "model":   state_dict,
      "encoder_state": state_dict | None,              # only when the encoder was fine-tuned
      "metrics": {...},                                # e.g. best val scores, epoch
+     "familiarity": {...} | None,                     # the training photos, for grounding (familiar.py)
      "train_state": {...} | None}                     # optimiser, scheduler, epoch, step, RNG: for --resume
 
 Writes go to a temporary file in the same folder and are renamed into place, so a crash never

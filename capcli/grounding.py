@@ -14,12 +14,13 @@ own encoder's ImageNet head recognises the refrigerator. Grounding puts that evi
   (``hold_words``: dog, bench, ...) are held back (never generated) when e < ``hold``. ImageNet has no person class,
   so person words are held back when the classes that come with people in Flickr8k's photos (a logistic regression
   with non-negative weights, ``PERSON_EVIDENCE``: a class never seen with people counts for nothing) make a person
-  less likely than ``person_p``. In a scene the decoder never learned (the word to say is rarer than its ``familiar``
-  most frequent words, or at least ``scene`` of the evidence is on such words), its people and dogs come from
-  Flickr8k's habits: dogs are then held back below ``hold_unfamiliar``, and people unless the evidence for them is
-  strong (``person_unfamiliar``). With neither people nor animals in view, the verbs only a living thing does are held
-  back too ("a coffee is playing in a field"), and a caption with no word to say must name one of its labels, so
-  that it has a subject.
+  less likely than ``person_p``. In a scene the decoder never learned (the photo is farther from the photos the
+  model learned from than nine in ten validation photos, ``familiar.py``; or the word to say is rarer than its
+  ``familiar`` most frequent words, or at least ``scene`` of the evidence is on such words), its people and dogs
+  come from Flickr8k's habits: dogs are then held back below ``hold_unfamiliar``, and people unless the evidence for
+  them is strong (``person_unfamiliar``). With neither people nor animals in view, the verbs only a living thing
+  does are held back too ("a coffee is playing in a field"), and a caption with no word to say must name one of its
+  labels, so that it has a subject.
 - **Only where needed.** The plain search runs first; only the photos whose caption breaks its plan are searched
   again under it, so every other caption stays exactly as it was and the extra beams go where the evidence is.
 - **Said by any of its forms.** A word to say is said by its forms and by its doer or doing ("skier", "skiing" say
@@ -227,8 +228,9 @@ class Grounder:
         person = torch.sigmoid(probs @ self.person_weights.to(dev) + self.person_bias)
         return Evidence(probs @ self.matrix.to(dev).t(), person, probs @ self.animal_classes.to(dev))
 
-    def plans(self, logits: torch.Tensor) -> list[Plan]:
-        """One plan per photo from its ImageNet logits (B, 1000) (vectorised: ~20 µs a photo)."""
+    def plans(self, logits: torch.Tensor, outside: torch.Tensor | None = None) -> list[Plan]:
+        """One plan per photo from its ImageNet logits (B, 1000) (vectorised: ~20 µs a photo); ``outside`` (B,)
+        bool marks the photos unlike the model's training photos (familiar.py): unfamiliar scenes too."""
         p = self.policy
         evidence = self.evidence(logits).cpu()
         ev, person, animal = evidence.words, evidence.person, evidence.animal
@@ -238,13 +240,15 @@ class Grounder:
         unfamiliar_mass = 1.0 - ev[:, ranks < p.familiar].sum(1)  # (B,)
         holds = [w for w in p.hold_words if w in self.index]
         hold_e = ev[:, [self.index[w] for w in holds]]  # (B, H)
+        unlike = outside.tolist() if outside is not None else [False] * ev.size(0)
         out = []
         for b in range(ev.size(0)):
             labels = [(self.words[i], round(e, 4)) for e, i in zip(top_e[b, : p.labels].tolist(),
                                                                     top_i[b, : p.labels].tolist(), strict=True)
                       if e >= p.label_min]
             say = [self.words[i] for e, i in zip(say_e[b].tolist(), say_i[b].tolist(), strict=True) if e >= p.say]
-            unfamiliar = any(self._rank(w) >= p.familiar for w in say) or float(unfamiliar_mass[b]) >= p.scene
+            unfamiliar = (unlike[b] or any(self._rank(w) >= p.familiar for w in say)
+                          or float(unfamiliar_mass[b]) >= p.scene)
             limit = p.hold_unfamiliar if unfamiliar else p.hold
             plan = Plan(say=say, hold=[w for w, e in zip(holds, hold_e[b].tolist(), strict=True) if e < limit],
                         hold_people=float(person[b]) < (p.person_unfamiliar if unfamiliar else p.person_p),

@@ -25,6 +25,7 @@ from capcli.checkpoint import load_checkpoint
 from capcli.cli import app
 from capcli.config import TrainConfig
 from capcli.evaluate import score
+from capcli.familiar import Familiarity
 from capcli.features import FeatureStore
 from capcli.layout import Dataset
 from capcli.models import build
@@ -187,6 +188,12 @@ def test_refuses_to_overwrite_a_run(small_flickr8k, small_flickr8k_features, tmp
     assert (best["epoch"], best["split"], best["images"], best["select"]) == (1, "val", 10, "CIDEr")
     assert best["CIDEr"] == pytest.approx(again["CIDEr"]) and best["BLEU-4"] == pytest.approx(again["BLEU-4"])
     assert best["CIDEr"] == metrics(tmp_path / "run")[0]["val_CIDEr"]
+    # the training photos' familiarity (grounding's out-of-domain check), fitted on their features: a tenth of val out
+    fam = Familiarity.of_checkpoint(ck, tmp_path / "run" / "best.pt")
+    store = FeatureStore(small_flickr8k_features)
+    assert fam is not None and fam.photos.shape == (len(small_flickr8k.split("train")), store.feature_dim)
+    pooled = torch.from_numpy(store.get_many([r.id for r in recs], "pooled")).float()
+    assert int(fam.outside(pooled.unsqueeze(1)).sum()) == 1
     r = cli("--data", small_flickr8k.source, "--features", str(small_flickr8k_features), "--out", str(tmp_path / "run"))
     assert_clean_error(r, "already holds a training run", "--resume")
     # finished runs resume to nothing
@@ -264,6 +271,7 @@ def test_fine_tunes_the_encoder_end_to_end(small_flickr8k, tmp_path):
     before = create_encoder().state_dict()
     after = ck["encoder_state"]
     assert ck["train_state"]["step"] == 2
+    assert "familiarity" not in ck  # a fine-tuned encoder's head no longer reads its features: no grounding
     for name, learns in [("_blocks.15._project_conv.weight", True), ("_conv_head.weight", True),
                          ("_blocks.14._project_conv.weight", False), ("_conv_stem.weight", False),
                          ("_bn1.running_mean", False)]:  # BatchNorm statistics stay frozen

@@ -7,6 +7,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from ..checkpoint import check_encoder, load_checkpoint
 from ..config import TrainConfig
 from ..encoders import DEFAULT_ENCODER, EncoderSpec, get_spec
 from ..errors import CapcliError, DatasetError, FeaturesError, UsageError
+from ..familiar import Familiarity
+from ..familiar import K as FAMILIAR_K
 from ..layout import FILENAME as DATASET_FILE
 from ..layout import Dataset, ImageRecord, open_dataset
 from ..progress import NULL, Progress
@@ -150,6 +153,16 @@ class Data:
     train_src: Source | None = None  # set by open_sources
     val_src: Source | None = None
     unreadable: set[int] = field(default_factory=set)  # training image rows already warned about
+
+    @cached_property
+    def familiarity(self) -> Familiarity | None:
+        """How like the training photos a photo is (familiar.py: grounding uses it), from the pooled features of
+        the training and validation images; None when fine-tuning from the photos (grounding is then off)."""
+        if self.store is None or len(self.train_recs) <= FAMILIAR_K:
+            return None
+        train = self.store.get_many([r.id for r in self.train_recs], "pooled")
+        val = self.store.get_many(self.val_ids, "pooled")
+        return Familiarity.fit(torch.from_numpy(train), torch.from_numpy(val))
 
     @property
     def val_ids(self) -> list[int]:

@@ -173,6 +173,8 @@ def save_checkpoint(path: Path, metrics: dict, cfg: TrainConfig, data: Data, net
                           "train_config": cfg.to_dict()}
     if net.encoder is not None:
         ck["encoder_state"] = _state_dict(net.encoder, dtype)
+    if (fam := data.familiarity) is not None:
+        ck["familiarity"] = fam.to_dict()
     if train is not None:
         state, opt, world = train
         ck["train_state"] = {
