@@ -10,7 +10,8 @@ come from the training photos' own distribution. With ``quantile`` 0.9 a tenth o
 outside: the largest share that costs Flickr8k val nothing measurable (README, "Grounded captions").
 
 The training photos' features are stored per dimension as uint8 between the dimension's least and largest value
-(on Flickr8k val the decisions are those of the float32 features, 1000 of 1000): 6,091 Flickr8k photos are 7.8 MB.
+(on Flickr8k val the decisions are those of the float32 features, 1000 of 1000): 6,091 Flickr8k photos are 7.8 MB;
+of a larger training set a sample of ``MAX_PHOTOS`` is kept.
 
     pooled (B, D) -> normalise -> distance to each training photo (B, n) -> k-th smallest (B,) -> > threshold
 """
@@ -28,6 +29,7 @@ from .errors import CheckpointError
 FORMAT = "capcli-familiarity/1"
 K = 5  # neighbours: Sun et al. use k = 1..50 by training set size; 5 for a few thousand photos
 QUANTILE = 0.9  # of the validation photos' distances (chosen on Flickr8k val, see the module docstring)
+MAX_PHOTOS = 10_000  # kept of a larger training set (a fixed random sample: COCO's 113k would be 145 MB)
 
 
 @dataclass
@@ -43,10 +45,14 @@ class Familiarity:
     _ref: torch.Tensor | None = field(default=None, repr=False, compare=False)  # (n, D) float32, on first use
 
     @classmethod
-    def fit(cls, train: torch.Tensor, val: torch.Tensor, k: int = K, quantile: float = QUANTILE) -> Familiarity:
-        """From the pooled features (n, D) of the training photos and (m, D) of the validation photos."""
+    def fit(cls, train: torch.Tensor, val: torch.Tensor, k: int = K, quantile: float = QUANTILE,
+            max_photos: int = MAX_PHOTOS) -> Familiarity:
+        """From the pooled features (n, D) of the training photos and (m, D) of the validation photos. Of more than
+        ``max_photos`` training photos a fixed random sample is kept; the threshold is measured against it."""
         if len(train) <= k or len(val) == 0:
             raise ValueError(f"need more than {k} training photos and some validation photos")
+        if len(train) > max_photos:
+            train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:max_photos]]
         ref = _normalise(train)
         low = ref.amin(0)  # (D,)
         scale = (ref.amax(0) - low).clamp_min(1e-12) / 255  # (D,)

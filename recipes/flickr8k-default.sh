@@ -55,6 +55,8 @@ run_evaluate() {
   done
 }
 
+# Every checkpoint `capcli train` writes carries its training photos' familiarity (capcli/familiar.py, for
+# grounding). The shipped ones were trained before that: scripts/fit_familiarity.py added it to them.
 run_ship() {
   mkdir -p capcli/assets
   cp "$RUNS/flickr8k-attention-scst/best.pt" capcli/assets/flickr8k-attention.pt

@@ -44,6 +44,13 @@ def test_photos_unlike_the_training_photos_are_outside(fitted) -> None:
     assert not Familiarity.fit(twins, train[:10]).outside(twins[:1].unsqueeze(1).expand(1, 49, 64)).any()
 
 
+def test_a_large_training_set_is_sampled(fitted) -> None:
+    fam, train, val = fitted
+    small = Familiarity.fit(train, val, max_photos=300)
+    assert small.photos.shape == (300, 64) and int(small.outside(val.unsqueeze(1)).sum()) == 20
+    assert torch.equal(Familiarity.fit(train, val, max_photos=300).photos, small.photos)  # the same sample
+
+
 def test_it_travels_in_the_checkpoint(fitted, tmp_path) -> None:
     fam, _, val = fitted
     ckpt = {"config": {}, "vocab": {}, "encoder": {"name": "x"}, "model": {}, "familiarity": fam.to_dict()}
