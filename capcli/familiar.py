@@ -51,9 +51,7 @@ class Familiarity:
         ``max_photos`` training photos a fixed random sample is kept; the threshold is measured against it."""
         if len(train) <= k or len(val) == 0:
             raise ValueError(f"need more than {k} training photos and some validation photos")
-        if len(train) > max_photos:
-            train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:max_photos]]
-        ref = _normalise(train)
+        ref = _normalise(train[sample(len(train), max_photos)])
         low = ref.amin(0)  # (D,)
         scale = (ref.amax(0) - low).clamp_min(1e-12) / 255  # (D,)
         fam = cls(((ref - low) / scale).round().clamp(0, 255).to(torch.uint8), low, scale, k, 0.0, quantile)
@@ -99,6 +97,13 @@ class Familiarity:
         if photos.dtype != torch.uint8 or photos.dim() != 2 or not low.shape == scale.shape == photos.shape[1:]:
             raise ValueError("malformed training photos")
         return cls(photos, low.float(), scale.float(), int(d["k"]), float(d["threshold"]), float(d["quantile"]))
+
+
+def sample(n: int, max_photos: int = MAX_PHOTOS) -> torch.Tensor:
+    """The rows kept of ``n`` training photos: all, or a fixed random sample of ``max_photos``, in order."""
+    if n <= max_photos:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:max_photos].sort().values
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:

@@ -13,13 +13,12 @@ from typing import Any
 
 import torch
 
-from .. import paths
+from .. import familiar, paths
 from ..checkpoint import check_encoder, load_checkpoint
 from ..config import TrainConfig
 from ..encoders import DEFAULT_ENCODER, EncoderSpec, get_spec
 from ..errors import CapcliError, DatasetError, FeaturesError, UsageError
 from ..familiar import Familiarity
-from ..familiar import K as FAMILIAR_K
 from ..layout import FILENAME as DATASET_FILE
 from ..layout import Dataset, ImageRecord, open_dataset
 from ..progress import NULL, Progress
@@ -158,9 +157,10 @@ class Data:
     def familiarity(self) -> Familiarity | None:
         """How like the training photos a photo is (familiar.py: grounding uses it), from the pooled features of
         the training and validation images; None when fine-tuning from the photos (grounding is then off)."""
-        if self.store is None or len(self.train_recs) <= FAMILIAR_K:
+        if self.store is None or len(self.train_recs) <= familiar.K:
             return None
-        train = self.store.get_many([r.id for r in self.train_recs], "pooled")
+        rows = familiar.sample(len(self.train_recs)).tolist()  # read only the photos it keeps (COCO: 10k of 113k)
+        train = self.store.get_many([self.train_recs[i].id for i in rows], "pooled")
         val = self.store.get_many(self.val_ids, "pooled")
         return Familiarity.fit(torch.from_numpy(train), torch.from_numpy(val))
 
