@@ -165,7 +165,7 @@ class Captioner:
                 raise CheckpointError(f"{path}: its fine-tuned encoder weights do not fit {spec.name}") from e
             grounding = "off"
         cap = cls(model, encoder.for_inference(), vocab, dev, source=path, precision=precision, grounding=grounding,
-                  familiarity=Familiarity.of_checkpoint(ckpt, path))
+                  familiarity=Familiarity.of_checkpoint(ckpt, path, spec.feature_dim))
         if cap.grounder is not None:  # fitted on grounded captions (their labels are features)
             cap.confidence = for_checkpoint(path)
         return cap

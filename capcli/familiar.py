@@ -79,15 +79,20 @@ class Familiarity:
                 "threshold": self.threshold, "quantile": self.quantile}
 
     @classmethod
-    def of_checkpoint(cls, ckpt: dict[str, Any], path: Path) -> Familiarity | None:
-        """A loaded checkpoint's ``familiarity`` (None for checkpoints without one); CheckpointError if malformed."""
+    def of_checkpoint(cls, ckpt: dict[str, Any], path: Path, dim: int | None = None) -> Familiarity | None:
+        """A loaded checkpoint's ``familiarity`` (None for checkpoints without one); CheckpointError if malformed or
+        not of ``dim``-d features (its encoder's)."""
         d = ckpt.get("familiarity")
         if d is None:
             return None
         try:
-            return cls.from_dict(d)
+            fam = cls.from_dict(d)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{path}: its familiarity entry is malformed ({e})") from None
+        if dim is not None and fam.photos.size(1) != dim:
+            raise CheckpointError(f"{path}: its familiarity holds {fam.photos.size(1)}-d features, its encoder "
+                                  f"gives {dim}")
+        return fam
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Familiarity:

@@ -62,6 +62,8 @@ def test_it_travels_in_the_checkpoint(fitted, tmp_path) -> None:
     bad = {**ckpt, "familiarity": {**fam.to_dict(), "photos": fam.photos.float()}}
     with pytest.raises(CheckpointError, match="familiarity entry is malformed"):
         Familiarity.of_checkpoint(bad, tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match="holds 64-d features, its encoder gives 1280"):
+        Familiarity.of_checkpoint(ckpt, tmp_path / "m.pt", 1280)
 
 
 def test_the_shipped_model_knows_its_training_photos() -> None:
