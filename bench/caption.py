@@ -202,6 +202,7 @@ def main() -> None:
     caps = {"float32": Captioner(cap.model, cap.encoder, cap.vocab, cap.device, precision="float32",
                                  familiarity=cap.familiarity), "auto": cap,
             "ungrounded": Captioner(cap.model, cap.encoder, cap.vocab, cap.device, grounding="off")}
+    caps["float32"].confidence = cap.confidence  # as Captioner.load gives it: both grounded captioners score it
     print(f"search precision: auto = {cap.precision} on this machine")
     copies = {"jpeg": paths}
     for kind in [f.strip().lower() for f in a.formats.split(",") if f.strip()]:

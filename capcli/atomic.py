@@ -15,16 +15,33 @@ from typing import Any
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; it replaces ``path`` when the block ends without error."""
+def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; it replaces ``path`` when the block ends without error.
+
+    ``durable``: the new file's bytes reach the disk before it replaces ``path``, and the folder's new entry after
+    (a power cut leaves the old file or the new one, never an empty one: what writing into a person's photos needs).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
     try:
         yield tmp
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
+        if durable:
+            with contextlib.suppress(OSError):  # not every platform or filesystem can fsync a folder
+                _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -525,7 +525,7 @@ class _StreamWriter(_Writer):
     def __init__(self, path: Path, resume: bool) -> None:
         super().__init__(path, resume)
         if self.kept:  # rewritten without the damaged or cut lines of the earlier run
-            atomic.write_bytes(path, self.header + b"".join(self.encode(r) for r in self.kept))
+            atomic.write_bytes(path, self.file_bytes(self.kept))
             self.fd = os.open(path, os.O_WRONLY | os.O_APPEND)
         else:
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -535,8 +535,14 @@ class _StreamWriter(_Writer):
         if not self.kept and self.header:
             self._append(self.header)
 
-    def encode(self, rec: dict[str, Any]) -> bytes:
+    @staticmethod
+    def encode(rec: dict[str, Any]) -> bytes:
         raise NotImplementedError
+
+    @classmethod
+    def file_bytes(cls, records: Sequence[dict[str, Any]]) -> bytes:
+        """A whole file of ``records``: the header, then one encoded record after another."""
+        return cls.header + b"".join(cls.encode(r) for r in records)
 
     def _append(self, data: bytes) -> None:
         try:
@@ -575,7 +581,8 @@ class _StreamWriter(_Writer):
 
 
 class _JsonlWriter(_StreamWriter):
-    def encode(self, rec: dict[str, Any]) -> bytes:
+    @staticmethod
+    def encode(rec: dict[str, Any]) -> bytes:
         return _encode_line(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
@@ -591,9 +598,10 @@ class _CsvWriter(_StreamWriter):
                 "confidence": rec.get("confidence", ""),
                 "path_bytes": rec.get("path_bytes", "")}
 
-    def encode(self, rec: dict[str, Any]) -> bytes:
+    @staticmethod
+    def encode(rec: dict[str, Any]) -> bytes:
         buf = io.StringIO()
-        csv.DictWriter(buf, CSV_FIELDS, lineterminator="\n").writerow(self._row(rec))
+        csv.DictWriter(buf, CSV_FIELDS, lineterminator="\n").writerow(_CsvWriter._row(rec))
         return _encode_line(buf.getvalue())
 
 
@@ -647,8 +655,7 @@ def rewrite_records(out: str | Path, records: Sequence[dict[str, Any]]) -> None:
     if kind == "json":
         data = atomic.json_bytes(list(records))
     else:
-        writer = _JsonlWriter if kind == "jsonl" else _CsvWriter
-        data = writer.header + b"".join(writer.encode(writer, r) for r in records)  # encode uses no state
+        data = (_JsonlWriter if kind == "jsonl" else _CsvWriter).file_bytes(records)
     with lock.exclusive(lock.sidecar(out), str(out)):
         try:
             atomic.write_bytes(out, data)

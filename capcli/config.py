@@ -124,10 +124,6 @@ def check_config(cfg: TrainConfig) -> None:
     need(not (cfg.freeze_embeddings and not cfg.embeddings), "--freeze-embeddings needs --embeddings PATH")
     need(not (cfg.fine_tune_encoder and cfg.features), "--features and --fine-tune-encoder exclude each other")
     need(not cfg.scst or cfg.scst_samples >= 2, "--scst-samples must be at least 2 (the baseline needs others)")
-    if cfg.val_beam > 1:
-        from .models import decoding
-
-        need(hasattr(decoding, "beam_search"), "--val-beam needs beam search, which this capcli does not have")
 
 
 # On --resume these come from the command line; the rest comes from the checkpoint's train_config.

@@ -22,9 +22,9 @@ existing .txt is capcli's (replaced) when its SHA-256 is the recorded one, or it
 anything else, including a .txt with no record, is a person's words (skipped unless ``overwrite``).
 
 Embedding changes only metadata, and atomically: the photo is copied to a temporary file in its folder, exiv2
-writes there, the copy is fsynced and read back (fields, and the image data: the JPEG bytes from the first SOS to
-the end of the file, or the decoded pixels for other formats, must equal the original's), then ``os.replace`` puts
-it in place.
+writes there, the copy is read back (fields, and the image data: the JPEG bytes from the first SOS to the end of
+the file, or the decoded pixels for other formats, must equal the original's), fsynced, and ``os.replace`` puts it
+in place (``atomic.atomic_path(durable=True)``).
 RAW files are never written into (use an XMP sidecar), nor read-only files or types exiv2 cannot write.
 """
 
@@ -252,13 +252,6 @@ def _sos_offset(data: bytes) -> int:
     raise ValueError("no SOS marker")
 
 
-def _jpeg_scan(data: bytes) -> bytes:
-    """The bytes of a JPEG from its first SOS marker to its EOI (0xFFD9 cannot occur inside: 0xFF is stuffed)."""
-    start = _sos_offset(data)
-    end = data.find(b"\xff\xd9", start)
-    return data[start: end + 2 if end >= 0 else len(data)]
-
-
 def image_data_digest(path: str | Path) -> str:
     """SHA-256 of what metadata edits must not change: a JPEG's bytes from its first SOS to the end of the file
     (the scan, and whatever follows EOI: a motion photo's video, MPF images), else the decoded pixels of every frame.
@@ -274,19 +267,6 @@ def image_data_digest(path: str | Path) -> str:
             h.update(f"{frame.mode} {frame.size}".encode())
             h.update(frame.tobytes())
     return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform/filesystem can fsync a folder
-        _fsync(folder)
 
 
 # ------------------------------------------------------------------------------------------- one photo
@@ -325,13 +305,11 @@ def embed(photo: str | Path, fields: Fields, opts: PublishOptions) -> PublishRes
         if opts.dry_run:
             return PublishResult(photo, target, Status.WOULD_WRITE, "", fields)
         before = image_data_digest(target)
-        with atomic.atomic_path(target) as tmp:
+        with atomic.atomic_path(target, durable=True) as tmp:
             shutil.copy2(target, tmp)  # keeps permissions and times
             _write_xmp(tmp, fields)
-            _fsync(tmp)
             if image_data_digest(tmp) != before:
                 raise _Refused("exiv2 changed the image data; the photo was left as it was")
-        _fsync_dir(target.parent)
     except _Refused as e:
         return PublishResult(photo, target, Status.FAILED, str(e), fields)
     except (RuntimeError, OSError, ValueError) as e:
@@ -360,13 +338,12 @@ def write_xmp_sidecar(photo: str | Path, fields: Fields, opts: PublishOptions) -
             _check_writable(target)
         if opts.dry_run:
             return PublishResult(photo, target, Status.WOULD_WRITE, "", fields)
-        with atomic.atomic_path(target) as tmp:
+        with atomic.atomic_path(target, durable=True) as tmp:
             if target.exists():
                 shutil.copy2(target, tmp)
             else:
                 tmp.write_text(EMPTY_PACKET, encoding="utf-8")
             _write_xmp(tmp, fields)
-            _fsync(tmp)
     except _Refused as e:
         return PublishResult(photo, target, Status.FAILED, str(e), fields)
     except (RuntimeError, OSError, ValueError) as e:

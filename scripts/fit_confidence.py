@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from capcli import confidence
+from capcli import atomic, confidence
 from capcli.caption import DEFAULT_MODEL, Captioner
 from capcli.evaluate import open_dataset
 
@@ -108,7 +108,7 @@ def main() -> None:
         "brier_base_rate_held_apart": round(brier([sum(y[recs[i]["id"]] for i in fit_i) / len(fit_i)] * len(t), t), 4),
         "bins_held_apart": [{"n": c, "confidence": round(m, 4), "observed": round(r, 4)} for c, m, r in bins if c],
     }
-    confidence.ASSET.write_text(json.dumps(model.to_dict(), indent=1) + "\n", encoding="utf-8")
+    atomic.write_json(confidence.ASSET, model.to_dict())
     plot(bins, ece, len(test_i), PLOT)
     print(json.dumps({k: v for k, v in model.measured.items() if k != "bins_held_apart"}, indent=1))
     print("coef", dict(zip(model.features, model.coef, strict=True)), "intercept", model.intercept)

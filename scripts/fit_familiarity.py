@@ -45,7 +45,8 @@ def main() -> None:
     ap.add_argument("--data", default="flickr8k", help="the prepared dataset the checkpoints were trained on")
     ap.add_argument("--cache", type=Path, help="keep the pooled features here (and reuse them)")
     a = ap.parse_args()
-    encoders = {load_checkpoint(p)["encoder"]["name"] for p in a.checkpoints}
+    ckpts = {p: load_checkpoint(p) for p in a.checkpoints}
+    encoders = {ck["encoder"]["name"] for ck in ckpts.values()}
     if len(encoders) != 1:
         raise SystemExit(f"the checkpoints use different encoders: {sorted(encoders)}")
     encoder = encoders.pop()
@@ -60,8 +61,7 @@ def main() -> None:
     outside = int(fam.outside(val.unsqueeze(1)).sum())
     print(f"{len(train)} training photos, {len(val)} val photos; threshold {fam.threshold:.4f} "
           f"(k = {fam.k}, quantile {fam.quantile}): {outside} val photos outside")
-    for path in a.checkpoints:
-        ckpt = load_checkpoint(path)
+    for path, ckpt in ckpts.items():
         ckpt["familiarity"] = fam.to_dict()
         save_checkpoint(path, {k: v for k, v in ckpt.items() if k != "format"})
         print(f"{path}: familiarity added ({path.stat().st_size / 1e6:.1f} MB)")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from capcli import atomic
 from capcli.chair import objects_in
 from capcli.encoders import create_encoder
 from capcli.grounding import PERSON_EVIDENCE
@@ -110,7 +111,7 @@ def main() -> None:
             "val_log_loss": {str(k): round(v, 4) for k, v in losses.items()}, "val_photos": len(y_va),
             "val_held_back_at_prior": held}
     weights = {str(c): round(float(v), 4) for c, v in enumerate(w.tolist()) if v >= 1e-3}
-    PERSON_EVIDENCE.write_text(json.dumps({"meta": meta, "weights": weights}, indent=1) + "\n", encoding="utf-8")
+    atomic.write_json(PERSON_EVIDENCE, {"meta": meta, "weights": weights})
     print(json.dumps(meta, indent=1))
     print(f"wrote {PERSON_EVIDENCE} ({len(weights)} classes with weight >= 0.001)")
 

@@ -50,17 +50,19 @@ def main() -> None:
     ev = g.evidence(torch.cat(logits)).words  # (n, W)
     refs = {r.id: list(r.captions) for r in val}
     scores = chair(captions, refs)
+    ref_words = [set().union(*(tokenize(c) for c in r.captions)) for r in val]  # per photo, tokenised once
+    said_words = [set(captions[r.id].split()) for r in val]
     never_misses, habits = [], []
     for w in g.words:
         if w in g.alias:
             continue
         forms, e = set(g.table.words[w].forms), ev[:, g.index[w]]
-        named = [i for i, r in enumerate(val) if any(forms & set(tokenize(c)) for c in r.captions)]
+        named = [i for i, words in enumerate(ref_words) if forms & words]
         missed = sum(float(e[i]) < MISS_EVIDENCE for i in named)
         if len(named) >= MIN_PHOTOS and missed <= MAX_MISSED * len(named):
             never_misses.append((w, missed, len(named)))
         objects = objects_in(w)
-        said = [i for i, r in enumerate(val) if forms & set(captions[r.id].split()) and e[i] < HABIT_EVIDENCE]
+        said = [i for i, words in enumerate(said_words) if forms & words and e[i] < HABIT_EVIDENCE]
         wrong = [i for i in said if objects & set(scores.per_image[val[i].id].hallucinated)]
         if objects and len(wrong) >= MIN_HABIT and len(wrong) >= HABIT_SHARE * len(said):
             habits.append((w, len(wrong), len(said)))

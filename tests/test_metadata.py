@@ -20,7 +20,7 @@ from capcli.metadata import (
     Provenance,
     PublishOptions,
     Status,
-    _jpeg_scan,
+    _sos_offset,
     counts,
     embed,
     image_data_digest,
@@ -30,6 +30,13 @@ from capcli.metadata import (
 )
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "photos"
+
+
+def _jpeg_scan(data: bytes) -> bytes:
+    """The bytes of a JPEG from its first SOS marker to its EOI (0xFFD9 cannot occur inside: 0xFF is stuffed)."""
+    start = _sos_offset(data)
+    end = data.find(b"\xff\xd9", start)
+    return data[start: end + 2 if end >= 0 else len(data)]
 pyexiv2 = pytest.importorskip("pyexiv2")
 needs_exiftool = pytest.mark.skipif(shutil.which("exiftool") is None,
                                     reason="exiftool not installed (apt-get install libimage-exiftool-perl)")
