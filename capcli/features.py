@@ -31,7 +31,7 @@ import numpy as np
 from . import atomic, lock, paths
 from .encoders import DEFAULT_ENCODER, EncoderSpec, get_spec
 from .errors import DatasetError, FeaturesError, OutputError, UsageError, os_reason
-from .layout import Dataset
+from .layout import Dataset, ImageRecord
 from .names import display
 from .photos import ImageItems, batch_source
 from .progress import NULL, Progress
@@ -63,6 +63,16 @@ def preprocessing(spec: EncoderSpec) -> dict:
 
 def _ids_digest(ids: Iterable[int]) -> str:
     return hashlib.sha1(",".join(str(i) for i in ids).encode()).hexdigest()
+
+
+def _files_digest(records: Iterable[ImageRecord]) -> str:
+    """Which photo each id is: a dataset prepared again from other photos numbers them 1..N all the same."""
+    return hashlib.sha1("\n".join(f"{r.id}\t{r.file}" for r in records).encode()).hexdigest()
+
+
+def _other_photos(out: Path, name: str) -> FeaturesError:
+    return FeaturesError(f"{out} holds features of other photos than dataset {name!r} now lists under the same ids "
+                         "(was it prepared again?); delete that folder and run `capcli features` again")
 
 
 def _read_manifest(folder: Path) -> dict | None:
@@ -177,8 +187,9 @@ def extract_features(
 
 
 def _manifest_for(out: Path, dataset: Dataset, encoder: str, spec: EncoderSpec, weights: str | None,
-                  ids: list[int], shard_size: int) -> dict:
+                  records: list[ImageRecord], shard_size: int) -> dict:
     """The folder's manifest when it holds features of this very job (else FeaturesError), or a new one."""
+    ids = [r.id for r in records]
     digest = _ids_digest(ids)
     manifest = _read_manifest(out)
     if manifest is None:
@@ -194,6 +205,7 @@ def _manifest_for(out: Path, dataset: Dataset, encoder: str, spec: EncoderSpec, 
             "dataset": {"name": dataset.name, "path": dataset.source, "image_root": str(dataset.image_root)},
             "num_images": len(ids),
             "ids_digest": digest,
+            "files_digest": _files_digest(records),
             "shard_size": shard_size,
             "shards": [],
             "failed": [],
@@ -215,6 +227,8 @@ def _manifest_for(out: Path, dataset: Dataset, encoder: str, spec: EncoderSpec, 
             f"{out} holds {encoder} features of a different image set ({manifest.get('num_images')} images "
             f"of {manifest.get('dataset', {}).get('name')!r}); choose another --out or delete that folder"
         )
+    if manifest.get("files_digest", _files_digest(records)) != _files_digest(records):  # older folders: no digest
+        raise _other_photos(out, dataset.name)
     return manifest
 
 
@@ -302,7 +316,7 @@ def _extract(dataset: Dataset, encoder: str, spec: EncoderSpec, out: Path, shard
     if not records:
         raise FeaturesError(f"dataset {dataset.name} has no images to extract features from")
     weights_s = str(Path(weights).expanduser().resolve()) if weights is not None else None
-    manifest = _manifest_for(out, dataset, encoder, spec, weights_s, [r.id for r in records], shard_size)
+    manifest = _manifest_for(out, dataset, encoder, spec, weights_s, records, shard_size)
     asked_shard_size, shard_size = shard_size, int(manifest["shard_size"])  # the folder's shards stay
     n_shards = (len(records) + shard_size - 1) // shard_size
     done = _listed_shards(out, manifest)
@@ -452,6 +466,14 @@ class FeatureStore:
                 f"no {encoder} features for {name} in {folder}; run `capcli features {name} --encoder {encoder}` first"
             )
         return cls(folder)
+
+    def check_photos(self, dataset: Dataset) -> None:
+        """FeaturesError when these are features of the whole of ``dataset``'s ids but of other photos (it was
+        prepared again from other files). Features of part of a dataset, or from before the check, pass."""
+        m = self.manifest
+        if "files_digest" in m and m.get("ids_digest") == _ids_digest(r.id for r in dataset.images) \
+                and m["files_digest"] != _files_digest(dataset.images):
+            raise _other_photos(self.folder, dataset.name)
 
     # ---- facts -------------------------------------------------------------------------------------
     @property

@@ -252,6 +252,17 @@ def test_cli_extracts_a_prepared_folder_and_reruns_as_a_no_op(example_photos, tm
     with pytest.raises(FeaturesError, match="different image set"):
         extract_features(Dataset.load(ds_dir), out=out, image_ids=[1, 2])
 
+    # The same ids, other photos (the dataset prepared again from other files): refused, not reused.
+    shuffled = Dataset.load(ds_dir)
+    files = [r.file for r in shuffled.images]
+    for r, f in zip(shuffled.images, files[1:] + files[:1], strict=True):
+        r.file = f
+    with pytest.raises(FeaturesError, match="other photos"):
+        extract_features(shuffled, out=out)
+    with pytest.raises(FeaturesError, match="other photos"):
+        FeatureStore(out).check_photos(shuffled)
+    FeatureStore(out).check_photos(Dataset.load(ds_dir))  # the photos it was extracted from pass
+
     # Another encoder into the same folder: refused before anything is loaded.
     r = runner.invoke(app, ["features", str(ds_dir), "--out", str(out), "--encoder", "resnet50"])
     assert r.exit_code == 1 and "error:" in r.stderr and "efficientnet-lite0" in r.stderr

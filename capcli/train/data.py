@@ -75,6 +75,7 @@ def open_features(cfg: TrainConfig, ds: Dataset, dist: Dist, progress: Progress,
             extract_features(ds, encoder, out=folder, device=dist.device.type, progress=progress)
         dist.barrier()
     store = FeatureStore(folder)
+    store.check_photos(ds)
     if resumed is not None:
         check_encoder(resumed, store.encoder_name, f"the features in {folder}")
     if cfg.encoder and store.encoder_name != cfg.encoder:
