@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import OutputError, os_reason
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
@@ -22,7 +24,12 @@ def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
     (a power cut leaves the old file or the new one, never an empty one: what writing into a person's photos needs).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a folder of the path should be
+        raise OutputError(f"cannot write {path}: cannot make its folder ({os_reason(e)})") from None
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
     try:
         yield tmp

@@ -641,6 +641,8 @@ class _JsonWriter(_Writer):
 
 def open_writer(out: Path, resume: bool = False) -> _Writer:
     kind = output_format(out)
+    if out.is_dir():
+        raise OutputError(f"cannot write {display(str(out))}: it is a folder; give -o a file name")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         return {"json": _JsonWriter, "jsonl": _JsonlWriter, "csv": _CsvWriter}[kind](out, resume)

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from capcli import __version__
 from capcli.cli import app
+from capcli.layout import Dataset, ImageRecord
 
 COMMANDS = typer.main.get_command(app).commands  # name -> command, whatever is registered now
 ENV = {"COLUMNS": "200", "TERMINAL_WIDTH": "200"}
@@ -183,3 +184,29 @@ def test_the_progress_bar_eta_survives_a_burst() -> None:
     bar.done()
     h, m, s = map(int, re.search(r"ETA (\d+):(\d\d):(\d\d)", buf.getvalue()).groups())
     assert 10 <= 3600 * h + 60 * m + s <= 120, buf.getvalue()
+
+
+def test_outputs_that_are_folders_or_under_a_file_are_one_error_line(tmp_path, example_photos) -> None:
+    """-o / --html naming a folder, an output under a file, a run folder that is a file: one `error:` line and a
+    non-zero exit, never a traceback; the captions already written stay."""
+    photo = str(next(p for p in example_photos if p.name == "chelsea.jpg"))
+    (tmp_path / "folder.json").mkdir()
+    (tmp_path / "report").mkdir()
+    (tmp_path / "afile").write_text("mine")
+    ds_dir = tmp_path / "ds"
+    Dataset("photos", Path(photo).parent, [ImageRecord(1, "chelsea.jpg", "train", ["a cat"])]).save(ds_dir)
+    cases = [
+        (["caption", photo, "-o", str(tmp_path / "folder.json")], "it is a folder"),
+        (["caption", photo, "-o", str(tmp_path / "afile" / "x.json")], "cannot write"),
+        (["caption", photo, "-o", str(tmp_path / "ok.json"), "--html", str(tmp_path / "report")], "it is a folder"),
+        (["train", "--data", str(ds_dir), "--out", str(tmp_path / "afile")], "is a file"),
+    ]
+    for args, says in cases:
+        r = _run(*args)
+        assert r.exit_code != 0 and "Traceback" not in r.output, (args, r.output)
+        assert r.stderr.count("error:") == 1, (args, r.stderr)
+        if says:
+            assert says in r.stderr, (args, r.stderr)
+        assert "--resume" not in r.stderr  # resuming cannot mend a path
+    assert "chelsea.jpg" in (tmp_path / "ok.json").read_text()  # captioned before the report failed
+    assert (tmp_path / "afile").read_text() == "mine"

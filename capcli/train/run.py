@@ -84,6 +84,8 @@ def open_run(cfg: TrainConfig, dist: Dist, progress: Progress) -> Run:
         ckpt = _load_resume(out)
         cfg = merge_resumed(cfg, ckpt["train_config"], progress)
     check_config(cfg)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder for the run")
     if cfg.scst and dist.world > 1:
         raise UsageError("--scst trains in one process (its sampling loop bypasses DistributedDataParallel)")
     if not cfg.resume and (out / "last.pt").exists() and not cfg.overwrite:
