@@ -6,7 +6,7 @@ checked against :data:`CELLS` (tests/test_train.py), so a default or a choice is
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from .errors import UsageError
 from .evaluate import TOKENIZERS
@@ -144,3 +144,24 @@ def merge_resumed(cfg: TrainConfig, saved: dict, progress: Progress) -> TrainCon
             opt = "--" + f.name.replace("_", "-")
             progress.warn(f"{opt} {now} ignored on --resume: the run keeps its own setting ({was})")
     return merged
+
+
+# With --init-from the model (and its vocabulary) come from the checkpoint: these settings of the command line
+# cannot apply, and the run records the checkpoint's.
+INIT_FROM_MODEL = ("embed_dim", "hidden_dim", "attention_dim", "dropout", "cell", "condition")
+
+
+def merge_init_from(cfg: TrainConfig, model_config: dict, progress: Progress) -> TrainConfig:
+    """``cfg`` with the ``--init-from`` checkpoint's model settings; a warning for each one given otherwise."""
+    default, merged = TrainConfig(), replace(cfg)
+    for name in INIT_FROM_MODEL:
+        now, was = getattr(cfg, name), model_config.get(name, getattr(cfg, name))
+        if now != getattr(default, name) and now != was:
+            progress.warn(f"--{name.replace('_', '-')} {now} ignored with --init-from: the model keeps its own ({was})")
+        setattr(merged, name, was)
+    for name in ("min_count", "embeddings"):
+        if getattr(cfg, name) != getattr(default, name):
+            progress.warn(f"--{name.replace('_', '-')} ignored with --init-from: the vocabulary and its embeddings "
+                          "come from the checkpoint")
+    return merged
+

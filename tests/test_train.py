@@ -314,7 +314,7 @@ def test_self_critical_training_raises_the_cider_reward(small_flickr8k, small_fl
     rec = Recorder()
     res = train(tiny(small_flickr8k, small_flickr8k_features, tmp_path / "scst", arch="attention", epochs=10,
                      init_from=str(xe.last_path), scst=True, scst_samples=4, lr=1e-3, batch_size=4, alpha_c=0.0,
-                     dropout=0.0, min_count=5, seed=1), rec)
+                     dropout=0.0, min_count=2, seed=1), rec)
     assert any("starting from" in m for m in rec.messages), rec.messages
     rows = metrics(tmp_path / "scst")
     assert "train_ce" not in rows[0] and len(rows) == 10
@@ -323,7 +323,12 @@ def test_self_critical_training_raises_the_cider_reward(small_flickr8k, small_fl
     # The reward of 16 samples is noisy from epoch to epoch: the last three epochs' mean against the first.
     assert sum(rewards[-3:]) / 3 > rewards[0] + 0.1, rewards  # (seed 1: 1.50 -> 1.68; a flipped sign falls)
     start, end = load_checkpoint(xe.best_path), load_checkpoint(res.last_path)
-    assert end["vocab"] == start["vocab"] and end["config"] == start["config"]  # not min_count=5, not dim 32
+    assert end["vocab"] == start["vocab"] and end["config"] == start["config"]  # not min_count=2, not dim 32
+    # ... said so, and the run records the model it trained, not the ignored options
+    assert any("--embed-dim 32 ignored with --init-from" in m and "(128)" in m for m in rec.messages), rec.messages
+    assert any("--min-count ignored with --init-from" in m for m in rec.messages), rec.messages
+    dims = ("embed_dim", "hidden_dim", "attention_dim", "dropout")
+    assert [end["train_config"][k] for k in dims] == [128, 128, 128, 0.0]
     more = train(TrainConfig(out=str(tmp_path / "scst"), resume=True, epochs=11))  # resumes as self-critical
     assert more.epochs_run == 11 and "train_reward" in metrics(tmp_path / "scst")[-1]
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import SELECT, TrainConfig, check_config
+from ..config import SELECT, TrainConfig, check_config, merge_init_from
 from ..errors import CheckpointError
 from ..progress import NULL, Progress
 from ..vocab import Vocabulary
@@ -54,6 +54,8 @@ def _train(cfg: TrainConfig, dist: Dist, progress: Progress) -> TrainResult:
     run = open_run(cfg, dist, progress)
     cfg, files = run.cfg, run.files
     data = load_data(cfg, run.ds, run.resumed, dist, progress)
+    if data.start is not None and run.resumed is None:  # --init-from: its model, recorded as such
+        cfg = merge_init_from(cfg, data.start["config"], progress)
     net = build_model(cfg, data, run.resumed, files.last, dist, progress)
     opt = configure_optimizers(cfg, net, steps_per_epoch(len(data.caps), cfg.batch_size, dist.world), dist.device)
     state = resume_state(run.resumed, opt, files, progress) if run.resumed is not None else RunState()
