@@ -82,6 +82,9 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow warns on stderr, with its own file paths, about metadata it cannot parse ("Corrupt EXIF data",
+            # "Tag data larger than file"); the photo still decodes, and the caption does not need it
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
             with Image.open(path) as im:
                 w, h = im.size
                 if w * h > MAX_PIXELS:

@@ -195,3 +195,24 @@ def test_large_but_allowed_header_is_not_a_bomb(tmp_path) -> None:
 def test_is_image_file() -> None:
     assert is_image_file(Path("a/B.JPG")) and is_image_file(Path("x.png")) and is_image_file(Path("x.webp"))
     assert not is_image_file(Path("notes.txt")) and not is_image_file(Path("jpg"))
+
+
+def test_unparseable_exif_decodes_without_pillow_warnings(tmp_path, example_photos) -> None:
+    """A JPEG whose EXIF Pillow cannot parse still decodes, and Pillow's warnings (with its own file paths) do not
+    reach the user's terminal."""
+    import io
+    import warnings
+
+    photo = next(p for p in example_photos if p.name == "chelsea.jpg")
+    buf = io.BytesIO()
+    bad_exif = b"Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08\x00\x05\x01\x0f\x00\x02\x00\x00\x00\xff\xff\xff\xff\xff"
+    Image.open(photo).save(buf, "JPEG", exif=bad_exif)
+    (tmp_path / "bad-exif.jpg").write_bytes(buf.getvalue())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Image.open(tmp_path / "bad-exif.jpg") as im:
+            im.getexif()  # control: Pillow itself does warn about this EXIF
+        assert caught, "the EXIF was meant to be unparseable"
+        caught.clear()
+        img = load_image(tmp_path / "bad-exif.jpg")
+    assert img.size == Image.open(photo).size and not caught, [str(w.message) for w in caught]
