@@ -45,7 +45,10 @@ class PrepareReport:
     missing_images: int = 0
     empty_captions: int = 0
     images_without_captions: int = 0
+    unlisted_images: int = 0  # captioned images that no split list names (coco-splits: skipped)
+    unknown_listed: int = 0  # file names in split lists that the captions file does not have: skipped
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # said through Progress.warn once the dataset is kept
 
 
 # ---- readers: each returns (image_root, list of (file, split, captions)) --------------------------
@@ -228,25 +231,64 @@ def read_csv(path: Path, images: Path | None, report: PrepareReport) -> tuple[Pa
     return images or path.parent, [(f, split_of[f], c, None) for f, c in caps.items()]
 
 
-def read_coco_splits(captions: Path, splits: Path, images: Path | None) -> tuple[Path, list[Entry]]:
-    """A COCO captions file plus ``{"train": [file, ...], "val": [...], ...}``."""
+def read_coco_splits(
+    captions: Path, splits: Path, images: Path | None, report: PrepareReport
+) -> tuple[Path, list[Entry]]:
+    """A COCO captions file plus ``{"train": [file, ...], "val": [...], ...}``.
+
+    Keys that are not split names and hold no list (``"dataset": "flickr8k"``) are ignored. Images the split file
+    does not list are skipped with a warning, not put in restval: a split file can name restval itself, and an image
+    it leaves out may be held out on purpose (an official test split), which restval would train on.
+    """
     coco = _load_coco(captions)
+    split_of = _read_split_lists(splits)
+    entries = _coco_entries(coco, "")
+    kept = [(f, split_of[f], c, i) for f, _, c, i in entries if f in split_of]
+    if not kept:
+        raise DatasetError(f"{splits}: none of its {len(split_of)} file names are in {captions}")
+    report.unlisted_images = len(entries) - len(kept)
+    report.unknown_listed = len(split_of.keys() - {f for f, _, _, _ in entries})
+    if report.unlisted_images:
+        report.warnings.append(f"{report.unlisted_images} images of {captions} are in no split of {splits}: skipped")
+    if report.unknown_listed:
+        report.warnings.append(f"{report.unknown_listed} file names in {splits} are not in {captions}: skipped")
+    if images is None:
+        images = _find_dir(captions.parent, ("images", "Images")) or captions.parent
+    return images, kept
+
+
+def _read_split_lists(splits: Path) -> dict[str, str]:
+    """File name -> split from a coco-splits JSON; a split key must hold a list of file names."""
     doc = _read_json(splits)
     if not isinstance(doc, dict):
         raise DatasetError(f"{splits}: expected a JSON object of split name -> list of file names")
     split_of: dict[str, str] = {}
     for name, files in doc.items():
-        if not isinstance(files, list):
+        if not isinstance(files, list) and str(name).strip().lower() not in _SPLIT_ALIASES:
             continue  # e.g. {"dataset": "flickr8k"}
         split = _norm_split(name, splits)
-        for f in files:
-            if split_of.get(str(f), split) != split:
-                raise DatasetError(f"{splits}: {f} is in both {split_of[str(f)]} and {split}")
-            split_of[str(f)] = split
-    entries = [(f, split_of[f], c, i) for f, _, c, i in _coco_entries(coco, "") if f in split_of]
-    if images is None:
-        images = _find_dir(captions.parent, ("images", "Images")) or captions.parent
-    return images, entries
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            raise DatasetError(f"{splits}: {name!r} must be a list of file names, not {_json_shape(files)}")
+        _assign_split(split_of, files, split, splits)
+    if not split_of:
+        raise DatasetError(f"{splits}: no split lists (expected e.g. {{\"train\": [\"a.jpg\", ...]}})")
+    return split_of
+
+
+def _json_shape(value: object) -> str:
+    """How a JSON value that should be a list of strings looks, for an error message."""
+    if isinstance(value, list):
+        bad = next(v for v in value if not isinstance(v, str))
+        return f"a list holding {json.dumps(bad)[:40]}"
+    return f"{json.dumps(value)[:40]}"
+
+
+def _assign_split(split_of: dict[str, str], files: list[str], split: str, where: Path) -> None:
+    """Put ``files`` in ``split``; a file already in another split is an error naming ``where``."""
+    for f in files:
+        prev = split_of.setdefault(f, split)
+        if prev != split:
+            raise DatasetError(f"{where}: {f} is in both {prev} and {split}")
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -368,7 +410,7 @@ def _read_source(
     # coco-splits
     caps = source / "captions.json" if source.is_dir() else source
     split_file = Path(splits) if splits else caps.parent / "splits.json"
-    return read_coco_splits(caps, split_file, img_dir)
+    return read_coco_splits(caps, split_file, img_dir, report)
 
 
 def _read_coco_source(
@@ -427,6 +469,8 @@ def _check_kept(
                 "pass --images"
             )
         raise DatasetError(f"{source}: no images with captions")
+    for message in report.warnings:
+        progress.warn(message)
     if report.missing_images:
         progress.warn(f"{report.missing_images} listed images are missing under {image_root}: skipped")
     if report.empty_captions:

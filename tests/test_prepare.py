@@ -296,9 +296,12 @@ def test_coco_splits_with_explicit_split_file(f8k, tmp_path) -> None:
     split_doc = {"dataset": "flickr8k", "train": [f for f, s, _ in items if s == "train"],
                  "validation": [f for f, s, _ in items if s == "val"]}  # restval image in no list: left out
     _write_json(tmp_path / "my_splits.json", split_doc)
+    rec = Recorder()
     ds, rep = prepare(tmp_path / "ann.json", kind="coco-splits", splits=tmp_path / "my_splits.json",
-                      images=f8k["images"], out=tmp_path / "ds")
-    assert rep.splits == {"train": 4, "val": 2}
+                      images=f8k["images"], out=tmp_path / "ds", progress=rec)
+    assert rep.splits == {"train": 4, "val": 2} and rep.unlisted_images == 1 and rep.unknown_listed == 0
+    assert rec.warnings == [f"1 images of {tmp_path / 'ann.json'} are in no split of {tmp_path / 'my_splits.json'}: "
+                            "skipped"]
     _check_files(ds)
 
 
@@ -376,6 +379,43 @@ def test_malformed_json(f8k, tmp_path) -> None:
     (src / "splits.json").write_text('["a.jpg"]')
     _error("expected a JSON object of split name", src, images=f8k["images"])
     _error(r"cannot read", src, splits=src, kind="coco-splits", images=f8k["images"])  # a folder
+
+
+def test_malformed_split_lists(f8k, tmp_path) -> None:
+    """A split key must hold a list of file names; the error names the split file and the key."""
+    src = _write_src(*_coco_src(f8k, tmp_path / "src"))
+    files = json.loads((src / "splits.json").read_text())["train"]
+    cases = [
+        ({"train": files[0]}, f"'train' must be a list of file names, not \"{files[0]}\""),
+        ({"train": files[:2], "val": files[2]}, "'val' must be a list of file names, not"),
+        ({"train": files[:2] + [5]}, "'train' must be a list of file names, not a list holding 5"),
+        ({"train": [files[:2]]}, "'train' must be a list of file names, not a list holding"),
+        ({"dev": None, "train": files}, "'dev' must be a list of file names, not null"),
+        ({"dataset": "flickr8k"}, "no split lists"),
+        ({}, "no split lists"),
+        ({"train": ["not-in-captions.jpg"]}, "none of its 1 file names are in"),
+    ]
+    for doc, message in cases:
+        _write_json(src / "splits.json", doc)
+        msg = _error(message, src, images=f8k["images"], out=tmp_path / "ds")
+        assert msg.startswith(f"{src / 'splits.json'}: ") and "captions.json:" not in msg
+    assert not (tmp_path / "ds").exists()
+
+
+def test_split_lists_and_captions_that_differ_warn_with_counts(f8k, tmp_path) -> None:
+    src, docs = _coco_src(f8k, tmp_path / "src", n=6)
+    files = docs["splits"]["train"]
+    docs["splits"] = {"dataset": "flickr8k", "train": files[:3] + ["a.jpg", "b.jpg"], "val": files[3:4]}
+    _write_src(src, docs)
+    rec = Recorder()
+    ds, rep = prepare(src, images=f8k["images"], out=tmp_path / "ds", progress=rec)
+    assert [(r.file, r.split) for r in ds.images] == [(f, "train") for f in files[:3]] + [(files[3], "val")]
+    assert rep.unlisted_images == 2 and rep.unknown_listed == 2 and rep.missing_images == 0
+    assert rec.warnings == [f"2 images of {src / 'captions.json'} are in no split of {src / 'splits.json'}: skipped",
+                            f"2 file names in {src / 'splits.json'} are not in {src / 'captions.json'}: skipped"]
+    r = _cli("prepare", src, "--images", f8k["images"], "--out", tmp_path / "ds2")
+    assert r.exit_code == 0, r.output
+    assert "prepared 4 images" in r.output and r.output.count("warning:") == 2
 
 
 def test_malformed_karpathy(f8k, tmp_path) -> None:
