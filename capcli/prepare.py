@@ -58,7 +58,7 @@ Entry = tuple[str, str, list[str], int | None]  # file, split, captions, source 
 
 def _read_json(path: Path) -> object:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise DatasetError(f"{path}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -170,17 +170,17 @@ def read_karpathy(path: Path, images: Path) -> tuple[Path, list[Entry]]:
     return images, entries
 
 
-def read_flickr8k(folder: Path, images: Path | None) -> tuple[Path, list[Entry]]:
-    """Flickr8k's text release: ``Flickr8k.token.txt`` and the three split lists."""
+def read_flickr8k(folder: Path, images: Path | None, report: PrepareReport) -> tuple[Path, list[Entry]]:
+    """Flickr8k's text release: ``Flickr8k.token.txt`` and the three split lists.
+
+    Captioned photos in none of the lists go to restval (the 91 such photos of the release are Flickr8k's restval)
+    and a note says so; a photo in two lists is an error, as in a coco-splits file.
+    """
     text = _find(folder, "Flickr8k.token.txt")
     if text is None:
         raise DatasetError(f"{folder}: no Flickr8k.token.txt found")
-    try:
-        lines = text.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{text}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     caps: dict[str, list[str]] = {}
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(_read_text(text).splitlines(), 1):
         if not line.strip():
             continue
         key, sep, caption = line.partition("\t")
@@ -193,11 +193,15 @@ def read_flickr8k(folder: Path, images: Path | None) -> tuple[Path, list[Entry]]
         f = _find(folder, fname)
         if f is None:
             raise DatasetError(f"{folder}: no {fname} found")
-        for name in f.read_text().split():
-            split_of[name] = split
+        _assign_split(split_of, _read_text(f).split(), split, f)
     if images is None:
         images = _find_dir(folder, ("Flicker8k_Dataset", "Flickr8k_Dataset", "images")) or folder
     entries = [(f, split_of.get(f, "restval"), c, None) for f, c in caps.items()]
+    report.unknown_listed = len(split_of.keys() - caps.keys())
+    if report.unknown_listed:
+        report.warnings.append(f"{report.unknown_listed} file names in the split lists are not in {text}: skipped")
+    if any(f not in split_of for f in caps):  # the count is restval's in the summary, after missing files
+        report.notes.append("captioned images in none of the three split lists are put in restval")
     return images, entries
 
 
@@ -292,6 +296,16 @@ def _assign_split(split_of: dict[str, str], files: list[str], split: str, where:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
+
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file, without the byte-order mark that editors on Windows write."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except OSError as e:  # a folder, no permission
+        raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from e
+
 
 def _norm_split(name: str, where: Path) -> str:
     split = _SPLIT_ALIASES.get(str(name).strip().lower())
@@ -404,7 +418,7 @@ def _read_source(
             raise DatasetError(f"{source}: no Karpathy split file (dataset_*.json)")
         return read_karpathy(kfile, img_dir or kfile.parent)
     if kind == "flickr8k":
-        return read_flickr8k(source if source.is_dir() else source.parent, img_dir)
+        return read_flickr8k(source if source.is_dir() else source.parent, img_dir, report)
     if kind == "csv":
         return read_csv(source, img_dir, report)
     # coco-splits

@@ -232,10 +232,60 @@ def test_flickr8k_text_release(f8k, tmp_path) -> None:
     ds, rep = prepare(src, out=tmp_path / "ds", progress=rec)
     assert rep.kind == "flickr8k" and rep.splits == {"train": 6, "val": 3, "test": 3, "restval": 1}
     assert rep.missing_images == 1 and len(rec.warnings) == 1 and "1 listed images are missing" in rec.warnings[0]
+    assert rep.notes == ["captioned images in none of the three split lists are put in restval"]
     assert ds.image_root == (src / "Flicker8k_Dataset").resolve()
     assert [r.file for r in ds.images] == files and [r.id for r in ds.images] == list(range(1, 14))
     assert [r.captions for r in ds.images] == [[c.strip() for c in caps] for _, _, caps in items]
     _check_files(ds)
+
+
+def _flickr8k_text(src: Path, items: list[tuple[str, str, list[str]]], lists: dict[str, list[str]],
+                   bom: bool = False) -> Path:
+    """Flickr8k's text release in ``src``: the token file and the three lists (``bom``: every file starts with one)."""
+    src.mkdir(exist_ok=True)
+    enc = "utf-8-sig" if bom else "utf-8"
+    lines = [f"{f}#{i}\t{c}" for f, _, caps in items for i, c in enumerate(caps)]
+    (src / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n", encoding=enc)
+    for key in ("train", "dev", "test"):
+        (src / f"Flickr_8k.{key}Images.txt").write_text("".join(f + "\n" for f in lists[key]), encoding=enc)
+    return src
+
+
+def test_flickr8k_text_photo_in_two_lists_is_an_error(f8k, tmp_path) -> None:
+    items = _pick(f8k, 2, 1)
+    (a, _, _), (b, _, _), (c, _, _) = items
+    src = _flickr8k_text(tmp_path / "ft", items, {"train": [a, b], "dev": [c, a], "test": [c]})
+    msg = _error(f"{a} is in both train and val$", src, images=f8k["images"], out=tmp_path / "ds")
+    assert msg.startswith(str(src / "Flickr_8k.devImages.txt"))
+    _flickr8k_text(src, items, {"train": [a, b], "dev": [c], "test": [c]})
+    _error(f"testImages.txt: {c} is in both val and test$", src, images=f8k["images"], out=tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
+    _flickr8k_text(src, items, {"train": [a, b, b], "dev": [c, "not-captioned.jpg"], "test": []})  # twice in one list
+    rec = Recorder()
+    ds, rep = prepare(src, images=f8k["images"], out=tmp_path / "ds", progress=rec)
+    assert [(r.file, r.split) for r in ds.images] == [(a, "train"), (b, "train"), (c, "val")]
+    assert rep.unknown_listed == 1 and not rep.notes
+    assert rec.warnings == [f"1 file names in the split lists are not in {src / 'Flickr8k.token.txt'}: skipped"]
+
+
+def test_byte_order_marks_are_stripped(f8k, tmp_path) -> None:
+    """Files saved by Windows editors start with a UTF-8 BOM; it is not part of the first file name or caption."""
+    items = _pick(f8k, 2, 1)
+    files = [f for f, _, _ in items]
+    src = _flickr8k_text(tmp_path / "ft", items, {"train": files[:2], "dev": files[2:], "test": []}, bom=True)
+    ds, rep = prepare(src, images=f8k["images"], out=tmp_path / "ds")
+    assert [(r.file, r.split) for r in ds.images] == [(f, s) for f, s, _ in items]
+    assert rep.splits == {"train": 2, "val": 1} and not rep.notes and rep.missing_images == 0
+    src, docs = _coco_src(f8k, tmp_path / "src", n=3)
+    src.mkdir()
+    for name in ("captions", "splits"):
+        (src / f"{name}.json").write_text(json.dumps(docs[name]), encoding="utf-8-sig")
+    ds, rep = prepare(src, images=f8k["images"], out=tmp_path / "ds2")
+    assert [r.file for r in ds.images] == docs["splits"]["train"] and rep.splits == {"train": 3}
+    kfile = tmp_path / "dataset_flickr8k.json"
+    kfile.write_text(json.dumps(_karpathy_flickr(items)), encoding="utf-8-sig")
+    ds, _ = prepare(kfile, images=f8k["images"], out=tmp_path / "ds3")
+    assert [(r.file, r.split) for r in ds.images] == [(f, s) for f, s, _ in items]
 
 
 def test_csv_with_split_column(f8k, tmp_path) -> None:
