@@ -42,6 +42,7 @@ class PrepareReport:
     images: int = 0
     captions: int = 0
     splits: dict[str, int] = field(default_factory=dict)
+    listed: int = 0  # images the source lists, before missing files and empty captions are skipped
     missing_images: int = 0
     empty_captions: int = 0
     images_without_captions: int = 0
@@ -72,6 +73,8 @@ def _load_coco(path: Path):
     from pycocotools.coco import COCO
 
     doc = _read_json(path)
+    if _looks_coco(doc) and "annotations" not in doc:
+        raise DatasetError(f"{path}: a COCO captions file without its 'annotations' (the captions)")
     if not isinstance(doc, dict) or "images" not in doc or "annotations" not in doc:
         raise DatasetError(f"{path}: not a COCO captions file (needs 'images' and 'annotations')")
     coco = COCO()
@@ -96,6 +99,14 @@ def _load_coco(path: Path):
     return coco
 
 
+def _looks_coco(doc: object) -> bool:
+    """Whether ``doc`` has COCO's ``images`` (``file_name`` and ``id``), whatever else it lacks."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) or not doc["images"]:
+        return False
+    first = doc["images"][0]
+    return isinstance(first, dict) and "file_name" in first and "id" in first and "filename" not in first
+
+
 def _coco_entries(coco, split: str, prefix: str = "") -> list[Entry]:
     out = []
     for img_id in sorted(coco.imgs):
@@ -117,6 +128,10 @@ def _karpathy_images(path: Path) -> list[dict]:
     doc = _read_json(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise DatasetError(f"{path}: not a Karpathy split file (needs an 'images' list)")
+    if _looks_coco(doc):
+        raise DatasetError(
+            f"{path}: a COCO captions file ('file_name' entries), not a Karpathy split file; use --kind coco"
+        )
     for img in doc["images"]:
         if not isinstance(img, dict) or "filename" not in img or "split" not in img:
             raise DatasetError(f"{path}: malformed Karpathy entry (needs 'filename' and 'split')")
@@ -348,7 +363,7 @@ def detect_kind(source: Path) -> str:
         return "csv"
     if source.suffix.lower() == ".json":
         doc = _read_json(source)
-        if isinstance(doc, dict) and "annotations" in doc:
+        if (isinstance(doc, dict) and "annotations" in doc) or _looks_coco(doc):
             return "coco"
         if isinstance(doc, dict) and isinstance(doc.get("images"), list):
             return "karpathy"
@@ -450,6 +465,7 @@ def _records(
     from 1 in the order kept.
     """
     progress.start("checking images", total=len(entries))
+    report.listed = len(entries)
     records: list[ImageRecord] = []
     seen_files: set[str] = set()
     use_source_ids = all(e[3] is not None for e in entries) and len({e[3] for e in entries}) == len(entries)
@@ -477,12 +493,7 @@ def _check_kept(
 ) -> None:
     """Refuse a dataset with no usable image; warn about what was skipped."""
     if not records:
-        if report.missing_images:
-            raise DatasetError(
-                f"none of the {report.missing_images} images listed in {source} exist under {image_root}; "
-                "pass --images"
-            )
-        raise DatasetError(f"{source}: no images with captions")
+        _refuse_empty(source, image_root, report)
     for message in report.warnings:
         progress.warn(message)
     if report.missing_images:
@@ -491,6 +502,19 @@ def _check_kept(
         progress.warn(f"{report.empty_captions} empty captions skipped")
     if report.images_without_captions:
         progress.warn(f"{report.images_without_captions} images without any caption skipped")
+
+
+def _refuse_empty(source: Path, image_root: Path, report: PrepareReport) -> None:
+    """Raise the error for a source of which no image is kept, with what was wrong with each."""
+    if not report.listed:
+        raise DatasetError(f"{source}: no images listed")
+    if report.missing_images == report.listed:
+        raise DatasetError(f"none of the {report.listed} images listed in {source} exist under {image_root}; "
+                           "pass --images")
+    why = [f"{report.missing_images} missing under {image_root}"] if report.missing_images else []
+    empty = f" ({report.empty_captions} empty captions)" if report.empty_captions else ""
+    why.append(f"{report.images_without_captions} without any caption{empty}")
+    raise DatasetError(f"{source}: no images with captions: of the {report.listed} images listed, {' and '.join(why)}")
 
 
 def _save(ds: Dataset, out_dir: Path, report: PrepareReport) -> None:

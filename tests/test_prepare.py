@@ -524,6 +524,37 @@ def test_empty_captions_are_skipped_with_a_count(tmp_path) -> None:
     _error("no images with captions", tmp_path / "none.csv", images=EXAMPLES)
 
 
+def test_no_image_kept_says_why_with_counts(f8k, tmp_path) -> None:
+    """Missing files and images whose captions are all empty are counted apart, against all images listed."""
+    here = next(iter(f8k["captions"]))
+    (tmp_path / "m.csv").write_text(f"image,caption\nmissing.jpg,A dog .\n{here},\n{here}, \n")
+    msg = _error("no images with captions", tmp_path / "m.csv", images=f8k["images"])
+    assert msg == (f"{tmp_path / 'm.csv'}: no images with captions: of the 2 images listed, 1 missing under "
+                   f"{f8k['images']} and 1 without any caption (2 empty captions)")
+    src, docs = _coco_src(f8k, tmp_path / "src", n=2)
+    docs["captions"]["annotations"] = []  # COCO images with no caption at all
+    msg = _error("no images with captions", _write_src(src, docs), images=f8k["images"])
+    assert msg.endswith("of the 2 images listed, 2 without any caption")
+    r = _cli("prepare", tmp_path / "m.csv", "--images", f8k["images"], "--out", tmp_path / "ds")
+    assert r.exit_code != 0 and "1 missing under" in r.output and "1 without any caption" in r.output, r.output
+    assert not (tmp_path / "ds").exists()
+
+
+def test_coco_file_without_annotations(coco_mini_dir, tmp_path) -> None:
+    doc = json.loads((coco_mini_dir / "annotations" / "captions_val2017.json").read_text())
+    del doc["annotations"]
+    ann = _write_json(tmp_path / "captions_val2017.json", doc)
+    assert detect_kind(ann) == "coco"
+    images = coco_mini_dir / "val2017"
+    for kind in ("auto", "coco", "coco-splits"):
+        _error("captions_val2017.json: a COCO captions file without its 'annotations' \\(the captions\\)$", ann,
+               kind=kind, images=images)
+    _error("a COCO captions file \\('file_name' entries\\), not a Karpathy split file; use --kind coco", ann,
+           kind="karpathy", images=images)
+    r = _cli("prepare", ann, "--images", images, "--out", tmp_path / "ds")
+    assert r.exit_code != 0 and "without its 'annotations'" in r.output and "Karpathy" not in r.output, r.output
+
+
 def test_duplicate_ids_and_files(f8k, tmp_path) -> None:
     src, docs = _coco_src(f8k, tmp_path / "src")
     dup_id = docs["captions"]["images"][0]["id"]
