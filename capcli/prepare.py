@@ -22,6 +22,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from . import paths
 from .errors import DatasetError, UsageError
@@ -504,7 +505,7 @@ def _check_kept(
         progress.warn(f"{report.images_without_captions} images without any caption skipped")
 
 
-def _refuse_empty(source: Path, image_root: Path, report: PrepareReport) -> None:
+def _refuse_empty(source: Path, image_root: Path, report: PrepareReport) -> NoReturn:
     """Raise the error for a source of which no image is kept, with what was wrong with each."""
     if not report.listed:
         raise DatasetError(f"{source}: no images listed")

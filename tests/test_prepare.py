@@ -535,6 +535,8 @@ def test_no_image_kept_says_why_with_counts(f8k, tmp_path) -> None:
     docs["captions"]["annotations"] = []  # COCO images with no caption at all
     msg = _error("no images with captions", _write_src(src, docs), images=f8k["images"])
     assert msg.endswith("of the 2 images listed, 2 without any caption")
+    (tmp_path / "header.csv").write_text("image,caption\n")
+    _error("header.csv: no images listed$", tmp_path / "header.csv", images=f8k["images"])
     r = _cli("prepare", tmp_path / "m.csv", "--images", f8k["images"], "--out", tmp_path / "ds")
     assert r.exit_code != 0 and "1 missing under" in r.output and "1 without any caption" in r.output, r.output
     assert not (tmp_path / "ds").exists()
