@@ -22,6 +22,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from . import paths
 from .errors import DatasetError, UsageError
@@ -42,10 +43,14 @@ class PrepareReport:
     images: int = 0
     captions: int = 0
     splits: dict[str, int] = field(default_factory=dict)
+    listed: int = 0  # images the source lists, before missing files and empty captions are skipped
     missing_images: int = 0
     empty_captions: int = 0
     images_without_captions: int = 0
+    unlisted_images: int = 0  # captioned images that no split list names (coco-splits: skipped)
+    unknown_listed: int = 0  # file names in split lists that the captions file does not have: skipped
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # said through Progress.warn once the dataset is kept
 
 
 # ---- readers: each returns (image_root, list of (file, split, captions)) --------------------------
@@ -55,7 +60,7 @@ Entry = tuple[str, str, list[str], int | None]  # file, split, captions, source 
 
 def _read_json(path: Path) -> object:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise DatasetError(f"{path}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -69,6 +74,8 @@ def _load_coco(path: Path):
     from pycocotools.coco import COCO
 
     doc = _read_json(path)
+    if _looks_coco(doc) and "annotations" not in doc:
+        raise DatasetError(f"{path}: a COCO captions file without its 'annotations' (the captions)")
     if not isinstance(doc, dict) or "images" not in doc or "annotations" not in doc:
         raise DatasetError(f"{path}: not a COCO captions file (needs 'images' and 'annotations')")
     coco = COCO()
@@ -93,6 +100,14 @@ def _load_coco(path: Path):
     return coco
 
 
+def _looks_coco(doc: object) -> bool:
+    """Whether ``doc`` has COCO's ``images`` (``file_name`` and ``id``), whatever else it lacks."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) or not doc["images"]:
+        return False
+    first = doc["images"][0]
+    return isinstance(first, dict) and "file_name" in first and "id" in first and "filename" not in first
+
+
 def _coco_entries(coco, split: str, prefix: str = "") -> list[Entry]:
     out = []
     for img_id in sorted(coco.imgs):
@@ -114,6 +129,10 @@ def _karpathy_images(path: Path) -> list[dict]:
     doc = _read_json(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise DatasetError(f"{path}: not a Karpathy split file (needs an 'images' list)")
+    if _looks_coco(doc):
+        raise DatasetError(
+            f"{path}: a COCO captions file ('file_name' entries), not a Karpathy split file; use --kind coco"
+        )
     for img in doc["images"]:
         if not isinstance(img, dict) or "filename" not in img or "split" not in img:
             raise DatasetError(f"{path}: malformed Karpathy entry (needs 'filename' and 'split')")
@@ -167,17 +186,17 @@ def read_karpathy(path: Path, images: Path) -> tuple[Path, list[Entry]]:
     return images, entries
 
 
-def read_flickr8k(folder: Path, images: Path | None) -> tuple[Path, list[Entry]]:
-    """Flickr8k's text release: ``Flickr8k.token.txt`` and the three split lists."""
+def read_flickr8k(folder: Path, images: Path | None, report: PrepareReport) -> tuple[Path, list[Entry]]:
+    """Flickr8k's text release: ``Flickr8k.token.txt`` and the three split lists.
+
+    Captioned photos in none of the lists go to restval (the 91 such photos of the release are Flickr8k's restval)
+    and a note says so; a photo in two lists is an error, as in a coco-splits file.
+    """
     text = _find(folder, "Flickr8k.token.txt")
     if text is None:
         raise DatasetError(f"{folder}: no Flickr8k.token.txt found")
-    try:
-        lines = text.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{text}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     caps: dict[str, list[str]] = {}
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(_read_text(text).splitlines(), 1):
         if not line.strip():
             continue
         key, sep, caption = line.partition("\t")
@@ -190,11 +209,15 @@ def read_flickr8k(folder: Path, images: Path | None) -> tuple[Path, list[Entry]]
         f = _find(folder, fname)
         if f is None:
             raise DatasetError(f"{folder}: no {fname} found")
-        for name in f.read_text().split():
-            split_of[name] = split
+        _assign_split(split_of, _read_text(f).split(), split, f)
     if images is None:
         images = _find_dir(folder, ("Flicker8k_Dataset", "Flickr8k_Dataset", "images")) or folder
     entries = [(f, split_of.get(f, "restval"), c, None) for f, c in caps.items()]
+    report.unknown_listed = len(split_of.keys() - caps.keys())
+    if report.unknown_listed:
+        report.warnings.append(f"{report.unknown_listed} file names in the split lists are not in {text}: skipped")
+    if any(f not in split_of for f in caps):  # the count is restval's in the summary, after missing files
+        report.notes.append("captioned images in none of the three split lists are put in restval")
     return images, entries
 
 
@@ -228,28 +251,77 @@ def read_csv(path: Path, images: Path | None, report: PrepareReport) -> tuple[Pa
     return images or path.parent, [(f, split_of[f], c, None) for f, c in caps.items()]
 
 
-def read_coco_splits(captions: Path, splits: Path, images: Path | None) -> tuple[Path, list[Entry]]:
-    """A COCO captions file plus ``{"train": [file, ...], "val": [...], ...}``."""
+def read_coco_splits(
+    captions: Path, splits: Path, images: Path | None, report: PrepareReport
+) -> tuple[Path, list[Entry]]:
+    """A COCO captions file plus ``{"train": [file, ...], "val": [...], ...}``.
+
+    Keys that are not split names and hold no list (``"dataset": "flickr8k"``) are ignored. Images the split file
+    does not list are skipped with a warning, not put in restval: a split file can name restval itself, and an image
+    it leaves out may be held out on purpose (an official test split), which restval would train on.
+    """
     coco = _load_coco(captions)
+    split_of = _read_split_lists(splits)
+    entries = _coco_entries(coco, "")
+    kept = [(f, split_of[f], c, i) for f, _, c, i in entries if f in split_of]
+    if not kept:
+        raise DatasetError(f"{splits}: none of its {len(split_of)} file names are in {captions}")
+    report.unlisted_images = len(entries) - len(kept)
+    report.unknown_listed = len(split_of.keys() - {f for f, _, _, _ in entries})
+    if report.unlisted_images:
+        report.warnings.append(f"{report.unlisted_images} images of {captions} are in no split of {splits}: skipped")
+    if report.unknown_listed:
+        report.warnings.append(f"{report.unknown_listed} file names in {splits} are not in {captions}: skipped")
+    if images is None:
+        images = _find_dir(captions.parent, ("images", "Images")) or captions.parent
+    return images, kept
+
+
+def _read_split_lists(splits: Path) -> dict[str, str]:
+    """File name -> split from a coco-splits JSON; a split key must hold a list of file names."""
     doc = _read_json(splits)
     if not isinstance(doc, dict):
         raise DatasetError(f"{splits}: expected a JSON object of split name -> list of file names")
     split_of: dict[str, str] = {}
     for name, files in doc.items():
-        if not isinstance(files, list):
+        if not isinstance(files, list) and str(name).strip().lower() not in _SPLIT_ALIASES:
             continue  # e.g. {"dataset": "flickr8k"}
         split = _norm_split(name, splits)
-        for f in files:
-            if split_of.get(str(f), split) != split:
-                raise DatasetError(f"{splits}: {f} is in both {split_of[str(f)]} and {split}")
-            split_of[str(f)] = split
-    entries = [(f, split_of[f], c, i) for f, _, c, i in _coco_entries(coco, "") if f in split_of]
-    if images is None:
-        images = _find_dir(captions.parent, ("images", "Images")) or captions.parent
-    return images, entries
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            raise DatasetError(f"{splits}: {name!r} must be a list of file names, not {_json_shape(files)}")
+        _assign_split(split_of, files, split, splits)
+    if not split_of:
+        raise DatasetError(f"{splits}: no split lists (expected e.g. {{\"train\": [\"a.jpg\", ...]}})")
+    return split_of
+
+
+def _json_shape(value: object) -> str:
+    """How a JSON value that should be a list of strings looks, for an error message."""
+    if isinstance(value, list):
+        bad = next(v for v in value if not isinstance(v, str))
+        return f"a list holding {json.dumps(bad)[:40]}"
+    return f"{json.dumps(value)[:40]}"
+
+
+def _assign_split(split_of: dict[str, str], files: list[str], split: str, where: Path) -> None:
+    """Put ``files`` in ``split``; a file already in another split is an error naming ``where``."""
+    for f in files:
+        prev = split_of.setdefault(f, split)
+        if prev != split:
+            raise DatasetError(f"{where}: {f} is in both {prev} and {split}")
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
+
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file, without the byte-order mark that editors on Windows write."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except OSError as e:  # a folder, no permission
+        raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from e
+
 
 def _norm_split(name: str, where: Path) -> str:
     split = _SPLIT_ALIASES.get(str(name).strip().lower())
@@ -292,7 +364,7 @@ def detect_kind(source: Path) -> str:
         return "csv"
     if source.suffix.lower() == ".json":
         doc = _read_json(source)
-        if isinstance(doc, dict) and "annotations" in doc:
+        if (isinstance(doc, dict) and "annotations" in doc) or _looks_coco(doc):
             return "coco"
         if isinstance(doc, dict) and isinstance(doc.get("images"), list):
             return "karpathy"
@@ -362,13 +434,13 @@ def _read_source(
             raise DatasetError(f"{source}: no Karpathy split file (dataset_*.json)")
         return read_karpathy(kfile, img_dir or kfile.parent)
     if kind == "flickr8k":
-        return read_flickr8k(source if source.is_dir() else source.parent, img_dir)
+        return read_flickr8k(source if source.is_dir() else source.parent, img_dir, report)
     if kind == "csv":
         return read_csv(source, img_dir, report)
     # coco-splits
     caps = source / "captions.json" if source.is_dir() else source
     split_file = Path(splits) if splits else caps.parent / "splits.json"
-    return read_coco_splits(caps, split_file, img_dir)
+    return read_coco_splits(caps, split_file, img_dir, report)
 
 
 def _read_coco_source(
@@ -394,6 +466,7 @@ def _records(
     from 1 in the order kept.
     """
     progress.start("checking images", total=len(entries))
+    report.listed = len(entries)
     records: list[ImageRecord] = []
     seen_files: set[str] = set()
     use_source_ids = all(e[3] is not None for e in entries) and len({e[3] for e in entries}) == len(entries)
@@ -421,18 +494,28 @@ def _check_kept(
 ) -> None:
     """Refuse a dataset with no usable image; warn about what was skipped."""
     if not records:
-        if report.missing_images:
-            raise DatasetError(
-                f"none of the {report.missing_images} images listed in {source} exist under {image_root}; "
-                "pass --images"
-            )
-        raise DatasetError(f"{source}: no images with captions")
+        _refuse_empty(source, image_root, report)
+    for message in report.warnings:
+        progress.warn(message)
     if report.missing_images:
         progress.warn(f"{report.missing_images} listed images are missing under {image_root}: skipped")
     if report.empty_captions:
         progress.warn(f"{report.empty_captions} empty captions skipped")
     if report.images_without_captions:
         progress.warn(f"{report.images_without_captions} images without any caption skipped")
+
+
+def _refuse_empty(source: Path, image_root: Path, report: PrepareReport) -> NoReturn:
+    """Raise the error for a source of which no image is kept, with what was wrong with each."""
+    if not report.listed:
+        raise DatasetError(f"{source}: no images listed")
+    if report.missing_images == report.listed:
+        raise DatasetError(f"none of the {report.listed} images listed in {source} exist under {image_root}; "
+                           "pass --images")
+    why = [f"{report.missing_images} missing under {image_root}"] if report.missing_images else []
+    empty = f" ({report.empty_captions} empty captions)" if report.empty_captions else ""
+    why.append(f"{report.images_without_captions} without any caption{empty}")
+    raise DatasetError(f"{source}: no images with captions: of the {report.listed} images listed, {' and '.join(why)}")
 
 
 def _save(ds: Dataset, out_dir: Path, report: PrepareReport) -> None:

@@ -232,10 +232,60 @@ def test_flickr8k_text_release(f8k, tmp_path) -> None:
     ds, rep = prepare(src, out=tmp_path / "ds", progress=rec)
     assert rep.kind == "flickr8k" and rep.splits == {"train": 6, "val": 3, "test": 3, "restval": 1}
     assert rep.missing_images == 1 and len(rec.warnings) == 1 and "1 listed images are missing" in rec.warnings[0]
+    assert rep.notes == ["captioned images in none of the three split lists are put in restval"]
     assert ds.image_root == (src / "Flicker8k_Dataset").resolve()
     assert [r.file for r in ds.images] == files and [r.id for r in ds.images] == list(range(1, 14))
     assert [r.captions for r in ds.images] == [[c.strip() for c in caps] for _, _, caps in items]
     _check_files(ds)
+
+
+def _flickr8k_text(src: Path, items: list[tuple[str, str, list[str]]], lists: dict[str, list[str]],
+                   bom: bool = False) -> Path:
+    """Flickr8k's text release in ``src``: the token file and the three lists (``bom``: every file starts with one)."""
+    src.mkdir(exist_ok=True)
+    enc = "utf-8-sig" if bom else "utf-8"
+    lines = [f"{f}#{i}\t{c}" for f, _, caps in items for i, c in enumerate(caps)]
+    (src / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n", encoding=enc)
+    for key in ("train", "dev", "test"):
+        (src / f"Flickr_8k.{key}Images.txt").write_text("".join(f + "\n" for f in lists[key]), encoding=enc)
+    return src
+
+
+def test_flickr8k_text_photo_in_two_lists_is_an_error(f8k, tmp_path) -> None:
+    items = _pick(f8k, 2, 1)
+    (a, _, _), (b, _, _), (c, _, _) = items
+    src = _flickr8k_text(tmp_path / "ft", items, {"train": [a, b], "dev": [c, a], "test": [c]})
+    msg = _error(f"{a} is in both train and val$", src, images=f8k["images"], out=tmp_path / "ds")
+    assert msg.startswith(str(src / "Flickr_8k.devImages.txt"))
+    _flickr8k_text(src, items, {"train": [a, b], "dev": [c], "test": [c]})
+    _error(f"testImages.txt: {c} is in both val and test$", src, images=f8k["images"], out=tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
+    _flickr8k_text(src, items, {"train": [a, b, b], "dev": [c, "not-captioned.jpg"], "test": []})  # twice in one list
+    rec = Recorder()
+    ds, rep = prepare(src, images=f8k["images"], out=tmp_path / "ds", progress=rec)
+    assert [(r.file, r.split) for r in ds.images] == [(a, "train"), (b, "train"), (c, "val")]
+    assert rep.unknown_listed == 1 and not rep.notes
+    assert rec.warnings == [f"1 file names in the split lists are not in {src / 'Flickr8k.token.txt'}: skipped"]
+
+
+def test_byte_order_marks_are_stripped(f8k, tmp_path) -> None:
+    """Files saved by Windows editors start with a UTF-8 BOM; it is not part of the first file name or caption."""
+    items = _pick(f8k, 2, 1)
+    files = [f for f, _, _ in items]
+    src = _flickr8k_text(tmp_path / "ft", items, {"train": files[:2], "dev": files[2:], "test": []}, bom=True)
+    ds, rep = prepare(src, images=f8k["images"], out=tmp_path / "ds")
+    assert [(r.file, r.split) for r in ds.images] == [(f, s) for f, s, _ in items]
+    assert rep.splits == {"train": 2, "val": 1} and not rep.notes and rep.missing_images == 0
+    src, docs = _coco_src(f8k, tmp_path / "src", n=3)
+    src.mkdir()
+    for name in ("captions", "splits"):
+        (src / f"{name}.json").write_text(json.dumps(docs[name]), encoding="utf-8-sig")
+    ds, rep = prepare(src, images=f8k["images"], out=tmp_path / "ds2")
+    assert [r.file for r in ds.images] == docs["splits"]["train"] and rep.splits == {"train": 3}
+    kfile = tmp_path / "dataset_flickr8k.json"
+    kfile.write_text(json.dumps(_karpathy_flickr(items)), encoding="utf-8-sig")
+    ds, _ = prepare(kfile, images=f8k["images"], out=tmp_path / "ds3")
+    assert [(r.file, r.split) for r in ds.images] == [(f, s) for f, s, _ in items]
 
 
 def test_csv_with_split_column(f8k, tmp_path) -> None:
@@ -296,9 +346,12 @@ def test_coco_splits_with_explicit_split_file(f8k, tmp_path) -> None:
     split_doc = {"dataset": "flickr8k", "train": [f for f, s, _ in items if s == "train"],
                  "validation": [f for f, s, _ in items if s == "val"]}  # restval image in no list: left out
     _write_json(tmp_path / "my_splits.json", split_doc)
+    rec = Recorder()
     ds, rep = prepare(tmp_path / "ann.json", kind="coco-splits", splits=tmp_path / "my_splits.json",
-                      images=f8k["images"], out=tmp_path / "ds")
-    assert rep.splits == {"train": 4, "val": 2}
+                      images=f8k["images"], out=tmp_path / "ds", progress=rec)
+    assert rep.splits == {"train": 4, "val": 2} and rep.unlisted_images == 1 and rep.unknown_listed == 0
+    assert rec.warnings == [f"1 images of {tmp_path / 'ann.json'} are in no split of {tmp_path / 'my_splits.json'}: "
+                            "skipped"]
     _check_files(ds)
 
 
@@ -378,6 +431,43 @@ def test_malformed_json(f8k, tmp_path) -> None:
     _error(r"cannot read", src, splits=src, kind="coco-splits", images=f8k["images"])  # a folder
 
 
+def test_malformed_split_lists(f8k, tmp_path) -> None:
+    """A split key must hold a list of file names; the error names the split file and the key."""
+    src = _write_src(*_coco_src(f8k, tmp_path / "src"))
+    files = json.loads((src / "splits.json").read_text())["train"]
+    cases = [
+        ({"train": files[0]}, f"'train' must be a list of file names, not \"{files[0]}\""),
+        ({"train": files[:2], "val": files[2]}, "'val' must be a list of file names, not"),
+        ({"train": files[:2] + [5]}, "'train' must be a list of file names, not a list holding 5"),
+        ({"train": [files[:2]]}, "'train' must be a list of file names, not a list holding"),
+        ({"dev": None, "train": files}, "'dev' must be a list of file names, not null"),
+        ({"dataset": "flickr8k"}, "no split lists"),
+        ({}, "no split lists"),
+        ({"train": ["not-in-captions.jpg"]}, "none of its 1 file names are in"),
+    ]
+    for doc, message in cases:
+        _write_json(src / "splits.json", doc)
+        msg = _error(message, src, images=f8k["images"], out=tmp_path / "ds")
+        assert msg.startswith(f"{src / 'splits.json'}: ") and "captions.json:" not in msg
+    assert not (tmp_path / "ds").exists()
+
+
+def test_split_lists_and_captions_that_differ_warn_with_counts(f8k, tmp_path) -> None:
+    src, docs = _coco_src(f8k, tmp_path / "src", n=6)
+    files = docs["splits"]["train"]
+    docs["splits"] = {"dataset": "flickr8k", "train": files[:3] + ["a.jpg", "b.jpg"], "val": files[3:4]}
+    _write_src(src, docs)
+    rec = Recorder()
+    ds, rep = prepare(src, images=f8k["images"], out=tmp_path / "ds", progress=rec)
+    assert [(r.file, r.split) for r in ds.images] == [(f, "train") for f in files[:3]] + [(files[3], "val")]
+    assert rep.unlisted_images == 2 and rep.unknown_listed == 2 and rep.missing_images == 0
+    assert rec.warnings == [f"2 images of {src / 'captions.json'} are in no split of {src / 'splits.json'}: skipped",
+                            f"2 file names in {src / 'splits.json'} are not in {src / 'captions.json'}: skipped"]
+    r = _cli("prepare", src, "--images", f8k["images"], "--out", tmp_path / "ds2")
+    assert r.exit_code == 0, r.output
+    assert "prepared 4 images" in r.output and r.output.count("warning:") == 2
+
+
 def test_malformed_karpathy(f8k, tmp_path) -> None:
     kfile = tmp_path / "dataset_flickr8k.json"
     _write_json(kfile, {"dataset": "flickr8k"})
@@ -432,6 +522,39 @@ def test_empty_captions_are_skipped_with_a_count(tmp_path) -> None:
     assert rec.warnings == ["3 empty captions skipped", "1 images without any caption skipped"]
     (tmp_path / "none.csv").write_text("image,caption\nchelsea.jpg,\ncoffee.jpg, \n")
     _error("no images with captions", tmp_path / "none.csv", images=EXAMPLES)
+
+
+def test_no_image_kept_says_why_with_counts(f8k, tmp_path) -> None:
+    """Missing files and images whose captions are all empty are counted apart, against all images listed."""
+    here = next(iter(f8k["captions"]))
+    (tmp_path / "m.csv").write_text(f"image,caption\nmissing.jpg,A dog .\n{here},\n{here}, \n")
+    msg = _error("no images with captions", tmp_path / "m.csv", images=f8k["images"])
+    assert msg == (f"{tmp_path / 'm.csv'}: no images with captions: of the 2 images listed, 1 missing under "
+                   f"{f8k['images']} and 1 without any caption (2 empty captions)")
+    src, docs = _coco_src(f8k, tmp_path / "src", n=2)
+    docs["captions"]["annotations"] = []  # COCO images with no caption at all
+    msg = _error("no images with captions", _write_src(src, docs), images=f8k["images"])
+    assert msg.endswith("of the 2 images listed, 2 without any caption")
+    (tmp_path / "header.csv").write_text("image,caption\n")
+    _error("header.csv: no images listed$", tmp_path / "header.csv", images=f8k["images"])
+    r = _cli("prepare", tmp_path / "m.csv", "--images", f8k["images"], "--out", tmp_path / "ds")
+    assert r.exit_code != 0 and "1 missing under" in r.output and "1 without any caption" in r.output, r.output
+    assert not (tmp_path / "ds").exists()
+
+
+def test_coco_file_without_annotations(coco_mini_dir, tmp_path) -> None:
+    doc = json.loads((coco_mini_dir / "annotations" / "captions_val2017.json").read_text())
+    del doc["annotations"]
+    ann = _write_json(tmp_path / "captions_val2017.json", doc)
+    assert detect_kind(ann) == "coco"
+    images = coco_mini_dir / "val2017"
+    for kind in ("auto", "coco", "coco-splits"):
+        _error("captions_val2017.json: a COCO captions file without its 'annotations' \\(the captions\\)$", ann,
+               kind=kind, images=images)
+    _error("a COCO captions file \\('file_name' entries\\), not a Karpathy split file; use --kind coco", ann,
+           kind="karpathy", images=images)
+    r = _cli("prepare", ann, "--images", images, "--out", tmp_path / "ds")
+    assert r.exit_code != 0 and "without its 'annotations'" in r.output and "Karpathy" not in r.output, r.output
 
 
 def test_duplicate_ids_and_files(f8k, tmp_path) -> None:
