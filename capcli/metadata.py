@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, atomic
-from .errors import UsageError
+from .errors import UsageError, os_reason
 from .images import RAW_EXTENSIONS as RAW_TYPES
 
 NAMESPACE = "http://ns.capcli.org/xmp/1.0/"
@@ -222,6 +222,14 @@ def _check_writable(path: Path) -> None:
         raise _Refused("read-only file")
 
 
+def _check_name(target: Path, hint: str = "") -> None:
+    """Refuse a sidecar whose name is too long for its folder's file system (a photo's name can be near the limit)."""
+    try:
+        atomic.check_name(target)
+    except OSError as e:
+        raise _Refused(f"cannot write {target.name}: {os_reason(e)}{hint}") from None
+
+
 def _check_embeddable(photo: Path) -> None:
     ext = photo.suffix.lower()
     if ext in RAW_TYPES:
@@ -322,6 +330,7 @@ def write_xmp_sidecar(photo: str | Path, fields: Fields, opts: PublishOptions) -
     photo = Path(photo)
     target = sidecar_path(photo, "xmp", opts.naming)
     try:
+        _check_name(target, "; --sidecar-name stem gives a shorter one" if opts.naming == "ext" else "")
         person = None
         if target.exists():
             try:
@@ -399,6 +408,7 @@ def write_txt_sidecar(photo: str | Path, fields: Fields, opts: PublishOptions, r
     target = sidecar_path(photo, "txt")
     text = _txt_text(fields.caption)
     try:
+        _check_name(target)
         ours = record.is_ours(target, text)
         person = None if ours in (None, True) else target.read_text(encoding="utf-8", errors="replace").strip()
         skipped = _skipped(photo, target, fields, person, opts.overwrite)

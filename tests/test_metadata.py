@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from capcli import atomic
 from capcli.errors import UsageError
 from capcli.metadata import (
     TXT_RECORD,
@@ -396,3 +397,49 @@ def test_a_process_killed_while_embedding_leaves_the_old_or_the_new_photo(photos
         assert fields is None or fields.caption.startswith("caption ")
         with Image.open(big) as im:
             im.load()
+
+
+# ------------------------------------------------------------------------------------------- any file name
+def _renamed(photo: Path, name: str) -> Path:
+    """``photo`` renamed to ``name``, or skip where the file system takes no such name (macOS: not UTF-8)."""
+    if len(os.fsencode(name)) > atomic.name_max(photo.parent):
+        pytest.skip(f"this file system takes names of at most {atomic.name_max(photo.parent)} bytes")
+    try:
+        return photo.rename(photo.with_name(name))
+    except OSError as e:
+        pytest.skip(f"this file system refuses the name {name!r}: {e}")
+
+
+def test_names_at_the_length_limit_are_written_and_a_sidecar_name_over_it_fails_alone(photos):
+    longest = _renamed(photos["chelsea.jpg"], "写真" * 41 + "abcde.jpg")  # 255 bytes
+    rec = {"caption": "a cat"}
+    assert publish([(longest, rec)], "embed", OPTS)[0].status is Status.WRITTEN
+    assert publish([(longest, rec)], "xmp", OPTS)[0].status is Status.WRITTEN  # NAME.xmp: 255 bytes too
+    assert read_fields(longest).caption == read_fields(longest.with_suffix(".xmp")).caption == "a cat"
+    items = [(longest, rec), (photos["coffee.jpg"], {"caption": "a cup"})]
+    first, second = publish(items, "xmp", PublishOptions(PROV, naming="ext"))  # NAME.jpg.xmp: 259 bytes
+    assert first.status is Status.FAILED and second.status is Status.WRITTEN
+    assert first.reason == (f"cannot write {longest.name}.xmp: File name too long (259 bytes; at most 255 here); "
+                            "--sidecar-name stem gives a shorter one")
+    assert not [p for p in longest.parent.iterdir() if ".tmp" in p.name]
+
+
+def test_temporary_names_fit_the_file_system_and_differ_by_name(tmp_path):
+    """Real files at the limit, in 1-, 3- and 4-byte characters and undecodable bytes, with and without an
+    extension: each is written atomically, its temporary name fits, and two names alike but at the end differ."""
+    limit = atomic.name_max(tmp_path)
+    names = ["a" * (limit - 4) + ".jpg", "写真" * ((limit - 5) // 6) + ".jpeg", "🐈" * ((limit - 4) // 4) + ".png",
+             os.fsdecode(b"\xff" * (limit - 4)) + ".tif", "x" * limit, "a." + "b" * (limit - 2),
+             "写真" * ((limit - 5) // 6) + ".jpe"]
+    for name in names:
+        assert len(os.fsencode(name)) <= limit
+        tmp = atomic.temp_name(name, limit)
+        assert tmp.startswith(".") and len(os.fsencode(tmp)) <= limit and tmp != name
+        if len(Path(name).suffix) <= 5:
+            assert tmp.endswith(Path(name).suffix)  # writers that go by the extension still can
+        atomic.write_bytes(tmp_path / name, os.fsencode(name))  # its temporary file would fail if it were too long
+        assert (tmp_path / name).read_bytes() == os.fsencode(name)
+    assert atomic.temp_name(names[1], limit) != atomic.temp_name(names[6], limit)
+    assert sorted(os.listdir(tmp_path)) == sorted(names)  # no temporary left
+    with pytest.raises(OSError, match=rf"File name too long \({limit + 1} bytes; at most {limit} here\)"):
+        atomic.write_text(tmp_path / ("z" * (limit + 1)), "too long")
