@@ -154,8 +154,22 @@ class _Existing:
     iptc: dict[str, Any] = field(default_factory=dict)
 
 
+def _open(path: Path) -> Any:
+    """``pyexiv2.Image`` of ``path`` opened by its exact bytes (``os.fsencode``).
+
+    ``pyexiv2.Image(name)`` encodes the name as strict UTF-8, which fails on a name that is not valid UTF-8 (its
+    bytes are held as surrogates); its extension module takes the bytes, so it is given them directly.
+    """
+    pyexiv2 = _exiv2()
+    from pyexiv2.lib import exiv2api
+
+    img = pyexiv2.Image.__new__(pyexiv2.Image)
+    img._exiv2api_image = exiv2api.Image(os.fsencode(path))  # what Image.__init__ sets (pyexiv2 2.15, 2.16)
+    return img
+
+
 def _read(path: Path, iptc: bool = True) -> _Existing:
-    with _exiv2().Image(str(path)) as img:
+    with _open(path) as img:
         return _Existing(img.read_xmp(), img.read_iptc() if iptc else {})
 
 
@@ -207,7 +221,7 @@ def _xmp_changes(fields: Fields, existing: dict[str, Any]) -> dict[str, Any]:
 
 def _write_xmp(path: Path, fields: Fields) -> None:
     """Write ``fields`` into ``path`` (a photo or sidecar) in place, then read them back."""
-    with _exiv2().Image(str(path)) as img:
+    with _open(path) as img:
         img.modify_xmp(_xmp_changes(fields, img.read_xmp()))
     back = read_fields(path)
     if back is None or back.caption != fields.caption or back.keywords != fields.keywords:

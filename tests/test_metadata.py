@@ -400,6 +400,10 @@ def test_a_process_killed_while_embedding_leaves_the_old_or_the_new_photo(photos
 
 
 # ------------------------------------------------------------------------------------------- any file name
+ODD = os.fsdecode(b"caf\xe9 \xff.jpg")  # not UTF-8: Python holds each such byte as a lone surrogate
+LONG = "写真" * 40 + ".jpg"  # 244 bytes: the name fits a file system's 255, ".NAME.tmpPID.jpg" does not
+
+
 def _renamed(photo: Path, name: str) -> Path:
     """``photo`` renamed to ``name``, or skip where the file system takes no such name (macOS: not UTF-8)."""
     if len(os.fsencode(name)) > atomic.name_max(photo.parent):
@@ -408,6 +412,35 @@ def _renamed(photo: Path, name: str) -> Path:
         return photo.rename(photo.with_name(name))
     except OSError as e:
         pytest.skip(f"this file system refuses the name {name!r}: {e}")
+
+
+@needs_exiftool
+@pytest.mark.parametrize("name", [ODD, LONG], ids=["not-utf8", "244-bytes"])
+def test_any_file_name_is_embedded_and_gets_its_sidecars(photos, name):
+    photo = _renamed(photos["chelsea.jpg"], name)
+    scan = _jpeg_scan(photo.read_bytes())
+    rec = {"path": name, "caption": "a cat on a rug", "labels": [{"word": "cat", "p": 0.9}]}
+    for how in ("embed", "xmp", "txt"):
+        results = publish([(photo, rec)], how, OPTS)
+        assert [r.status for r in results] == [Status.WRITTEN], [r.describe() for r in results]
+    xmp, txt = photo.with_suffix(".xmp"), photo.with_suffix(".txt")
+    for meta in exiftool(photo, xmp):
+        assert meta["XMP-dc:Description"] == meta["XMP-iptcCore:AltTextAccessibility"] == "a cat on a rug"
+        assert as_list(meta["XMP-dc:Subject"]) == ["cat"]
+    assert read_fields(photo) == read_fields(xmp) == Fields("a cat on a rug", ("cat",), PROV)
+    assert txt.read_text("utf-8") == "a cat on a rug\n"
+    assert _jpeg_scan(photo.read_bytes()) == scan  # the image data, byte for byte
+    names = {p.name for p in photo.parent.iterdir()}
+    assert {photo.name, xmp.name, txt.name, TXT_RECORD} <= names and not [n for n in names if ".tmp" in n]
+
+    short = photo.rename(photo.with_name("short.jpg"))  # exiftool's own temporary name would not fit
+    exiftool_set(short, "-XMP-dc:Description=Our cat, by the window")  # a person's words, read back by name
+    short.rename(photo)
+    r = embed(photo, Fields("a dog", (), PROV), OPTS)
+    assert r.status is Status.SKIPPED and "Our cat, by the window" in r.reason
+    assert publish([(photo, {**rec, "caption": "a cat"})], "xmp", OPTS)[0].status is Status.SKIPPED
+    r = embed(photo, Fields("a dog", (), PROV), PublishOptions(PROV, overwrite=True))
+    assert r.status is Status.WRITTEN and exiftool(photo)[0]["XMP-dc:Description"] == "a dog"
 
 
 def test_names_at_the_length_limit_are_written_and_a_sidecar_name_over_it_fails_alone(photos):
