@@ -7,6 +7,8 @@ and Windows); on failure the temporary file is removed and the old file, if any,
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -22,15 +24,18 @@ def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
 
     ``durable``: the new file's bytes reach the disk before it replaces ``path``, and the folder's new entry after
     (a power cut leaves the old file or the new one, never an empty one: what writing into a person's photos needs).
+    The temporary name always fits the file system (:func:`temp_name`); a ``path`` whose own name does not fails
+    at once with ``ENAMETOOLONG``, saying how long it is and what the limit is.
     """
     path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"cannot write {path}: it is a folder; give a file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file where a folder of the path should be
         raise OutputError(f"cannot write {path}: cannot make its folder ({os_reason(e)})") from None
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
+    limit = check_name(path)
+    if path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a folder; give a file name")
+    tmp = path.with_name(temp_name(path.name, limit))
     try:
         yield tmp
         if durable:
@@ -41,6 +46,47 @@ def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
                 _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_name(path: str | Path) -> int:
+    """Raise ``OSError(ENAMETOOLONG)`` saying how long ``path``'s name is if its folder's file system cannot hold it
+    (before any work is done, rather than at the end); else return that file system's limit (:func:`name_max`)."""
+    path = Path(path)
+    limit, size = name_max(path.parent), len(os.fsencode(path.name))
+    if size > limit:
+        raise OSError(errno.ENAMETOOLONG, f"File name too long ({size} bytes; at most {limit} here)", str(path))
+    return limit
+
+
+def name_max(folder: str | Path) -> int:
+    """The longest file name, in bytes, that ``folder``'s file system takes (255 where it cannot say)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or the folder is gone
+        return 255
+
+
+def temp_name(name: str, limit: int = 255) -> str:
+    """The temporary name for writing ``name``: ``.NAME.tmpPID.EXT``, unique to this process and this name.
+
+    It keeps the extension (some writers choose the format by it). When that is longer than ``limit`` bytes
+    (a long name, most often in a script of 3-byte UTF-8 characters), the middle is the start of ``name``, cut at a
+    character, and 12 hex digits of its SHA-256: ``.NAME-START~1a2b3c4d5e6f.tmpPID.EXT``. The extension goes too
+    when it alone leaves no room.
+    """
+    suffix = Path(name).suffix
+    full = f".{name}.tmp{os.getpid()}{suffix}"
+    if len(os.fsencode(full)) <= limit:
+        return full
+    tag = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
+    end = f".tmp{os.getpid()}{suffix}"
+    if len(os.fsencode(f".{tag}{end}")) > limit:
+        end = f".tmp{os.getpid()}"
+    room = limit - len(os.fsencode(f".{tag}{end}"))
+    start = name
+    while len(os.fsencode(start)) > room:  # whole characters only (an undecodable byte is one character)
+        start = start[:-1]
+    return f".{start}{tag}{end}"
 
 
 def _fsync(path: Path) -> None:

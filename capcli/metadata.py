@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, atomic
-from .errors import UsageError
+from .errors import UsageError, os_reason
 from .images import RAW_EXTENSIONS as RAW_TYPES
 
 NAMESPACE = "http://ns.capcli.org/xmp/1.0/"
@@ -154,8 +154,22 @@ class _Existing:
     iptc: dict[str, Any] = field(default_factory=dict)
 
 
+def _open(path: Path) -> Any:
+    """``pyexiv2.Image`` of ``path`` opened by its exact bytes (``os.fsencode``).
+
+    ``pyexiv2.Image(name)`` encodes the name as strict UTF-8, which fails on a name that is not valid UTF-8 (its
+    bytes are held as surrogates); its extension module takes the bytes, so it is given them directly.
+    """
+    pyexiv2 = _exiv2()
+    from pyexiv2.lib import exiv2api
+
+    img = pyexiv2.Image.__new__(pyexiv2.Image)
+    img._exiv2api_image = exiv2api.Image(os.fsencode(path))  # what Image.__init__ sets (pyexiv2 2.15, 2.16)
+    return img
+
+
 def _read(path: Path, iptc: bool = True) -> _Existing:
-    with _exiv2().Image(str(path)) as img:
+    with _open(path) as img:
         return _Existing(img.read_xmp(), img.read_iptc() if iptc else {})
 
 
@@ -207,7 +221,7 @@ def _xmp_changes(fields: Fields, existing: dict[str, Any]) -> dict[str, Any]:
 
 def _write_xmp(path: Path, fields: Fields) -> None:
     """Write ``fields`` into ``path`` (a photo or sidecar) in place, then read them back."""
-    with _exiv2().Image(str(path)) as img:
+    with _open(path) as img:
         img.modify_xmp(_xmp_changes(fields, img.read_xmp()))
     back = read_fields(path)
     if back is None or back.caption != fields.caption or back.keywords != fields.keywords:
@@ -220,6 +234,14 @@ def _check_writable(path: Path) -> None:
     st = path.stat()
     if not st.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH) or not os.access(path, os.W_OK):
         raise _Refused("read-only file")
+
+
+def _check_name(target: Path, hint: str = "") -> None:
+    """Refuse a sidecar whose name is too long for its folder's file system (a photo's name can be near the limit)."""
+    try:
+        atomic.check_name(target)
+    except OSError as e:
+        raise _Refused(f"cannot write {target.name}: {os_reason(e)}{hint}") from None
 
 
 def _check_embeddable(photo: Path) -> None:
@@ -322,6 +344,7 @@ def write_xmp_sidecar(photo: str | Path, fields: Fields, opts: PublishOptions) -
     photo = Path(photo)
     target = sidecar_path(photo, "xmp", opts.naming)
     try:
+        _check_name(target, "; --sidecar-name stem gives a shorter one" if opts.naming == "ext" else "")
         person = None
         if target.exists():
             try:
@@ -399,6 +422,7 @@ def write_txt_sidecar(photo: str | Path, fields: Fields, opts: PublishOptions, r
     target = sidecar_path(photo, "txt")
     text = _txt_text(fields.caption)
     try:
+        _check_name(target)
         ours = record.is_ours(target, text)
         person = None if ours in (None, True) else target.read_text(encoding="utf-8", errors="replace").strip()
         skipped = _skipped(photo, target, fields, person, opts.overwrite)

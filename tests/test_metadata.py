@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from capcli import atomic
 from capcli.errors import UsageError
 from capcli.metadata import (
     TXT_RECORD,
@@ -396,3 +397,82 @@ def test_a_process_killed_while_embedding_leaves_the_old_or_the_new_photo(photos
         assert fields is None or fields.caption.startswith("caption ")
         with Image.open(big) as im:
             im.load()
+
+
+# ------------------------------------------------------------------------------------------- any file name
+ODD = os.fsdecode(b"caf\xe9 \xff.jpg")  # not UTF-8: Python holds each such byte as a lone surrogate
+LONG = "写真" * 40 + ".jpg"  # 244 bytes: the name fits a file system's 255, ".NAME.tmpPID.jpg" does not
+
+
+def _renamed(photo: Path, name: str) -> Path:
+    """``photo`` renamed to ``name``, or skip where the file system takes no such name (macOS: not UTF-8)."""
+    if len(os.fsencode(name)) > atomic.name_max(photo.parent):
+        pytest.skip(f"this file system takes names of at most {atomic.name_max(photo.parent)} bytes")
+    try:
+        return photo.rename(photo.with_name(name))
+    except OSError as e:
+        pytest.skip(f"this file system refuses the name {name!r}: {e}")
+
+
+@needs_exiftool
+@pytest.mark.parametrize("name", [ODD, LONG], ids=["not-utf8", "244-bytes"])
+def test_any_file_name_is_embedded_and_gets_its_sidecars(photos, name):
+    photo = _renamed(photos["chelsea.jpg"], name)
+    scan = _jpeg_scan(photo.read_bytes())
+    rec = {"path": name, "caption": "a cat on a rug", "labels": [{"word": "cat", "p": 0.9}]}
+    for how in ("embed", "xmp", "txt"):
+        results = publish([(photo, rec)], how, OPTS)
+        assert [r.status for r in results] == [Status.WRITTEN], [r.describe() for r in results]
+    xmp, txt = photo.with_suffix(".xmp"), photo.with_suffix(".txt")
+    for meta in exiftool(photo, xmp):
+        assert meta["XMP-dc:Description"] == meta["XMP-iptcCore:AltTextAccessibility"] == "a cat on a rug"
+        assert as_list(meta["XMP-dc:Subject"]) == ["cat"]
+    assert read_fields(photo) == read_fields(xmp) == Fields("a cat on a rug", ("cat",), PROV)
+    assert txt.read_text("utf-8") == "a cat on a rug\n"
+    assert _jpeg_scan(photo.read_bytes()) == scan  # the image data, byte for byte
+    names = {p.name for p in photo.parent.iterdir()}
+    assert {photo.name, xmp.name, txt.name, TXT_RECORD} <= names and not [n for n in names if ".tmp" in n]
+
+    short = photo.rename(photo.with_name("short.jpg"))  # exiftool's own temporary name would not fit
+    exiftool_set(short, "-XMP-dc:Description=Our cat, by the window")  # a person's words, read back by name
+    short.rename(photo)
+    r = embed(photo, Fields("a dog", (), PROV), OPTS)
+    assert r.status is Status.SKIPPED and "Our cat, by the window" in r.reason
+    assert publish([(photo, {**rec, "caption": "a cat"})], "xmp", OPTS)[0].status is Status.SKIPPED
+    r = embed(photo, Fields("a dog", (), PROV), PublishOptions(PROV, overwrite=True))
+    assert r.status is Status.WRITTEN and exiftool(photo)[0]["XMP-dc:Description"] == "a dog"
+
+
+def test_names_at_the_length_limit_are_written_and_a_sidecar_name_over_it_fails_alone(photos):
+    longest = _renamed(photos["chelsea.jpg"], "写真" * 41 + "abcde.jpg")  # 255 bytes
+    rec = {"caption": "a cat"}
+    assert publish([(longest, rec)], "embed", OPTS)[0].status is Status.WRITTEN
+    assert publish([(longest, rec)], "xmp", OPTS)[0].status is Status.WRITTEN  # NAME.xmp: 255 bytes too
+    assert read_fields(longest).caption == read_fields(longest.with_suffix(".xmp")).caption == "a cat"
+    items = [(longest, rec), (photos["coffee.jpg"], {"caption": "a cup"})]
+    first, second = publish(items, "xmp", PublishOptions(PROV, naming="ext"))  # NAME.jpg.xmp: 259 bytes
+    assert first.status is Status.FAILED and second.status is Status.WRITTEN
+    assert first.reason == (f"cannot write {longest.name}.xmp: File name too long (259 bytes; at most 255 here); "
+                            "--sidecar-name stem gives a shorter one")
+    assert not [p for p in longest.parent.iterdir() if ".tmp" in p.name]
+
+
+def test_temporary_names_fit_the_file_system_and_differ_by_name(tmp_path):
+    """Real files at the limit, in 1-, 3- and 4-byte characters and undecodable bytes, with and without an
+    extension: each is written atomically, its temporary name fits, and two names alike but at the end differ."""
+    limit = atomic.name_max(tmp_path)
+    names = ["a" * (limit - 4) + ".jpg", "写真" * ((limit - 5) // 6) + ".jpeg", "🐈" * ((limit - 4) // 4) + ".png",
+             os.fsdecode(b"\xff" * (limit - 4)) + ".tif", "x" * limit, "a." + "b" * (limit - 2),
+             "写真" * ((limit - 5) // 6) + ".jpe"]
+    for name in names:
+        assert len(os.fsencode(name)) <= limit
+        tmp = atomic.temp_name(name, limit)
+        assert tmp.startswith(".") and len(os.fsencode(tmp)) <= limit and tmp != name
+        if len(Path(name).suffix) <= 5:
+            assert tmp.endswith(Path(name).suffix)  # writers that go by the extension still can
+        atomic.write_bytes(tmp_path / name, os.fsencode(name))  # its temporary file would fail if it were too long
+        assert (tmp_path / name).read_bytes() == os.fsencode(name)
+    assert atomic.temp_name(names[1], limit) != atomic.temp_name(names[6], limit)
+    assert sorted(os.listdir(tmp_path)) == sorted(names)  # no temporary left
+    with pytest.raises(OSError, match=rf"File name too long \({limit + 1} bytes; at most {limit} here\)"):
+        atomic.write_text(tmp_path / ("z" * (limit + 1)), "too long")

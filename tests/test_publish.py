@@ -192,6 +192,36 @@ def test_records_are_matched_to_files_with_names_that_are_not_utf8(tmp_path):
     assert [(p.name, r["caption"]) for p, r in pairs] == [(name, "a cat"), ("coffee.jpg", "a cup")]
 
 
+@needs_exiftool
+@pytest.mark.slow
+def test_any_file_name_gets_its_metadata_sidecars_and_attention_map(tmp_path):
+    """Names the README promises work: not UTF-8, and long (244 bytes in 3-byte characters); one of 254 bytes
+    still gets its embedded caption and .txt, while its attention map (NAME.png, 258 bytes) fails with the reason."""
+    photos, maps = tmp_path / "photos", tmp_path / "maps"
+    photos.mkdir()
+    odd, long, longest = os.fsdecode(b"cat\xff.jpg"), "写真" * 40 + ".jpg", "写真" * 41 + "abcd.jpg"
+    try:
+        for src, name in (("chelsea.jpg", odd), ("coffee.jpg", long), ("rocket.jpg", longest)):
+            shutil.copy(EXAMPLES / src, photos / name)
+    except OSError as e:  # macOS takes no name that is not UTF-8; some file systems allow less than 255 bytes
+        pytest.skip(f"this file system refuses the names: {e}")
+    r = run(str(photos), "-o", str(tmp_path / "out.json"), "--embed", "--sidecar", "xmp", "--sidecar", "txt",
+            "--attention-maps", str(maps))
+    assert r.exit_code == 0, r.output
+    assert "metadata (xmp, txt, embed): wrote 9, skipped 0" in r.output and "failed 0" in r.output, r.output
+    flat = " ".join(r.output.split())  # the warning is wrapped to the terminal
+    assert "cannot write its attention map" in flat and "File name too long (258 bytes; at most 255 here)" in flat
+    caps = {rec["path"]: rec["caption"] for rec in json.loads((tmp_path / "out.json").read_text())}
+    for name in (odd, long, longest):
+        photo = photos / name
+        want = caps["cat\\xff.jpg" if name == odd else name]
+        for meta in exiftool(photo, photo.with_suffix(".xmp")):
+            assert meta["Description"] == meta["AltTextAccessibility"] == meta["Caption"] == want
+        assert photo.with_suffix(".txt").read_text("utf-8") == want + "\n"
+    assert sorted(p.name for p in maps.iterdir()) == sorted([odd + ".png", long + ".png"])
+    assert not [p for p in [*photos.iterdir(), *maps.iterdir()] if ".tmp" in p.name]
+
+
 @pytest.mark.slow
 def test_a_failed_write_is_one_line_the_rest_go_on_and_strict_fails(work):
     photos = work / "photos"
