@@ -11,8 +11,9 @@ however many photos.
 Outputs (chosen by the extension of ``-o``):
 
 - ``.jsonl``: one JSON object per line, written and flushed as each image is done;
-- ``.csv``: columns path, caption, logprob, error, alternatives (a JSON list), labels, confidence, path_bytes,
-  streamed the same way;
+- ``.csv``: columns path, caption, logprob, error, alternatives (a JSON list), labels, confidence,
+  low_confidence (``true`` or empty: ``--min-confidence``'s mark), path_bytes, streamed the same way (a CSV of an
+  earlier version, without low_confidence, is still read and resumed);
 - ``.json``: one array, rewritten atomically every 30 s and at the end, also after Ctrl-C or a failure.
 
 A record names its file by ``path``, plus ``path_bytes`` for a name that is not UTF-8 (the rule is in
@@ -65,7 +66,8 @@ _ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED_MODELS = {"attention": _ASSETS / "flickr8k-attention.pt", "basic": _ASSETS / "flickr8k-basic.pt"}
 DEFAULT_MODEL = SHIPPED_MODELS["attention"]
 FORMATS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}
-CSV_FIELDS = ("path", "caption", "logprob", "error", "alternatives", "labels", "confidence", "path_bytes")
+CSV_FIELDS = ("path", "caption", "logprob", "error", "alternatives", "labels", "confidence", "low_confidence",
+              "path_bytes")  # path_bytes stays last (README)
 JSON_SAVE_EVERY_S = 30.0
 SEARCH_BATCH = 128  # images per beam search in caption_paths (several encoder batches)
 # The models are recurrent (no positional limit) but trained on captions cut to 20 words; past ~100 words a caption
@@ -467,6 +469,8 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
                         rec[key] = json.loads(row[key])
                 if row.get("confidence"):
                     rec["confidence"] = float(row["confidence"])
+                if (row.get("low_confidence") or "").lower() == "true":  # absent from older CSVs
+                    rec["low_confidence"] = True
             except (ValueError, json.JSONDecodeError):
                 continue
         out.append(rec)
@@ -605,6 +609,7 @@ class _CsvWriter(_StreamWriter):
                 "error": rec.get("error", ""), "alternatives": json.dumps(alts, ensure_ascii=False) if alts else "",
                 "labels": json.dumps(rec["labels"], ensure_ascii=False) if rec.get("labels") else "",
                 "confidence": rec.get("confidence", ""),
+                "low_confidence": "true" if rec.get("low_confidence") is True else "",
                 "path_bytes": rec.get("path_bytes", "")}
 
     @staticmethod

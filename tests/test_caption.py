@@ -127,7 +127,7 @@ def test_outputs_list_every_file(photo_dir, ckpts, tmp_path, fmt):
         with out.open(newline="") as f:
             rows = list(csv.DictReader(f))
         assert list(rows[0]) == ["path", "caption", "logprob", "error", "alternatives", "labels", "confidence",
-                                "path_bytes"]
+                                "low_confidence", "path_bytes"]
         recs = read_records(out)
         assert [row["path"] for row in rows] == [rec["path"] for rec in recs]
     elif fmt == "json":
