@@ -546,7 +546,7 @@ def caption(
     shard_ij = parse_shard(shard) if shard is not None else None
     request = PublishRequest(sidecars=tuple(sidecar or ()), embed=embed, naming=sidecar_name, overwrite=overwrite,
                              dry_run=dry_run, html=html, min_confidence=min_confidence)
-    request.check()
+    request.check(out, paths, recursive)
     captioner = Captioner.load(model, device=device, precision=precision, grounding=grounding)
     console.print(f"model {escape(display(str(captioner.source)))}, search precision {captioner.precision}"
                   + (" (auto)" if precision == "auto" else ""), highlight=False, soft_wrap=True)

@@ -151,6 +151,36 @@ def test_html_writes_a_gallery_with_one_card_per_photo(work):
         assert sorted(Cards(dom).names) == PHOTOS
 
 
+@pytest.mark.parametrize("target", ["photos/chelsea.jpg", "photos/chelsea.txt", "new.json", "./new.json",
+                                    "notes.html", "photos"])
+def test_html_never_replaces_a_photo_the_output_or_another_file(tmp_path, target):
+    shutil.copytree(EXAMPLES, tmp_path / "photos")
+    (tmp_path / "notes.html").write_text("<p>a page a person wrote</p>\n")
+    notes = (tmp_path / "notes.html").read_bytes()
+    before = digests(tmp_path / "photos")
+    r = run(str(tmp_path / "photos"), "-o", str(tmp_path / "new.json"), "--sidecar", "txt",
+            "--html", str(tmp_path / target))
+    assert r.exit_code == 2 and r.stderr.startswith("error: --html ") and "Traceback" not in r.output, r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and "model" not in r.stdout  # refused before anything else
+    assert not (tmp_path / "new.json").exists()
+    assert digests(tmp_path / "photos") == before and (tmp_path / "notes.html").read_bytes() == notes
+
+
+@pytest.mark.slow
+def test_html_replaces_its_own_gallery_but_not_an_existing_output(work):
+    out, page = work / "out.json", work / "review.html"
+    before = out.read_bytes()
+    r = run(str(work / "photos"), "-o", str(out), "--resume", "--html", str(out))
+    assert r.exit_code == 2 and "is the output file (-o)" in r.stderr and out.read_bytes() == before
+    for _ in range(2):  # a rerun replaces the gallery capcli wrote
+        r = run(str(work / "photos"), "-o", str(out), "--resume", "--html", str(page))
+        assert r.exit_code == 0, r.output
+        assert sorted(Cards(page.read_text()).names) == PHOTOS
+    (work / "empty.html").touch()  # nothing to lose
+    r = run(str(work / "photos"), "-o", str(out), "--resume", "--html", str(work / "empty.html"))
+    assert r.exit_code == 0 and sorted(Cards((work / "empty.html").read_text()).names) == PHOTOS
+
+
 @pytest.mark.slow
 def test_min_confidence_keeps_a_low_record_out_of_sidecars(work):
     photos, out = work / "photos", work / "out.json"
