@@ -11,8 +11,9 @@ however many photos.
 Outputs (chosen by the extension of ``-o``):
 
 - ``.jsonl``: one JSON object per line, written and flushed as each image is done;
-- ``.csv``: columns path, caption, logprob, error, alternatives (a JSON list), labels, confidence, path_bytes,
-  streamed the same way;
+- ``.csv``: columns path, caption, logprob, error, alternatives (a JSON list), labels, confidence,
+  low_confidence (``true`` or empty: ``--min-confidence``'s mark), path_bytes, streamed the same way (a CSV of an
+  earlier version, without low_confidence, is still read and resumed);
 - ``.json``: one array, rewritten atomically every 30 s and at the end, also after Ctrl-C or a failure.
 
 A record names its file by ``path``, plus ``path_bytes`` for a name that is not UTF-8 (the rule is in
@@ -65,9 +66,16 @@ _ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED_MODELS = {"attention": _ASSETS / "flickr8k-attention.pt", "basic": _ASSETS / "flickr8k-basic.pt"}
 DEFAULT_MODEL = SHIPPED_MODELS["attention"]
 FORMATS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}
-CSV_FIELDS = ("path", "caption", "logprob", "error", "alternatives", "labels", "confidence", "path_bytes")
+CSV_FIELDS = ("path", "caption", "logprob", "error", "alternatives", "labels", "confidence", "low_confidence",
+              "path_bytes")  # path_bytes stays last (README)
 JSON_SAVE_EVERY_S = 30.0
 SEARCH_BATCH = 128  # images per beam search in caption_paths (several encoder batches)
+# The models are recurrent (no positional limit) but trained on captions cut to 20 words; past ~100 words a caption
+# only repeats itself, and the search's buffers grow with the length.
+MAX_LEN_LIMIT = 100
+# Beams are ranked by logprob / len^ALPHA: above ~2 only the longest captions win; 5 keeps 100^ALPHA far inside
+# float32 (a huge ALPHA overflowed it).
+LENGTH_PENALTY_LIMIT = 5.0
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -248,13 +256,16 @@ class Captioner:
             rec["alphas"] = best.alphas.float().numpy()  # (L, N)
         return rec
 
-    def _check(self, beam_size: int, top_k: int, max_len: int) -> None:
+    def _check(self, beam_size: int, top_k: int, max_len: int, length_penalty: float) -> None:
+        """The search options, checked before anything is read or written (the one place they are)."""
         if beam_size < 1:
             raise UsageError("--beam must be at least 1")
         if top_k < 1 or top_k > beam_size:
             raise UsageError(f"--top-k {top_k} needs --beam >= {top_k} (it is {beam_size})")
-        if max_len < 1:
-            raise UsageError("--max-len must be at least 1")
+        if not 1 <= max_len <= MAX_LEN_LIMIT:
+            raise UsageError(f"--max-len {max_len}: give a number of words from 1 to {MAX_LEN_LIMIT}")
+        if not 0.0 <= length_penalty <= LENGTH_PENALTY_LIMIT:  # also NaN
+            raise UsageError(f"--length-penalty {length_penalty:g}: give a number from 0 to {LENGTH_PENALTY_LIMIT:g}")
         if 2 * beam_size > len(self.vocab):
             raise UsageError(f"--beam {beam_size} is too large for a vocabulary of {len(self.vocab)} words")
 
@@ -262,7 +273,7 @@ class Captioner:
                        length_penalty: float = 0.0, batch_size: int = 32,
                        return_alphas: bool = False) -> list[dict[str, Any]]:
         """Caption PIL images: one record ``{"caption", "logprob", ["alternatives"]}`` per image, in order."""
-        self._check(beam_size, top_k, max_len)
+        self._check(beam_size, top_k, max_len, length_penalty)
         out: list[dict[str, Any]] = []
         for s in range(0, len(images), batch_size):
             chunk = [self.spec.preprocess(to_rgb(ImageOps.exif_transpose(im))) for im in images[s: s + batch_size]]
@@ -284,7 +295,7 @@ class Captioner:
         On the CPU, :func:`capcli.runtime.tune_cpu_allocator` (called once, before) makes the encoder up to ~2x
         faster; ``capcli caption`` does that.
         """
-        self._check(beam_size, top_k, max_len)
+        self._check(beam_size, top_k, max_len, length_penalty)
         paths = [Path(p) for p in paths]
         if not paths:
             return
@@ -458,6 +469,8 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
                         rec[key] = json.loads(row[key])
                 if row.get("confidence"):
                     rec["confidence"] = float(row["confidence"])
+                if (row.get("low_confidence") or "").lower() == "true":  # absent from older CSVs
+                    rec["low_confidence"] = True
             except (ValueError, json.JSONDecodeError):
                 continue
         out.append(rec)
@@ -596,6 +609,7 @@ class _CsvWriter(_StreamWriter):
                 "error": rec.get("error", ""), "alternatives": json.dumps(alts, ensure_ascii=False) if alts else "",
                 "labels": json.dumps(rec["labels"], ensure_ascii=False) if rec.get("labels") else "",
                 "confidence": rec.get("confidence", ""),
+                "low_confidence": "true" if rec.get("low_confidence") is True else "",
                 "path_bytes": rec.get("path_bytes", "")}
 
     @staticmethod
@@ -727,7 +741,7 @@ def caption_files(captioner: Captioner, inputs: Sequence[str | Path], out: str |
     if attention_maps is not None and not captioner.has_attention:
         raise UsageError(f"--attention-maps needs a model with attention (arch 'attention'); "
                          f"this one is {captioner.model.arch!r} and has none")
-    captioner._check(beam_size, top_k, max_len)
+    captioner._check(beam_size, top_k, max_len, length_penalty)
     others: list[Path] = []
     items = collect_inputs(inputs, recursive, unsupported=others)
     summary = CaptionSummary(out, unsupported=_by_extension(_not_sidecars(others, items), out))

@@ -416,7 +416,7 @@ def evaluate(
     ] = None,
     beam: Annotated[int, typer.Option(min=1, help="Beam size for captioning.")] = 3,
     length_penalty: Annotated[
-        float, typer.Option("--length-penalty", min=0.0, help="Rank beams by logprob / len^ALPHA (0 = raw).")
+        float, typer.Option("--length-penalty", min=0.0, help="Rank beams by logprob / len^ALPHA (0 = raw; 0-5).")
     ] = 0.0,
     out: Annotated[
         Path | None, typer.Option(help="Folder for the results and metrics JSON (default: the checkpoint's folder, the "
@@ -496,9 +496,9 @@ def caption(
         "--model", help="Checkpoint file, or a shipped model: attention (the default) | basic.")] = None,
     beam: Annotated[int, typer.Option(min=1, help="Beam size (1 = greedy).")] = 3,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Also list the K best beams as alternatives.")] = 1,
-    max_len: Annotated[int, typer.Option("--max-len", min=1, help="Longest caption, in words.")] = 20,
+    max_len: Annotated[int, typer.Option("--max-len", min=1, help="Longest caption, in words (1-100).")] = 20,
     length_penalty: Annotated[
-        float, typer.Option("--length-penalty", min=0.0, help="Rank beams by logprob / len^ALPHA (0 = raw).")
+        float, typer.Option("--length-penalty", min=0.0, help="Rank beams by logprob / len^ALPHA (0 = raw; 0-5).")
     ] = 0.0,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 32,
     workers: Annotated[int, typer.Option(min=0, help="Image decoders working beside the encoder (threads on "
@@ -546,7 +546,7 @@ def caption(
     shard_ij = parse_shard(shard) if shard is not None else None
     request = PublishRequest(sidecars=tuple(sidecar or ()), embed=embed, naming=sidecar_name, overwrite=overwrite,
                              dry_run=dry_run, html=html, min_confidence=min_confidence)
-    request.check()
+    request.check(out, paths, recursive)
     captioner = Captioner.load(model, device=device, precision=precision, grounding=grounding)
     console.print(f"model {escape(display(str(captioner.source)))}, search precision {captioner.precision}"
                   + (" (auto)" if precision == "auto" else ""), highlight=False, soft_wrap=True)

@@ -718,6 +718,7 @@ def run(
     ``out`` or else ``RESULTS.metrics.json`` beside the results file. ``html``: also the report there
     (:func:`capcli.report.write_html`).
     """
+    from .gallery import check_target
     from .report import write_html
 
     if not data:
@@ -726,6 +727,8 @@ def run(
         raise UsageError("give either a CHECKPOINT to caption the split with, or --results FILE, not both")
     if allow_missing and results is None:
         raise UsageError("--allow-missing goes with --results")
+    if html is not None:  # never replace the results scored, or any file that is not a capcli page
+        check_target(html, {Path(results): "the --results file"} if results is not None else {})
     ds = open_dataset(data, root)
     out = Path(out) if out is not None else None
     if results is not None:

@@ -6,6 +6,10 @@ score is the record's ``confidence`` when it has one, else the caption's per-wor
 ``exp(logprob / (words + 1))`` (the +1 is the end token the log-probability includes). Photos that failed come first.
 A small inline script re-sorts the cards (least / most confident first, by name); without it the page is already in
 the least-confident-first order. The layout is a single column on a phone and a grid on wider screens.
+
+The page carries capcli's generator mark (:data:`GENERATOR`, also in ``capcli evaluate``'s report): an ``--html``
+target that already exists is replaced only when it holds the mark (or is empty), so a rerun replaces its own page
+but never a photo, an output or another file (:func:`check_target`).
 """
 
 from __future__ import annotations
@@ -19,10 +23,44 @@ from pathlib import Path
 from typing import Any
 
 from . import atomic
-from .errors import ImageError
+from .errors import ImageError, UsageError
 from .images import thumbnail_data_uri
+from .names import display
 
 THUMB_PX = 320  # longest side of a thumbnail, in pixels
+GENERATOR = '<meta name="generator" content="capcli">'  # in the <head> of every page capcli writes
+_MARK_WITHIN = 4096  # bytes: the mark comes before the page's style sheet
+
+
+def is_capcli_page(path: Path) -> bool:
+    """Whether ``path`` is a regular file holding capcli's generator mark near its start, or an empty file."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(_MARK_WITHIN)
+    except OSError:
+        return False
+    return not head or GENERATOR.encode() in head
+
+
+def check_target(path: str | Path, protected: dict[Path, str], option: str = "--html") -> None:
+    """Refuse, before any work, an HTML target that cannot be written or would replace what it must not
+    (:class:`UsageError`): a folder or a path under a file, one of ``protected`` (path -> what it is, e.g. "the
+    output file (-o)"), or an existing file that is not a page capcli wrote (a photo, a caption file, a person's
+    page)."""
+    path = Path(path)
+    name = f"{option} {display(str(path))}"
+    if path.is_dir():
+        raise UsageError(f"{name}: it is a folder; give a file name")
+    above = next((p for p in path.parents if p.exists()), None)  # the nearest part of the path that exists
+    if above is not None and not above.is_dir():
+        raise UsageError(f"{name}: cannot make its folder ({display(str(above))} is a file)")
+    where = path.resolve()
+    for other, what in protected.items():
+        if Path(other).resolve() == where:
+            raise UsageError(f"{name} is {what}; give the page another name")
+    if path.exists() and not (path.is_file() and is_capcli_page(path)):
+        raise UsageError(f"{name}: that file exists and is not a page capcli wrote; give another name (or remove "
+                         "the file)")
 
 
 @dataclass(frozen=True)
@@ -141,7 +179,7 @@ def render(cards: Sequence[Card], title: str = "capcli captions") -> str:
     summary = f"{len(cards)} photo{'s' * (len(cards) != 1)}" + (f", {failed} failed" if failed else "")
     csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
     return "\n".join([
-        "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
+        "<!doctype html>", f'<html lang="en"><head><meta charset="utf-8">{GENERATOR}',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f'<meta http-equiv="Content-Security-Policy" content="{csp}">',
         f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",

@@ -45,8 +45,8 @@ class PublishRequest:
     def wanted(self) -> bool:
         return bool(self.hows) or self.html is not None or self.min_confidence is not None
 
-    def check(self) -> None:
-        """Fail on bad options before any captioning."""
+    def check(self, out: Path, inputs: Sequence[str | Path], recursive: bool = False) -> None:
+        """Fail on bad options before any captioning (``out``, ``inputs``: the run's, that ``html`` must not be)."""
         for kind in self.sidecars:
             if kind not in metadata.SIDECAR_KINDS:
                 raise UsageError(f"--sidecar {kind!r}: use {' or '.join(metadata.SIDECAR_KINDS)}")
@@ -54,6 +54,17 @@ class PublishRequest:
             raise UsageError(f"--sidecar-name {self.naming!r}: use {' or '.join(metadata.SIDECAR_NAMINGS)}")
         if self.min_confidence is not None and not 0.0 <= self.min_confidence <= 1.0:
             raise UsageError(f"--min-confidence {self.min_confidence}: give a number from 0 to 1")
+        if self.html is not None:
+            gallery.check_target(self.html, self._not_the_gallery(out, inputs, recursive))
+
+    def _not_the_gallery(self, out: Path, inputs: Sequence[str | Path], recursive: bool) -> dict[Path, str]:
+        """The files this run reads or writes, which the gallery must not replace (path -> what it is)."""
+        protected = {Path(out): "the output file (-o)"}
+        for item in collect_inputs(inputs, recursive):
+            protected[item.path] = "one of the photos being captioned"
+            for kind in self.sidecars:
+                protected[metadata.sidecar_path(item.path, kind, self.naming)] = f"the {kind} sidecar of {item.key}"
+        return protected
 
 
 @dataclass

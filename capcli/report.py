@@ -12,6 +12,7 @@ from . import atomic
 from .chair import ChairScores
 from .errors import CapcliError
 from .evaluate import METRIC_KEYS, Scores
+from .gallery import GENERATOR
 from .images import thumbnail_data_uri
 from .layout import Dataset
 from .progress import NULL, Progress
@@ -94,7 +95,7 @@ def write_html(
     )
     notes = "".join(f"<li>{esc(n)}</li>" for n in scores.notes)
     page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title><style>{_CSS}</style></head>
+<html lang="en"><head><meta charset="utf-8">{GENERATOR}<title>{esc(title)}</title><style>{_CSS}</style></head>
 <body><h1>{esc(title)}</h1>
 <p>Dataset {esc(dataset.name)}, split {esc(split)}, {len(ids)} images.</p>
 <table class="m">{metric_rows}{_chair_rows(scores.chair)}</table>

@@ -127,7 +127,7 @@ def test_outputs_list_every_file(photo_dir, ckpts, tmp_path, fmt):
         with out.open(newline="") as f:
             rows = list(csv.DictReader(f))
         assert list(rows[0]) == ["path", "caption", "logprob", "error", "alternatives", "labels", "confidence",
-                                "path_bytes"]
+                                "low_confidence", "path_bytes"]
         recs = read_records(out)
         assert [row["path"] for row in rows] == [rec["path"] for rec in recs]
     elif fmt == "json":
@@ -185,6 +185,8 @@ def test_exit_status_when_nothing_or_something_fails(photo_dir, ckpts, tmp_path)
     (["nope", "-o", "c.json"], "no such file or folder"),
     (["-o", "c.json", "--top-k", "4"], "--top-k 4 needs --beam >= 4"),
     (["-o", "c.json", "--precision", "fp16"], "--precision 'fp16': use one of auto, float32, bfloat16, int8"),
+    (["-o", "c.json", "--max-len", "1000000000000"], "--max-len 1000000000000: give a number of words from 1 to 100"),
+    (["-o", "c.json", "--length-penalty", "300"], "--length-penalty 300: give a number from 0 to 5"),
 ])
 def test_bad_arguments_give_one_clear_line(photo_dir, ckpts, tmp_path, args, message):
     args = [str(tmp_path / a) if a.startswith("c") and "." in a else a for a in args]
@@ -193,6 +195,26 @@ def test_bad_arguments_give_one_clear_line(photo_dir, ckpts, tmp_path, args, mes
     assert r.exit_code == 2, r.output
     assert message in r.stderr and r.stderr.startswith("error:") and "Traceback" not in r.output
     assert not list(tmp_path.iterdir())  # failed before writing anything
+
+
+@pytest.mark.parametrize("option", [["--max-len", "101"], ["--length-penalty", "5.5"], ["--length-penalty", "1e300"]])
+def test_search_options_out_of_range_leave_the_earlier_output_as_it_was(photo_dir, ckpts, tmp_path, option):
+    out = tmp_path / "c.json"
+    r = _cli(str(photo_dir / "chelsea.jpg"), "-o", str(out), "--model", str(ckpts["basic"]), "--beam", "2",
+             "--max-len", "4", "--workers", "0")
+    assert r.exit_code == 0, r.output
+    before = out.read_bytes()
+    r = _cli(str(photo_dir / "chelsea.jpg"), "-o", str(out), "--model", str(ckpts["basic"]), "--beam", "2",
+             "--workers", "0", *option)
+    assert r.exit_code == 2 and r.stderr.startswith(f"error: {option[0]} ") and "Traceback" not in r.output
+    assert out.read_bytes() == before
+
+
+def test_the_search_runs_at_the_limits_of_its_options(captioner, example_photos):
+    recs = captioner.caption_images([load_image(example_photos[0])], beam_size=2, max_len=100, length_penalty=5.0)
+    assert 1 <= len(recs[0]["caption"].split()) <= 100 and math.isfinite(recs[0]["logprob"])
+    with pytest.raises(UsageError, match="--length-penalty 300"):
+        captioner.caption_images([load_image(example_photos[0])], length_penalty=300.0)
 
 
 # ------------------------------------------------------------------------------------------------ resume

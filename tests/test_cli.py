@@ -199,6 +199,8 @@ def test_outputs_that_are_folders_or_under_a_file_are_one_error_line(tmp_path, e
         (["caption", photo, "-o", str(tmp_path / "folder.json")], "it is a folder"),
         (["caption", photo, "-o", str(tmp_path / "afile" / "x.json")], "cannot write"),
         (["caption", photo, "-o", str(tmp_path / "ok.json"), "--html", str(tmp_path / "report")], "it is a folder"),
+        (["caption", photo, "-o", str(tmp_path / "ok.json"), "--html", str(tmp_path / "afile" / "r.html")],
+         "cannot make its folder"),
         (["train", "--data", str(ds_dir), "--out", str(tmp_path / "afile")], "is a file"),
     ]
     for args, says in cases:
@@ -208,5 +210,5 @@ def test_outputs_that_are_folders_or_under_a_file_are_one_error_line(tmp_path, e
         if says:
             assert says in r.stderr, (args, r.stderr)
         assert "--resume" not in r.stderr  # resuming cannot mend a path
-    assert "chelsea.jpg" in (tmp_path / "ok.json").read_text()  # captioned before the report failed
+    assert not (tmp_path / "ok.json").exists()  # the --html folder was refused before any captioning
     assert (tmp_path / "afile").read_text() == "mine"

@@ -356,6 +356,20 @@ def test_run_is_the_cli_as_a_call(ds_dir, small_flickr8k, tmp_path):
     assert re.search(rf"CIDEr\s*│\s*{100 * done.scores.values['CIDEr']:.1f}", r.output), r.output  # in percent
 
 
+def test_html_report_never_replaces_the_results_or_a_file_capcli_did_not_write(ds_dir, small_flickr8k, tmp_path):
+    res = write(tmp_path / "res.json", good_results(small_flickr8k))
+    mine = write(tmp_path / "mine.html", "<p>a page a person wrote</p>\n")
+    kept = {p: p.read_bytes() for p in (res, mine)}
+    for target, message in ((res, "is the --results file"), (mine, "is not a page capcli wrote")):
+        r = CliRunner().invoke(app, ["evaluate", "--results", str(res), "--data", str(ds_dir), "--tokenizer",
+                                     "python", "--html", str(target)])
+        assert r.exit_code == 2 and r.output.startswith("error: --html") and message in r.output, r.output
+    assert {p: p.read_bytes() for p in kept} == kept and not (tmp_path / "res.metrics.json").exists()
+    for _ in range(2):  # its own report is replaced on a rerun
+        done = ev.run(ds_dir, results=res, tokenizer="python", html=tmp_path / "r.html")
+        assert done.written[-1] == tmp_path / "r.html" and 'data-id="' in done.written[-1].read_text()
+
+
 def test_html_escapes_captions(small_flickr8k, tmp_path):
     ds = small_flickr8k
     val = ds.split("val")[:2]

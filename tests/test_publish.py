@@ -6,6 +6,7 @@ The captions come from the shipped model on a copy of examples/photos; what was 
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from capcli.caption import read_records
 from capcli.cli import app
 from capcli.names import path_fields
 from capcli.publish import PublishRequest, is_low_confidence, pair_records, publish_output
@@ -149,6 +151,36 @@ def test_html_writes_a_gallery_with_one_card_per_photo(work):
         assert sorted(Cards(dom).names) == PHOTOS
 
 
+@pytest.mark.parametrize("target", ["photos/chelsea.jpg", "photos/chelsea.txt", "new.json", "./new.json",
+                                    "notes.html", "photos"])
+def test_html_never_replaces_a_photo_the_output_or_another_file(tmp_path, target):
+    shutil.copytree(EXAMPLES, tmp_path / "photos")
+    (tmp_path / "notes.html").write_text("<p>a page a person wrote</p>\n")
+    notes = (tmp_path / "notes.html").read_bytes()
+    before = digests(tmp_path / "photos")
+    r = run(str(tmp_path / "photos"), "-o", str(tmp_path / "new.json"), "--sidecar", "txt",
+            "--html", str(tmp_path / target))
+    assert r.exit_code == 2 and r.stderr.startswith("error: --html ") and "Traceback" not in r.output, r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and "model" not in r.stdout  # refused before anything else
+    assert not (tmp_path / "new.json").exists()
+    assert digests(tmp_path / "photos") == before and (tmp_path / "notes.html").read_bytes() == notes
+
+
+@pytest.mark.slow
+def test_html_replaces_its_own_gallery_but_not_an_existing_output(work):
+    out, page = work / "out.json", work / "review.html"
+    before = out.read_bytes()
+    r = run(str(work / "photos"), "-o", str(out), "--resume", "--html", str(out))
+    assert r.exit_code == 2 and "is the output file (-o)" in r.stderr and out.read_bytes() == before
+    for _ in range(2):  # a rerun replaces the gallery capcli wrote
+        r = run(str(work / "photos"), "-o", str(out), "--resume", "--html", str(page))
+        assert r.exit_code == 0, r.output
+        assert sorted(Cards(page.read_text()).names) == PHOTOS
+    (work / "empty.html").touch()  # nothing to lose
+    r = run(str(work / "photos"), "-o", str(out), "--resume", "--html", str(work / "empty.html"))
+    assert r.exit_code == 0 and sorted(Cards((work / "empty.html").read_text()).names) == PHOTOS
+
+
 @pytest.mark.slow
 def test_min_confidence_keeps_a_low_record_out_of_sidecars(work):
     photos, out = work / "photos", work / "out.json"
@@ -172,6 +204,37 @@ def test_min_confidence_keeps_a_low_record_out_of_sidecars(work):
     assert not (photos / "chelsea.txt").exists() and (photos / "coffee.txt").is_file()
     r = run(str(photos), "-o", str(out), "--resume", "--min-confidence", "1.5")
     assert r.exit_code == 2 and "--min-confidence 1.5" in r.output
+
+
+@pytest.mark.slow
+def test_min_confidence_marks_csv_records_and_an_older_csv_is_read_and_resumed(work):
+    """The mark lands in a .csv column; a CSV written before that column existed is still read, resumed and marked."""
+    photos, recs = work / "photos", json.loads((work / "out.json").read_text())
+    threshold = sorted(r["confidence"] for r in recs)[len(recs) // 2]  # the shipped model gives each a confidence
+    low = sorted(r["path"] for r in recs if r["confidence"] < threshold)
+    assert low and len(low) < len(recs)
+    old = work / "old.csv"  # the columns before low_confidence, the last photo not captioned yet
+    columns = ["path", "caption", "logprob", "error", "alternatives", "labels", "confidence", "path_bytes"]
+    with old.open("w", newline="") as f:
+        w = csv.DictWriter(f, columns, lineterminator="\n")
+        w.writeheader()
+        for r in recs[:-1]:
+            w.writerow({"path": r["path"], "caption": r["caption"], "logprob": r["logprob"],
+                        "labels": json.dumps(r["labels"]), "confidence": r["confidence"]})
+    assert [r["path"] for r in read_records(old)] == [r["path"] for r in recs[:-1]]
+    r = run(str(photos), "-o", str(old), "--resume", "--min-confidence", str(threshold))
+    assert r.exit_code == 0, r.output
+    assert "captioned 1, failed 0" in r.output and f"{len(low)} record(s) below --min-confidence" in r.output
+    with old.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[-2:] == ["low_confidence", "path_bytes"]
+    assert sorted(row["path"] for row in rows if row["low_confidence"] == "true") == low
+    assert sorted(row["path"] for row in rows) == PHOTOS
+    back = {rec["path"]: rec for rec in read_records(old)}
+    assert sorted(p for p, rec in back.items() if rec.get("low_confidence") is True) == low
+    before = old.read_bytes()
+    r = run(str(photos), "-o", str(old), "--resume", "--min-confidence", str(threshold))  # nothing left to do
+    assert r.exit_code == 0 and "captioned 0" in r.output and old.read_bytes() == before
 
 
 def test_low_confidence_rule():
