@@ -727,6 +727,11 @@ def run(
         raise UsageError("give either a CHECKPOINT to caption the split with, or --results FILE, not both")
     if allow_missing and results is None:
         raise UsageError("--allow-missing goes with --results")
+    searching = {"--beam": (beam, 3), "--length-penalty": (length_penalty, 0.0), "--batch-size": (batch_size, 32),
+                 "--device": (device, "auto"), "--precision": (precision, "float32"),
+                 "--grounding": (grounding, "auto")}
+    if results is not None and (given := [k for k, (v, default) in searching.items() if v != default]):
+        raise UsageError(f"{', '.join(given)} set how a checkpoint is captioned; --results are captions already")
     if html is not None:  # never replace the results scored, or any file that is not a capcli page
         check_target(html, {Path(results): "the --results file"} if results is not None else {})
     ds = open_dataset(data, root)

@@ -344,6 +344,8 @@ def test_run_is_the_cli_as_a_call(ds_dir, small_flickr8k, tmp_path):
         ev.run(ds_dir, allow_missing=True)
     with pytest.raises(UsageError, match="--data is required"):
         ev.run("", results=res)
+    with pytest.raises(UsageError, match="--beam, --grounding set how a checkpoint is captioned"):
+        ev.run(ds_dir, results=res, beam=5, grounding="off")  # would do nothing: said, not ignored
     done = ev.run(ds_dir, results=res, tokenizer="python", html=tmp_path / "r.html")
     assert done.split == "val" and done.dataset.name == small_flickr8k.name and len(done.captions) == 10
     assert done.written == [tmp_path / "res.metrics.json", tmp_path / "r.html"]
