@@ -120,6 +120,7 @@ def check_config(cfg: TrainConfig) -> None:
     need(cfg.grad_clip >= 0 and cfg.alpha_c >= 0 and cfg.weight_decay >= 0,
          "--grad-clip, --alpha-c and --weight-decay must not be negative")
     need(cfg.workers >= 0, "--workers must not be negative")
+    need(not (cfg.resume and cfg.overwrite), "--resume continues a run and --overwrite starts it over: give one")
     need(not (cfg.fine_tune_encoder and cfg.fine_tune_blocks < 1), "--fine-tune-blocks must be at least 1")
     need(not (cfg.freeze_embeddings and not cfg.embeddings), "--freeze-embeddings needs --embeddings PATH")
     need(not (cfg.fine_tune_encoder and cfg.features), "--features and --fine-tune-encoder exclude each other")

@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 from capcli import paths
 from capcli.checkpoint import load_checkpoint
 from capcli.cli import app
-from capcli.config import TrainConfig
+from capcli.config import TrainConfig, check_config
+from capcli.errors import UsageError
 from capcli.evaluate import score
 from capcli.familiar import Familiarity
 from capcli.features import FeatureStore
@@ -394,6 +395,8 @@ def test_bad_input_gives_one_clear_error(small_flickr8k, small_flickr8k_features
 
     r = cli("--data", ds, "--features", feats, "--arch", "transformer")
     assert_clean_error(r, "--arch 'transformer'")
+    with pytest.raises(UsageError, match="give one"):  # --overwrite would otherwise be ignored on --resume
+        check_config(TrainConfig(resume=True, overwrite=True))
     r = cli("--data", ds, "--features", feats, "--val-split", "test")
     assert_clean_error(r, "no 'test' images")
 
