@@ -283,6 +283,8 @@ def features(
                                          "the CPU, processes with CUDA; 0: decode in turn).")] = 2,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     weights: Annotated[Path | None, typer.Option(help="Encoder weights file (torchvision state dict).")] = None,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Extract the shards with unreadable images "
+                                               "again (after mending the photos).")] = False,
     root: DataRoot = None,
 ) -> None:
     """Extract CNN features (spatial grid + pooled vector) of every image into resumable HDF5 shards."""
@@ -291,7 +293,8 @@ def features(
 
     ds = open_dataset(dataset, root)
     folder = extract_features(ds, encoder, out, shard_size=shard_size, batch_size=batch_size, workers=workers,
-                              device=device, weights=weights, root=root, progress=RichProgress())
+                              device=device, weights=weights, root=root, retry_failed=retry_failed,
+                              progress=RichProgress())
     store = FeatureStore(folder)
     n_failed = len(store.failed)
     failed = f", {n_failed} unreadable skipped" if n_failed else ""

@@ -159,12 +159,14 @@ def extract_features(
     image_ids: Iterable[int] | None = None,
     root: str | Path | None = None,
     decode: str = "auto",
+    retry_failed: bool = False,
     progress: Progress = NULL,
 ) -> Path:
     """Run ``encoder`` over the images of ``dataset`` (or only ``image_ids``) into the folder ``out``.
 
     ``out`` defaults to ``paths.features_dir(dataset.name, encoder, root)``. Resumes an interrupted
-    run in the same folder; a complete folder is left alone. Returns the folder.
+    run in the same folder; a complete folder is left alone, except that ``retry_failed`` extracts the shards
+    with unreadable images again (after the photos were mended). Returns the folder.
 
     ``workers`` images are decoded in parallel with the encoder: by threads on the CPU and by
     DataLoader worker processes for CUDA (``decode="auto"``; or force ``"threads"``/``"processes"``).
@@ -179,7 +181,7 @@ def extract_features(
     try:
         with lock.exclusive(out / LOCK, str(out)):  # one run at a time writes a features folder
             return _extract(dataset, encoder, spec, out, shard_size, batch_size, workers, device, weights,
-                            image_ids, decode, progress)
+                            image_ids, decode, retry_failed, progress)
     finally:
         if not existed:
             with contextlib.suppress(OSError):
@@ -230,6 +232,16 @@ def _manifest_for(out: Path, dataset: Dataset, encoder: str, spec: EncoderSpec, 
     if manifest.get("files_digest", _files_digest(records)) != _files_digest(records):  # older folders: no digest
         raise _other_photos(out, dataset.name)
     return manifest
+
+
+def _forget_failed_shards(manifest: dict) -> None:
+    """Unlist the shards that have unreadable images (with their failures): they are extracted again, and their
+    files, no longer listed, are deleted first."""
+    again = {f.get("shard") for f in manifest["failed"]}
+    if again:
+        manifest["shards"] = [s for s in manifest["shards"] if s["index"] not in again]
+        manifest["failed"] = [f for f in manifest["failed"] if f.get("shard") not in again]
+        manifest["complete"] = False
 
 
 def _listed_shards(out: Path, manifest: dict) -> dict[int, dict]:
@@ -308,7 +320,7 @@ class _Shards:
 
 def _extract(dataset: Dataset, encoder: str, spec: EncoderSpec, out: Path, shard_size: int, batch_size: int,
              workers: int, device: str, weights: str | Path | None, image_ids: Iterable[int] | None, decode: str,
-             progress: Progress) -> Path:
+             retry_failed: bool, progress: Progress) -> Path:
     """:func:`extract_features` once ``out`` is locked."""
     import torch
 
@@ -319,6 +331,8 @@ def _extract(dataset: Dataset, encoder: str, spec: EncoderSpec, out: Path, shard
     manifest = _manifest_for(out, dataset, encoder, spec, weights_s, records, shard_size)
     asked_shard_size, shard_size = shard_size, int(manifest["shard_size"])  # the folder's shards stay
     n_shards = (len(records) + shard_size - 1) // shard_size
+    if retry_failed:
+        _forget_failed_shards(manifest)
     done = _listed_shards(out, manifest)
     todo = [k for k in range(n_shards) if k not in done]
     if not todo:
@@ -326,7 +340,10 @@ def _extract(dataset: Dataset, encoder: str, spec: EncoderSpec, out: Path, shard
             manifest["complete"] = True
             _write_manifest(out, manifest)
         _check_some_read(manifest)
-        progress.info(f"already extracted: {manifest['num_extracted']} images in {out} ({encoder}); nothing to do")
+        n_failed = len(manifest["failed"])
+        again = f" ({n_failed} unreadable: --retry-failed tries them again)" if n_failed else ""
+        progress.info(f"already extracted: {manifest['num_extracted']} images in {out} ({encoder}); nothing to do"
+                      + again)
         return out
 
     if not Path(dataset.image_root).is_dir():

@@ -234,6 +234,21 @@ def test_unreadable_images_are_listed_and_skipped(example_photos, tmp_path):
     ref = _direct(ds, good).numpy()
     np.testing.assert_allclose(store.load_all("grid")[1].astype(np.float32), ref, rtol=TOL, atol=TOL)
 
+    # The broken photo mended: a plain rerun leaves the folder alone and says how to retry; --retry-failed
+    # extracts the shards that had failures again, and only those.
+    (Path(ds.image_root) / "broken.jpg").write_bytes((example_photos[0].parent / "coffee.jpg").read_bytes())
+    first = (out / shard_name(0)).stat().st_mtime_ns
+    rec = Recorder()
+    extract_features(ds, out=out, shard_size=2, workers=1, device="cpu", progress=rec)
+    assert any("nothing to do" in m and "--retry-failed" in m for m in rec.infos), rec.infos
+    assert len(FeatureStore(out)) == 3
+    extract_features(ds, out=out, shard_size=2, workers=1, device="cpu", retry_failed=True)
+    store = FeatureStore(out)
+    assert [f["file"] for f in store.manifest["failed"]] == ["notes.jpg"]
+    assert sorted(store.ids.tolist()) == sorted([*good, 4]) and store.manifest["num_extracted"] == 4
+    assert (out / shard_name(0)).stat().st_mtime_ns == first  # the shard without failures was kept
+    np.testing.assert_allclose(store.get(4).astype(np.float32), _direct(ds, [4]).numpy()[0], rtol=TOL, atol=TOL)
+
 
 def test_cli_extracts_a_prepared_folder_and_reruns_as_a_no_op(example_photos, tmp_path):
     ds_dir = _photos_dataset(tmp_path, example_photos)
