@@ -473,6 +473,9 @@ def _csv_header(path: Path, text: str) -> tuple[list[str], Iterator[list[str]]] 
     except (StopIteration, csv.Error):
         raise _not_captions(path, "its first line is not a CSV header") from None
     missing = [c for c in ("path", "caption") if c not in header]
+    if missing and len(header) == 1 and header[0].startswith("path;"):
+        raise _not_captions(path, "its columns are separated by ';', as a spreadsheet saves CSV in some regions; "
+                            "save it with ',' to resume it")
     if missing:
         raise _not_captions(path, f"no {' or '.join(missing)} column")
     if len(set(header)) < len(header):
@@ -516,8 +519,10 @@ def _read_csv(path: Path) -> Found:
     while True:  # a quoted field may hold newlines (a file name can); a cut last row ends the file
         try:
             values = next(reader)
-        except (StopIteration, csv.Error):
+        except StopIteration:
             break
+        except csv.Error:
+            continue  # a damaged row (that image is captioned again); the rows after it are read on
         rec = _csv_record(dict(zip(header, values, strict=True)), extras) if len(values) == len(header) else None
         if rec is not None and rec["path"]:  # else a damaged row
             out.append(rec)

@@ -314,7 +314,8 @@ def test_resume_refuses_a_csv_with_a_column_twice_and_leaves_it(five_dir, ckpts,
 
 FOREIGN = {"people.csv": "id,name\n1,alice\n", "oneline.csv": "id,name", "notes.csv": "just some text\nmore\n",
            "cfg.jsonl": '{"id": 1}\n{"id": 2}\n', "log.jsonl": "started\nfinished\n", "list.jsonl": "[1, 2]\n",
-           "cfg.json": '{"id": 1}'}
+           "cfg.json": '{"id": 1}',
+           "semicolons.csv": "path;caption;logprob\r\nchelsea.jpg;a cat;-1,5\r\n"}
 
 
 @pytest.mark.parametrize("name", sorted(FOREIGN))
@@ -325,9 +326,24 @@ def test_resume_refuses_a_file_that_is_no_caption_list_and_leaves_it(five_dir, c
     assert r.exit_code == 2, r.output
     assert r.stderr.startswith("error:") and "not a capcli caption list" in r.stderr and "Traceback" not in r.output
     assert len(" ".join(r.stderr.split()).split("error:")) == 2  # one error
-    assert out.read_text(encoding="utf-8") == FOREIGN[name]  # untouched
+    assert out.read_bytes() == FOREIGN[name].encode()  # untouched
+    if name == "semicolons.csv":
+        assert "separated by ';'" in " ".join(r.stderr.split())
     r = _quick(five_dir, out, ckpts["basic"])  # without --resume an existing output is replaced, as documented
     assert r.exit_code == 0 and len(read_records(out)) == 5
+
+
+def test_resume_reads_on_past_a_damaged_csv_row(five_dir, ckpts, tmp_path):
+    out = tmp_path / "caps.csv"
+    assert _quick(five_dir, out, ckpts["basic"]).exit_code == 0
+    whole = read_records(out)
+    lines = out.read_text(encoding="utf-8").split("\n")
+    path, caption, rest = lines[2].split(",", 2)
+    lines[2] = f'{path},"{caption}"oops,{rest}'  # bad quoting, as a hand edit can leave it
+    out.write_text("\n".join(lines), encoding="utf-8")
+    r = _quick(five_dir, out, ckpts["basic"], "--resume")
+    assert r.exit_code == 0 and "captioned 1, failed 0, 4 already done" in r.stdout, r.output  # only that row
+    assert sorted(r["path"] for r in read_records(out)) == sorted(r["path"] for r in whole)
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
