@@ -21,6 +21,13 @@ A record names its file by ``path``, plus ``path_bytes`` for a name that is not 
 are safe; the file still ends at a whole record. The output is locked for the run (:mod:`capcli.lock`).
 
 ``--resume`` reads the existing output back, keeps its records and captions only the images missing there.
+The file is first rewritten as it was, less a last line cut by a crash (that image is captioned again) and
+lines too damaged to read: a UTF-8 BOM (Excel saves CSV with one) stays, and so do columns a person added to a
+.csv (``reviewed``, say), in the file's column order, holding their text for the kept rows and empty for the
+new ones; two columns of one name are refused, as both cannot be kept. An output that is not a capcli caption
+list (a .csv without ``path`` and ``caption`` columns, a .jsonl none of whose lines is a record with a
+``path``, a .json that is no array of them) is refused with one error line and left untouched. Without
+``--resume`` an existing output is replaced.
 ``--shard I/N`` (I = 0..N-1) keeps the files whose relative path hashes (SHA-1) to I modulo N: stable however
 the files are listed, and the N shards are disjoint and cover everything.
 """
@@ -68,6 +75,8 @@ DEFAULT_MODEL = SHIPPED_MODELS["attention"]
 FORMATS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}
 CSV_FIELDS = ("path", "caption", "logprob", "error", "alternatives", "labels", "confidence", "low_confidence",
               "path_bytes")  # path_bytes stays last (README)
+CSV_HEADER = ",".join(CSV_FIELDS) + "\n"
+BOM = "\ufeff"  # at the start of a UTF-8 file (Excel saves CSV with one)
 JSON_SAVE_EVERY_S = 30.0
 SEARCH_BATCH = 128  # images per beam search in caption_paths (several encoder batches)
 # The models are recurrent (no positional limit) but trained on captions cut to 20 words; past ~100 words a caption
@@ -414,87 +423,153 @@ def output_format(out: str | Path) -> str:
     return FORMATS[suffix]
 
 
-def _complete_text(path: Path) -> str:
-    """A streamed output up to its last newline: a last record without it (the writer was killed) is dropped."""
+def _whole_text(path: Path) -> tuple[str, bool]:
+    """A streamed output's text, without a leading UTF-8 BOM (Excel saves one), and whether it had one."""
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as e:
         raise UsageError(f"cannot read {display(str(path))}: {e.strerror or e}") from None
+    return (text[1:], True) if text.startswith(BOM) else (text, False)
+
+
+def _complete(text: str) -> str:
+    """``text`` up to its last newline: a last record without it (the writer was killed) is dropped."""
     return text[: text.rfind("\n") + 1]
 
 
-def _complete_lines(path: Path) -> list[str]:
-    """Lines of a streamed output; a last line without its newline (the writer was killed) is dropped."""
-    return _complete_text(path).split("\n")[:-1]  # after the last "\n" comes ""
+def _not_captions(path: Path, why: str) -> UsageError:
+    return UsageError(f"cannot read {display(str(path))}: not a capcli caption list ({why}); give -o another file")
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    out = []
-    for line in _complete_lines(path):
+@dataclass
+class Found:
+    """What an output holds: its records and, to write it back as it was, its CSV columns and BOM.
+
+    ``kept`` is false for a file with nothing to keep (empty, or only a cut first line): it is started afresh.
+    """
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    columns: tuple[str, ...] = CSV_FIELDS  # .csv: the file's columns in its order, then capcli's it lacks
+    bom: bool = False
+    kept: bool = False
+
+
+def _read_jsonl(path: Path) -> Found:
+    text, bom = _whole_text(path)
+    out, others = [], 0
+    for line in _complete(text).split("\n")[:-1]:  # after the last "\n" comes ""
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a damaged line: that image is captioned again
+            rec = None  # a damaged line: that image is captioned again
         if isinstance(rec, dict) and "path" in rec:
             out.append(rec)
-    return out
+        elif line.strip(" \t\r\0"):  # zero bytes: a block a crash left unwritten
+            others += 1
+    if others and not out:
+        raise _not_captions(path, f"none of its {others} line(s) is a record with a path")
+    return Found(out, bom=bom, kept=bool(out))
 
 
-def _csv_rows(path: Path) -> Iterator[dict[str, str]]:
-    """The rows of a caption CSV; a quoted field may hold newlines (a file name can), a cut last row ends it."""
-    reader = csv.DictReader(io.StringIO(_complete_text(path), newline=""), strict=True)
-    while True:
+def _csv_header(path: Path, text: str) -> tuple[list[str], Iterator[list[str]]] | None:
+    """The columns and the reader of the rows after them; None for a file with no whole first line."""
+    complete = _complete(text)
+    if not complete:
+        if not text.strip() or CSV_HEADER.startswith(text):
+            return None  # empty, or capcli's header cut as it was written
+        complete = text + "\n"  # one line without its newline: read as the header
+    reader = csv.reader(io.StringIO(complete, newline=""), strict=True)
+    try:
+        header = next(reader)
+    except (StopIteration, csv.Error):
+        raise _not_captions(path, "its first line is not a CSV header") from None
+    missing = [c for c in ("path", "caption") if c not in header]
+    if missing and len(header) == 1 and header[0].startswith("path;"):
+        raise _not_captions(path, "its columns are separated by ';', as a spreadsheet saves CSV in some regions; "
+                            "save it with ',' to resume it")
+    if missing:
+        raise _not_captions(path, f"no {' or '.join(missing)} column")
+    if len(set(header)) < len(header):
+        twice = sorted({c for c in header if header.count(c) > 1})
+        raise UsageError(f"cannot resume {display(str(path))}: column(s) {', '.join(map(repr, twice))} appear "
+                         "twice, and both cannot be kept; rename one")
+    return header, reader
+
+
+def _csv_record(row: dict[str, str], extras: Sequence[str]) -> dict[str, Any] | None:
+    """A record from a CSV row (None when damaged); ``extras``, columns a person added, kept as text."""
+    rec: dict[str, Any] = {"path": row["path"]}
+    if row.get("path_bytes"):
+        rec["path_bytes"] = row["path_bytes"]
+    if row.get("error"):
+        rec["error"] = row["error"]
+    else:
+        rec["caption"] = row["caption"]
         try:
-            row = next(reader)
-        except (StopIteration, csv.Error):
-            return
-        yield row
+            if row.get("logprob"):  # a person who rewrote the caption may have cleared its score
+                rec["logprob"] = float(row["logprob"])
+            for key in ("alternatives", "labels"):
+                if row.get(key):
+                    rec[key] = json.loads(row[key])
+            if row.get("confidence"):
+                rec["confidence"] = float(row["confidence"])
+            if (row.get("low_confidence") or "").lower() == "true":  # absent from older CSVs
+                rec["low_confidence"] = True
+        except (ValueError, json.JSONDecodeError):
+            return None
+    rec.update((c, row[c]) for c in extras)
+    return rec
 
 
-def _read_csv(path: Path) -> list[dict[str, Any]]:
+def _read_csv(path: Path) -> Found:
+    text, bom = _whole_text(path)
+    found = _csv_header(path, text)
+    if found is None:
+        return Found(bom=bom)
+    header, reader = found
+    extras = [c for c in header if c not in CSV_FIELDS]
     out = []
-    for row in _csv_rows(path):
-        if not row.get("path") or None in row or any(v is None for v in row.values()):
-            continue  # a damaged row
-        rec: dict[str, Any] = {"path": row["path"]}
-        if row.get("path_bytes"):
-            rec["path_bytes"] = row["path_bytes"]
-        if row.get("error"):
-            rec["error"] = row["error"]
-        else:
-            try:
-                rec["caption"], rec["logprob"] = row["caption"], float(row["logprob"])
-                for key in ("alternatives", "labels"):
-                    if row.get(key):
-                        rec[key] = json.loads(row[key])
-                if row.get("confidence"):
-                    rec["confidence"] = float(row["confidence"])
-                if (row.get("low_confidence") or "").lower() == "true":  # absent from older CSVs
-                    rec["low_confidence"] = True
-            except (ValueError, json.JSONDecodeError):
-                continue
-        out.append(rec)
-    return out
+    while True:  # a quoted field may hold newlines (a file name can); a cut last row ends the file
+        try:
+            values = next(reader)
+        except StopIteration:
+            break
+        except csv.Error:
+            continue  # a damaged row (that image is captioned again); the rows after it are read on
+        rec = _csv_record(dict(zip(header, values, strict=True)), extras) if len(values) == len(header) else None
+        if rec is not None and rec["path"]:  # else a damaged row
+            out.append(rec)
+    columns = list(header)
+    for c in (c for c in CSV_FIELDS if c not in header):  # a column newer than the file: before path_bytes
+        columns.insert(columns.index("path_bytes") if "path_bytes" in columns else len(columns), c)
+    return Found(out, tuple(columns), bom, kept=True)
 
 
-def _read_json(path: Path) -> list[dict[str, Any]]:
+def _read_json(path: Path) -> Found:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UsageError(f"cannot read {path}: not a readable JSON array ({e})") from None
     if not isinstance(data, list) or not all(isinstance(r, dict) and "path" in r for r in data):
         raise UsageError(f"cannot read {path}: not a capcli caption list")
-    return data
+    return Found(data, kept=True)
 
 
-_READERS: dict[str, Callable[[Path], list[dict[str, Any]]]] = {"json": _read_json, "jsonl": _read_jsonl,
-                                                                "csv": _read_csv}
+_READERS: dict[str, Callable[[Path], Found]] = {"json": _read_json, "jsonl": _read_jsonl, "csv": _read_csv}
+
+
+def read_output(path: str | Path) -> Found:
+    """What a caption output file holds (any of the three formats); damaged lines are skipped.
+
+    Raises :class:`UsageError` for a file that is not a capcli caption list (a foreign CSV, JSON or JSONL).
+    """
+    path = Path(path)
+    return _READERS[output_format(path)](path)
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """The records of a caption output file (any of the three formats); damaged lines are skipped."""
-    path = Path(path)
-    return _READERS[output_format(path)](path)
+    return read_output(path).records
 
 
 class _Writer:
@@ -507,7 +582,8 @@ class _Writer:
 
     def __init__(self, path: Path, resume: bool) -> None:
         self.path = path
-        self.kept: list[dict[str, Any]] = read_records(path) if resume and path.is_file() else []
+        self.found = read_output(path) if resume and path.is_file() else Found()
+        self.kept: list[dict[str, Any]] = self.found.records
         self.safe = 0  # records known to be in the file
 
     def write(self, rec: dict[str, Any]) -> None:
@@ -530,14 +606,49 @@ def _encode_line(text: str) -> bytes:
     return text.encode("utf-8", "backslashreplace")
 
 
+def _jsonl_line(rec: dict[str, Any]) -> bytes:
+    return _encode_line(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def _csv_row(rec: dict[str, Any]) -> dict[str, Any]:
+    """Capcli's columns of a record; a column a person added holds its text (empty in a new record)."""
+    alts = rec.get("alternatives")
+    return {**rec, "path": rec["path"], "caption": rec.get("caption", ""), "logprob": rec.get("logprob", ""),
+            "error": rec.get("error", ""), "alternatives": json.dumps(alts, ensure_ascii=False) if alts else "",
+            "labels": json.dumps(rec["labels"], ensure_ascii=False) if rec.get("labels") else "",
+            "confidence": rec.get("confidence", ""),
+            "low_confidence": "true" if rec.get("low_confidence") is True else "",
+            "path_bytes": rec.get("path_bytes", "")}
+
+
+def _csv_line(values: Sequence[Any] | dict[str, Any], columns: Sequence[str]) -> bytes:
+    buf = io.StringIO()
+    if isinstance(values, dict):
+        csv.DictWriter(buf, columns, lineterminator="\n", extrasaction="ignore").writerow(values)
+    else:
+        csv.writer(buf, lineterminator="\n").writerow(values)
+    return _encode_line(buf.getvalue())
+
+
+def _encoder(kind: str, found: Found) -> tuple[bytes, Callable[[dict[str, Any]], bytes]]:
+    """The start of a .jsonl/.csv file laid out as ``found`` (its BOM, the CSV header) and its record encoder."""
+    bom = BOM.encode() if found.bom else b""
+    if kind == "jsonl":
+        return bom, _jsonl_line
+    columns = found.columns
+    return bom + _csv_line(columns, columns), lambda rec: _csv_line(_csv_row(rec), columns)
+
+
 class _StreamWriter(_Writer):
-    """Appends each record to the file as it comes (unbuffered: a record is in the file once written)."""
+    """Appends each record to the file as it comes (unbuffered: a record is in the file once written).
 
-    header = b""
+    On resume the file is first rewritten as it was (BOM, CSV columns) without its damaged or cut lines.
+    """
 
-    def __init__(self, path: Path, resume: bool) -> None:
+    def __init__(self, path: Path, resume: bool, kind: str) -> None:
         super().__init__(path, resume)
-        if self.kept:  # rewritten without the damaged or cut lines of the earlier run
+        self.head, self.encode = _encoder(kind, self.found)
+        if self.found.kept:
             atomic.write_bytes(path, self.file_bytes(self.kept))
             self.fd = os.open(path, os.O_WRONLY | os.O_APPEND)
         else:
@@ -545,17 +656,12 @@ class _StreamWriter(_Writer):
         self.stat = os.fstat(self.fd)
         self.size = self.stat.st_size
         self.safe = len(self.kept)
-        if not self.kept and self.header:
-            self._append(self.header)
+        if not self.found.kept and self.head:
+            self._append(self.head)
 
-    @staticmethod
-    def encode(rec: dict[str, Any]) -> bytes:
-        raise NotImplementedError
-
-    @classmethod
-    def file_bytes(cls, records: Sequence[dict[str, Any]]) -> bytes:
-        """A whole file of ``records``: the header, then one encoded record after another."""
-        return cls.header + b"".join(cls.encode(r) for r in records)
+    def file_bytes(self, records: Sequence[dict[str, Any]]) -> bytes:
+        """A whole file of ``records``: the head, then one encoded record after another."""
+        return self.head + b"".join(self.encode(r) for r in records)
 
     def _append(self, data: bytes) -> None:
         try:
@@ -591,32 +697,6 @@ class _StreamWriter(_Writer):
             with contextlib.suppress(OSError):
                 os.close(self.fd)
             self.fd = -1
-
-
-class _JsonlWriter(_StreamWriter):
-    @staticmethod
-    def encode(rec: dict[str, Any]) -> bytes:
-        return _encode_line(json.dumps(rec, ensure_ascii=False) + "\n")
-
-
-class _CsvWriter(_StreamWriter):
-    header = (",".join(CSV_FIELDS) + "\n").encode()
-
-    @staticmethod
-    def _row(rec: dict[str, Any]) -> dict[str, Any]:
-        alts = rec.get("alternatives")
-        return {"path": rec["path"], "caption": rec.get("caption", ""), "logprob": rec.get("logprob", ""),
-                "error": rec.get("error", ""), "alternatives": json.dumps(alts, ensure_ascii=False) if alts else "",
-                "labels": json.dumps(rec["labels"], ensure_ascii=False) if rec.get("labels") else "",
-                "confidence": rec.get("confidence", ""),
-                "low_confidence": "true" if rec.get("low_confidence") is True else "",
-                "path_bytes": rec.get("path_bytes", "")}
-
-    @staticmethod
-    def encode(rec: dict[str, Any]) -> bytes:
-        buf = io.StringIO()
-        csv.DictWriter(buf, CSV_FIELDS, lineterminator="\n").writerow(_CsvWriter._row(rec))
-        return _encode_line(buf.getvalue())
 
 
 class _JsonWriter(_Writer):
@@ -659,19 +739,20 @@ def open_writer(out: Path, resume: bool = False) -> _Writer:
         raise OutputError(f"cannot write {display(str(out))}: it is a folder; give -o a file name")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        return {"json": _JsonWriter, "jsonl": _JsonlWriter, "csv": _CsvWriter}[kind](out, resume)
+        return _JsonWriter(out, resume) if kind == "json" else _StreamWriter(out, resume, kind)
     except OSError as e:
         raise OutputError(f"cannot write {display(str(out))}: {os_reason(e)}") from None
 
 
 def rewrite_records(out: str | Path, records: Sequence[dict[str, Any]]) -> None:
-    """Replace ``out``'s records with ``records`` atomically, in its format (under its lock)."""
+    """Replace ``out``'s records with ``records`` atomically, in its format and layout (under its lock)."""
     out = Path(out)
     kind = output_format(out)
     if kind == "json":
         data = atomic.json_bytes(list(records))
-    else:
-        data = (_JsonlWriter if kind == "jsonl" else _CsvWriter).file_bytes(records)
+    else:  # laid out as the file is (a BOM, the columns a person added)
+        head, encode = _encoder(kind, read_output(out) if out.is_file() else Found())
+        data = head + b"".join(encode(r) for r in records)
     with lock.exclusive(lock.sidecar(out), str(out)):
         try:
             atomic.write_bytes(out, data)

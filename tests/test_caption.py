@@ -29,6 +29,7 @@ from capcli.caption import (
     in_shard,
     parse_shard,
     read_records,
+    rewrite_records,
 )
 from capcli.checkpoint import load_checkpoint, save_checkpoint
 from capcli.cli import app
@@ -272,6 +273,120 @@ def test_ctrl_c_on_the_command_keeps_what_is_done_and_resume_skips_a_cut_line(ph
     assert f"captioned {N - len(done)}, failed 0, {len(done)} already done" in r.stdout
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert recs[: len(done)] == done and sorted(r["path"] for r in recs) == [f"{i:03d}.jpg" for i in range(N)]
+
+
+@pytest.fixture(scope="module")
+def five_dir(example_photos, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("five")
+    for p in example_photos:
+        (d / p.name).write_bytes(p.read_bytes())
+    return d
+
+
+def _quick(folder: Path, out: Path, ckpt: Path, *more: str):
+    return _cli(str(folder), "-o", str(out), "--model", str(ckpt), "--beam", "1", "--max-len", "4", "--workers", "0",
+                *more)
+
+
+def test_resume_keeps_an_excel_saved_csv_with_its_edits_bom_and_added_column(five_dir, ckpts, tmp_path):
+    out = tmp_path / "caps.csv"
+    assert _quick(five_dir, out, ckpts["basic"]).exit_code == 0
+    with out.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    header, body = rows[0], rows[1:]
+    assert header[:2] == ["path", "caption"] and len(body) == 5
+    body[0][1] = "My own caption: Chelsea, the cat — “édité”"  # a person's words, not ASCII
+    assert header[2] == "logprob"
+    body[0][2] = ""  # and cleared the model's score of it
+    header.insert(2, "reviewed")
+    for i, row in enumerate(body):
+        row.insert(2, f"yes {i}")
+    dropped = body.pop()  # its image is captioned again
+    with out.open("w", newline="", encoding="utf-8-sig") as f:  # as Excel saves CSV UTF-8: a BOM, CRLF
+        csv.writer(f).writerows([header, *body])
+    r = _quick(five_dir, out, ckpts["basic"], "--resume")
+    assert r.exit_code == 0, r.output
+    assert "captioned 1, failed 0, 4 already done" in r.stdout
+    data = out.read_bytes()
+    assert data.startswith(b"\xef\xbb\xbfpath,caption,reviewed,")  # the BOM and the person's column order stay
+    with out.open(newline="", encoding="utf-8-sig") as f:
+        again = list(csv.DictReader(f))
+    assert [list(row.values()) for row in again[:4]] == body  # the kept rows as they were
+    assert again[4]["path"] == dropped[0] and again[4]["reviewed"] == "" and again[4]["caption"]
+    recs = read_records(out)
+    assert recs[0]["caption"] == body[0][1] and "logprob" not in recs[0]
+    assert [r["reviewed"] for r in recs] == ["yes 0", "yes 1", "yes 2", "yes 3", ""]
+    r = _quick(five_dir, out, ckpts["basic"], "--resume")
+    assert "captioned 0, failed 0, 5 already done" in r.stdout and out.read_bytes() == data  # nothing changes
+    rewrite_records(out, recs)  # as publishing's low-confidence mark rewrites it: the same layout
+    assert out.read_bytes() == data
+
+
+def test_resume_refuses_a_csv_with_a_column_twice_and_leaves_it(five_dir, ckpts, tmp_path):
+    out = tmp_path / "caps.csv"
+    assert _quick(five_dir, out, ckpts["basic"]).exit_code == 0
+    lines = out.read_text(encoding="utf-8").split("\n")
+    lines = [lines[0] + ",note,note"] + [line + ",a,b" for line in lines[1:-1]] + [""]
+    out.write_text("\n".join(lines), encoding="utf-8")
+    before = out.read_bytes()
+    r = _quick(five_dir, out, ckpts["basic"], "--resume")
+    assert r.exit_code == 2 and r.stderr.startswith("error:") and "'note' appear twice" in " ".join(r.stderr.split())
+    assert out.read_bytes() == before
+
+
+FOREIGN = {"people.csv": "id,name\n1,alice\n", "oneline.csv": "id,name", "notes.csv": "just some text\nmore\n",
+           "cfg.jsonl": '{"id": 1}\n{"id": 2}\n', "log.jsonl": "started\nfinished\n", "list.jsonl": "[1, 2]\n",
+           "cfg.json": '{"id": 1}',
+           "semicolons.csv": "path;caption;logprob\r\nchelsea.jpg;a cat;-1,5\r\n"}
+
+
+@pytest.mark.parametrize("name", sorted(FOREIGN))
+def test_resume_refuses_a_file_that_is_no_caption_list_and_leaves_it(five_dir, ckpts, tmp_path, name):
+    out = tmp_path / name
+    out.write_text(FOREIGN[name], encoding="utf-8")
+    r = _quick(five_dir, out, ckpts["basic"], "--resume")
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("error:") and "not a capcli caption list" in r.stderr and "Traceback" not in r.output
+    assert len(" ".join(r.stderr.split()).split("error:")) == 2  # one error
+    assert out.read_bytes() == FOREIGN[name].encode()  # untouched
+    if name == "semicolons.csv":
+        assert "separated by ';'" in " ".join(r.stderr.split())
+    r = _quick(five_dir, out, ckpts["basic"])  # without --resume an existing output is replaced, as documented
+    assert r.exit_code == 0 and len(read_records(out)) == 5
+
+
+def test_resume_reads_on_past_a_damaged_csv_row(five_dir, ckpts, tmp_path):
+    out = tmp_path / "caps.csv"
+    assert _quick(five_dir, out, ckpts["basic"]).exit_code == 0
+    whole = read_records(out)
+    lines = out.read_text(encoding="utf-8").split("\n")
+    path, caption, rest = lines[2].split(",", 2)
+    lines[2] = f'{path},"{caption}"oops,{rest}'  # bad quoting, as a hand edit can leave it
+    out.write_text("\n".join(lines), encoding="utf-8")
+    r = _quick(five_dir, out, ckpts["basic"], "--resume")
+    assert r.exit_code == 0 and "captioned 1, failed 0, 4 already done" in r.stdout, r.output  # only that row
+    assert sorted(r["path"] for r in read_records(out)) == sorted(r["path"] for r in whole)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_resume_after_a_cut_last_line_or_a_cut_header(five_dir, ckpts, tmp_path, fmt):
+    """A crash leaves a last line without its newline: that image is captioned again, the rest kept."""
+    out = tmp_path / f"caps.{fmt}"
+    assert _quick(five_dir, out, ckpts["basic"]).exit_code == 0
+    whole = read_records(out)
+    text = out.read_text(encoding="utf-8")
+    last = text[:-1].rfind("\n") + 1
+    out.write_text(text[: last + (len(text) - last) // 2], encoding="utf-8")  # half the last record
+    r = _quick(five_dir, out, ckpts["basic"], "--resume")
+    assert r.exit_code == 0 and "captioned 1, failed 0, 4 already done" in r.stdout, r.output
+    assert read_records(out) == whole  # the same model and options: the same caption again
+    for start in ("", "path,capt", "\ufeff", '{"path": "ches'):  # nothing whole: started afresh
+        if fmt == "jsonl" and "capt" in start or fmt == "csv" and "{" in start:
+            continue
+        out.write_text(start, encoding="utf-8")
+        r = _quick(five_dir, out, ckpts["basic"], "--resume")
+        assert r.exit_code == 0 and "captioned 5, failed 0" in r.stdout, (start, r.output)
+        assert read_records(out) == whole
 
 
 # ------------------------------------------------------------------------------------------------- shards
