@@ -24,7 +24,8 @@ are safe; the file still ends at a whole record. The output is locked for the ru
 The file is first rewritten as it was, less a last line cut by a crash (that image is captioned again) and
 lines too damaged to read: a UTF-8 BOM (Excel saves CSV with one) stays, and so do columns a person added to a
 .csv (``reviewed``, say), in the file's column order, holding their text for the kept rows and empty for the
-new ones; two columns of one name are refused, as both cannot be kept. An output that is not a capcli caption
+new ones; two columns of one name are refused, as both cannot be kept. Photos that failed are tried again
+(their error records are dropped first). An output that is not a capcli caption
 list (a .csv without ``path`` and ``caption`` columns, a .jsonl none of whose lines is a record with a
 ``path``, a .json that is no array of them) is refused with one error line and left untouched. Without
 ``--resume`` an existing output is replaced.
@@ -583,7 +584,8 @@ class _Writer:
     def __init__(self, path: Path, resume: bool) -> None:
         self.path = path
         self.found = read_output(path) if resume and path.is_file() else Found()
-        self.kept: list[dict[str, Any]] = self.found.records
+        # a photo that failed is tried again (it may have been mended since): its error record is not kept
+        self.kept: list[dict[str, Any]] = [r for r in self.found.records if "error" not in r]
         self.safe = 0  # records known to be in the file
 
     def write(self, rec: dict[str, Any]) -> None:

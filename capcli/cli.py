@@ -574,10 +574,11 @@ def _caption_summary(s: CaptionSummary, out: Path) -> None:
     extra = "".join([f", {s.skipped} already done" if s.skipped else "",
                      f", {s.outside_shard} in other shards" if s.outside_shard else "",
                      f", skipped (unsupported) {s.unsupported_text()}" if s.unsupported else ""])
-    colour = "red" if s.failed and not s.captioned else "yellow" if s.failed or s.unsupported else "green"
+    nothing = s.failed and not s.captioned and not s.skipped  # (on --resume the photos already done count)
+    colour = "red" if nothing else "yellow" if s.failed or s.unsupported else "green"
     console.print(f"[{colour}]captioned {s.captioned}, failed {s.failed}[/]{extra} in {s.seconds:.1f} s "
                   f"({s.rate:.1f} img/s) -> {escape(display(str(out)))}", highlight=False, soft_wrap=True)
-    if s.failed and not s.captioned:
+    if nothing:
         _error("no image could be captioned")
         raise typer.Exit(1)
 

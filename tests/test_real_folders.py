@@ -218,8 +218,10 @@ def test_any_file_name_round_trips_in_every_format(phone_dir, tmp_path, fmt):
         with out.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
         assert rows[0].keys() >= {"path", "path_bytes"} and len(rows) == len(recs)
-    again = _cli(str(phone_dir), "-o", str(out), "--resume")  # matched by the same rule: nothing to redo
-    assert again.exit_code == 0 and "captioned 0, failed 0, 8 already done" in again.output
+    again = _cli(str(phone_dir), "-o", str(out), "--resume")  # matched by the same rule: only the failed retried
+    n_err = sum("error" in r for r in recs)
+    assert n_err == 1 and len(recs) == 8  # the broken RAW file
+    assert again.exit_code == 0 and "captioned 0, failed 1, 7 already done" in again.output, again.output
 
 
 def test_path_rule_and_shards_for_names_that_are_not_utf8():
