@@ -5,15 +5,18 @@ DNG with an embedded JPEG preview is built byte by byte), the shipped model, rea
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import io
 import json
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -171,6 +174,56 @@ def test_a_file_that_is_no_raw_gives_a_reason(phone_dir):
 
     with pytest.raises(ImageError, match="not a camera RAW file"):
         load_image(phone_dir / "IMG_0004.CR2")
+
+
+@contextlib.contextmanager
+def _unblocking(fifos: list[Path], after: float = 30.0):
+    """Yields a list that stays empty unless something waited on one of ``fifos`` for ``after`` seconds (opened
+    it for reading, which blocks until a writer comes): this then becomes that writer and closes at once, so
+    a regression fails the test instead of hanging it."""
+    came, stop = [], threading.Event()
+
+    def watch() -> None:
+        if stop.wait(after):
+            return
+        for fifo in fifos:
+            try:  # succeeds only while a reader waits
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                came.append(fifo.name)
+            except OSError:
+                pass
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield came
+    finally:
+        stop.set()
+        watcher.join()
+
+
+def test_what_is_not_a_file_is_never_read_and_says_why(tmp_path):
+    from capcli.errors import ImageError
+
+    os.mkfifo(tmp_path / "pipe.jpg")
+    os.symlink("pipe.jpg", tmp_path / "pipe.dng")  # a RAW name: read by rawpy, through the same check
+    (tmp_path / "folder.jpg").mkdir()
+    os.symlink("/dev/zero", tmp_path / "zero.png")  # endless
+    os.symlink("/nonexistent/photo.jpg", tmp_path / "dangling.jpg")
+    os.symlink("loop2.jpg", tmp_path / "loop1.jpg")
+    os.symlink("loop1.jpg", tmp_path / "loop2.jpg")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "sock.jpg"))
+        expected = {"pipe.jpg": "a named pipe (FIFO), not a photo file", "pipe.dng": "a named pipe (FIFO), not a "
+                    "photo file", "folder.jpg": "a folder, not a photo file", "zero.png": "a device, not a photo file",
+                    "dangling.jpg": "a broken symbolic link (to /nonexistent/photo.jpg)",
+                    "loop1.jpg": "a symbolic link loop", "sock.jpg": "a socket, not a photo file"}
+        with _unblocking([tmp_path / "pipe.jpg"]) as came:
+            for name, why in expected.items():
+                with pytest.raises(ImageError) as e:
+                    load_image(tmp_path / name, min_size=224)
+                assert str(e.value) == f"{name}: {why}"
+        assert came == []
 
 
 # ---------------------------------------------------------------------------------------------- captioning
