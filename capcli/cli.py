@@ -570,7 +570,7 @@ def _caption_summary(s: CaptionSummary, out: Path) -> None:
     """The caption command's summary line; exit 1 when no image could be captioned."""
     extra = "".join([f", {s.skipped} already done" if s.skipped else "",
                      f", {s.outside_shard} in other shards" if s.outside_shard else "",
-                     f", skipped (unsupported) {s.unsupported_text()}" if s.unsupported else ""])
+                     s.left_out_text()])
     colour = "red" if s.failed and not s.captioned else "yellow" if s.failed or s.unsupported else "green"
     console.print(f"[{colour}]captioned {s.captioned}, failed {s.failed}[/]{extra} in {s.seconds:.1f} s "
                   f"({s.rate:.1f} img/s) -> {escape(display(str(out)))}", highlight=False, soft_wrap=True)

@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 from capcli import atomic, lock
 from capcli.caption import Captioner, caption_files, in_shard, read_records
 from capcli.cli import app
-from capcli.errors import LockedError, OutputError
+from capcli.errors import LockedError, OutputError, UsageError
 from capcli.images import is_image_file, load_image
 from capcli.names import display, path_fields, record_key
 from capcli.progress import Progress
@@ -254,6 +254,96 @@ def test_rotated_heic_raw_and_avif_caption_as_the_upright_photo(phone_dir, capti
     for f in feats[1:]:
         assert (f - feats[0]).abs().mean() < 12  # lossy codecs differ a little; a turned picture by ~60
     assert (captioner.spec.read(paths[0]).float() - captioner.spec.read(paths[0]).float().flip(-1)).abs().mean() > 30
+
+
+@pytest.fixture()
+def linked_dir(example_photos, tmp_path) -> Path:
+    """A folder as links and leftovers make it: a photo, a link to a photo, a broken link and a link loop named like
+    photos, a named pipe with a photo's name and one without, a broken link to a text file, a link to an album
+    outside, a subfolder with a link back up (a loop) and a second link to it, a hidden folder of thumbnails and a
+    hidden photo."""
+    album = tmp_path / "album"
+    album.mkdir()
+    shutil.copy(example_photos[3], album / "coffee.jpg")
+    shutil.copy(example_photos[4], album / "rocket.jpg")
+    d = tmp_path / "photos"
+    (d / "sub").mkdir(parents=True)
+    (d / ".thumbs").mkdir()
+    shutil.copy(example_photos[2], d / "chelsea.jpg")
+    shutil.copy(example_photos[0], d / "sub" / "inner.jpg")
+    shutil.copy(example_photos[0], d / ".thumbs" / "thumb.jpg")
+    shutil.copy(example_photos[0], d / ".hidden.jpg")
+    (d / "linked.jpg").symlink_to(example_photos[1])
+    (d / "dangling.jpg").symlink_to("/nonexistent/photo.jpg")
+    (d / "loop1.jpg").symlink_to("loop2.jpg")
+    (d / "loop2.jpg").symlink_to("loop1.jpg")
+    (d / "notes.txt").symlink_to("/nonexistent/notes.txt")
+    os.mkfifo(d / "p.jpg")
+    os.mkfifo(d / "pipe")
+    (d / "album").symlink_to("../album")
+    (d / "sub" / "up").symlink_to("..")
+    (d / "again").symlink_to("sub")
+    return d
+
+
+def test_links_pipes_and_hidden_entries_in_a_folder_are_never_silent(linked_dir, tmp_path):
+    out = tmp_path / "caps.jsonl"
+    with _unblocking([linked_dir / "p.jpg", linked_dir / "pipe"]) as came:
+        r = _cli(str(linked_dir), "-r", "--strict", "-o", str(out))
+    assert came == [] and r.exit_code == 1, r.output
+    said = " ".join(r.output.split())  # Rich wraps the line
+    assert ("captioned 5, failed 4, skipped (unsupported) 2 (broken link 1, named pipe 1), skipped (hidden) 2 "
+            "(1 folder, 1 file), 2 linked folder(s) walked already in") in said, said
+    assert "4 image(s) failed and 2 file(s) skipped as unsupported (--strict)" in said
+    recs = {record_key(x): x for x in read_records(out)}
+    assert {k for k, x in recs.items() if "caption" in x} == {"album/coffee.jpg", "album/rocket.jpg", "chelsea.jpg",
+                                                              "linked.jpg", "sub/inner.jpg"}  # once each
+    assert {k: x.get("error") for k, x in recs.items() if "error" in x} == {
+        "dangling.jpg": "a broken symbolic link (to /nonexistent/photo.jpg)", "loop1.jpg": "a symbolic link loop",
+        "loop2.jpg": "a symbolic link loop", "p.jpg": "a named pipe (FIFO), not a photo file"}
+
+
+def test_without_recursive_subfolders_are_counted_and_hidden_entries_named_are_captioned(linked_dir, tmp_path):
+    out = tmp_path / "caps.jsonl"
+    with _unblocking([linked_dir / "p.jpg", linked_dir / "pipe"]) as came:
+        r = _cli(str(linked_dir), str(linked_dir / ".hidden.jpg"), str(linked_dir / ".thumbs"),
+                 str(linked_dir / "loop1.jpg"), "-o", str(out))
+    assert came == [] and r.exit_code == 0, r.output
+    said = " ".join(r.output.split())
+    assert ("skipped (unsupported) 2 (broken link 1, named pipe 1), skipped (hidden) 2 (1 folder, 1 file), "
+            "3 subfolder(s) not walked (no --recursive) in") in said, said
+    recs = {record_key(x): x for x in read_records(out)}
+    assert set(recs) == {"chelsea.jpg", "linked.jpg", "dangling.jpg", "loop1.jpg", "loop2.jpg", "p.jpg",
+                         ".hidden.jpg", "thumb.jpg"}  # the hidden file and folder named: taken as any other
+    assert "caption" in recs[".hidden.jpg"] and "caption" in recs["thumb.jpg"]
+
+
+def test_a_named_pipe_or_broken_link_named_alone_is_a_failed_record(linked_dir, tmp_path):
+    with _unblocking([linked_dir / "p.jpg"]) as came:
+        r = _cli(str(linked_dir / "p.jpg"), str(linked_dir / "dangling.jpg"), "-o", str(tmp_path / "x.json"))
+    assert came == [] and r.exit_code == 1 and "error: no image could be captioned" in r.output, r.output
+    assert [x["error"] for x in read_records(tmp_path / "x.json")] == [
+        "a named pipe (FIFO), not a photo file", "a broken symbolic link (to /nonexistent/photo.jpg)"]
+
+
+def test_a_folder_of_only_hidden_photos_says_so(example_photos, captioner, tmp_path):
+    (tmp_path / "d" / ".thumbnails").mkdir(parents=True)
+    shutil.copy(example_photos[0], tmp_path / "d" / ".thumbnails" / "a.jpg")
+    with pytest.raises(UsageError, match=r"no image files found in .*/d; skipped \(hidden\) 1 \(1 folder\)$"):
+        caption_files(captioner, [tmp_path / "d"], tmp_path / "x.jsonl", recursive=True)
+
+
+def test_an_unreadable_subfolder_is_counted_as_unsupported(example_photos, captioner, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root reads any folder")
+    (tmp_path / "d" / "locked").mkdir(parents=True)
+    shutil.copy(example_photos[0], tmp_path / "d" / "a.jpg")
+    (tmp_path / "d" / "locked").chmod(0)
+    try:
+        s = caption_files(captioner, [tmp_path / "d"], tmp_path / "x.jsonl", recursive=True, workers=0)
+    finally:
+        (tmp_path / "d" / "locked").chmod(0o700)
+    assert s.captioned == 1 and s.unsupported == {"unreadable folder": 1}
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "json"])
