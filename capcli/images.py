@@ -107,7 +107,8 @@ def open_photo(path: Path) -> BinaryIO:
     if kind is not None:
         os.close(fd)
         raise ImageError(f"{path.name}: {kind}, not a photo file")
-    os.set_blocking(fd, True)
+    if hasattr(os, "O_NONBLOCK"):
+        os.set_blocking(fd, True)  # reads of a file on a network filesystem may otherwise fail with EAGAIN
     return os.fdopen(fd, "rb")
 
 
