@@ -58,7 +58,7 @@ from .errors import CapcliError, CheckpointError, ImageError, OutputError, Usage
 from .familiar import Familiarity
 from .grounding import MODES as GROUNDING_MODES
 from .grounding import Grounder, GroundingPolicy, Plan
-from .images import is_image_file, load_image, to_rgb
+from .images import load_image, to_rgb
 from .metadata import SIDECAR_NAMINGS, sidecar_path
 from .models import build
 from .models.base import CaptionModel, Searchable
@@ -68,6 +68,7 @@ from .photos import ImageItems, batch_source
 from .progress import NULL, Progress
 from .runtime import resolve_device, resolve_precision
 from .vocab import Vocabulary
+from .walk import InputFile, LeftOut, walk_folder
 
 _ASSETS = Path(__file__).resolve().parent / "assets"
 # Models shipped in the package (trained on Flickr8k by recipes/flickr8k-default.sh), by name for --model.
@@ -357,40 +358,29 @@ class Captioner:
 
 
 # ----------------------------------------------------------------------------------------- choosing files
-@dataclass(frozen=True)
-class InputFile:
-    path: Path  # where to read it
-    key: str  # the record's "path": relative to the folder given, or the file name for a file argument
-
-
 def collect_inputs(inputs: Sequence[str | Path], recursive: bool = False,
-                   unsupported: list[Path] | None = None) -> list[InputFile]:
+                   left_out: LeftOut | None = None) -> list[InputFile]:
     """Image files of the given files and folders: a folder's files sorted, files in the order given.
 
-    Folders contribute files with an image extension (subfolders with ``recursive``); a file named
-    explicitly is taken whatever its extension. Two inputs with the same relative path are an error.
-    A folder's other files are appended to ``unsupported`` when it is given (hidden files, whose names
-    start with a dot, are neither taken nor listed).
+    Folders contribute the entries with an image extension (subfolders with ``recursive``; see
+    :mod:`capcli.walk`); a file named explicitly is taken whatever its extension, and so is a symbolic link
+    named explicitly, broken or not (it then fails with its reason). Two inputs with the same relative path
+    are an error. What the folders leave out is added to ``left_out`` when it is given.
     """
     out: list[InputFile] = []
     seen: dict[str, Path] = {}
     for raw in inputs:
         root = Path(raw)
         if root.is_dir():
-            pattern = root.rglob("*") if recursive else root.iterdir()
-            files = [p for p in pattern if not p.name.startswith(".") and p.is_file()]
-            if unsupported is not None:
-                unsupported += sorted(p for p in files if not is_image_file(p))
-            found = sorted((p for p in files if is_image_file(p)), key=lambda p: p.relative_to(root).as_posix())
-            items = [InputFile(p, p.relative_to(root).as_posix()) for p in found]
-        elif root.exists():
+            items = walk_folder(root, recursive, left_out if left_out is not None else LeftOut())
+        elif root.exists() or root.is_symlink():
             items = [InputFile(root, root.name)]
         else:
             raise UsageError(f"no such file or folder: {display(str(root))}")
         for item in items:
             other = seen.get(item.key)
             if other is not None:
-                if other.resolve() == item.path.resolve():
+                if os.path.realpath(other) == os.path.realpath(item.path):
                     continue  # the same file named twice
                 raise UsageError(f"{display(str(other))} and {display(str(item.path))} would both be recorded as "
                                  f"{display(item.key)!r}; caption them in separate runs")
@@ -772,7 +762,13 @@ class CaptionSummary:
     outside_shard: int = 0
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), for the report
-    unsupported: dict[str, int] = field(default_factory=dict)  # extension -> files in the folders not captioned
+    # What the folders left out (capcli/walk.py). Entries not captioned: files by extension, anything else by what
+    # it is ("broken link", "named pipe", "unreadable folder"); these fail --strict.
+    unsupported: dict[str, int] = field(default_factory=dict)
+    hidden_files: int = 0  # not taken (.DS_Store)
+    hidden_folders: int = 0  # not walked into (.thumbnails/, .git/)
+    subfolders: int = 0  # not walked: no --recursive
+    walked_already: int = 0  # symbolic links to a folder walked already (a loop, or a second link)
 
     @property
     def rate(self) -> float:
@@ -783,29 +779,40 @@ class CaptionSummary:
         return sum(self.unsupported.values())
 
     def unsupported_text(self) -> str:
-        """``"2 (.mov 1, .xmp 1)"``: files not captioned, by extension, most common first."""
+        """``"2 (.mov 1, .xmp 1)"``: entries not captioned, by extension or kind, most common first."""
         parts = ", ".join(f"{ext} {n}" for ext, n in sorted(self.unsupported.items(), key=lambda kv: (-kv[1], kv[0])))
         return f"{self.n_unsupported} ({parts})"
 
-
-def _by_extension(files: Sequence[Path], out: Path) -> dict[str, int]:
-    """Unsupported files counted by lower-case extension; the output file itself (and its temporaries) left out."""
-    counts: dict[str, int] = {}
-    seen = {out.resolve()}
-    for p in files:
-        if p.resolve() in seen:
-            continue  # the output, or a file of a folder given twice
-        seen.add(p.resolve())
-        ext = p.suffix.lower() or "(no extension)"
-        counts[ext] = counts.get(ext, 0) + 1
-    return counts
+    def left_out_text(self) -> str:
+        """What else the folders left out, for the summary line: ``", skipped (hidden) 3 (1 folder, 2 files)"``."""
+        hidden = [f"{n} {what}{'s' if n > 1 else ''}" for n, what in ((self.hidden_folders, "folder"),
+                                                                      (self.hidden_files, "file")) if n]
+        n_hidden = self.hidden_files + self.hidden_folders
+        return "".join([f", skipped (unsupported) {self.unsupported_text()}" if self.unsupported else "",
+                        f", skipped (hidden) {n_hidden} ({', '.join(hidden)})" if n_hidden else "",
+                        f", {self.subfolders} subfolder(s) not walked (no --recursive)" if self.subfolders else "",
+                        f", {self.walked_already} linked folder(s) walked already" if self.walked_already else ""])
 
 
-def _not_sidecars(files: Sequence[Path], items: Sequence[InputFile]) -> list[Path]:
-    """``files`` less the sidecars of the photos (``a.xmp``, ``a.jpg.xmp``, ``a.txt``: what ``--sidecar`` writes)."""
+def _ours(path: Path, out: Path) -> bool:
+    """Whether ``path`` is the output, or the lock or a temporary file capcli keeps beside it."""
+    if os.path.realpath(path.parent) != os.path.realpath(out.parent):
+        return False
+    return path.name in (out.name, lock.sidecar(out).name) or path.name.startswith(f".{out.name}.tmp")
+
+
+def _left_out(left_out: LeftOut, items: Sequence[InputFile], out: Path) -> CaptionSummary:
+    """A summary counting what the folders left out: the output and the photos' sidecars are not counted (the
+    ``.xmp`` and ``.txt`` files ``--sidecar`` writes: ``a.xmp``, ``a.jpg.xmp``, ``a.txt``)."""
     sidecars = {sidecar_path(it.path, "xmp", n) for it in items for n in SIDECAR_NAMINGS}
     sidecars |= {sidecar_path(it.path, "txt") for it in items}
-    return [p for p in files if p not in sidecars]
+    counts: dict[str, int] = {}
+    for path, label in left_out.others:
+        if path not in sidecars and not _ours(path, out):
+            counts[label] = counts.get(label, 0) + 1
+    hidden = [is_dir for path, is_dir in left_out.hidden if not _ours(path, out)]
+    return CaptionSummary(out, unsupported=counts, hidden_files=hidden.count(False), hidden_folders=sum(hidden),
+                          subfolders=len(left_out.subfolders), walked_already=len(left_out.walked_already))
 
 
 def caption_files(captioner: Captioner, inputs: Sequence[str | Path], out: str | Path, *, beam_size: int = 3,
@@ -825,13 +832,13 @@ def caption_files(captioner: Captioner, inputs: Sequence[str | Path], out: str |
         raise UsageError(f"--attention-maps needs a model with attention (arch 'attention'); "
                          f"this one is {captioner.model.arch!r} and has none")
     captioner._check(beam_size, top_k, max_len, length_penalty)
-    others: list[Path] = []
-    items = collect_inputs(inputs, recursive, unsupported=others)
-    summary = CaptionSummary(out, unsupported=_by_extension(_not_sidecars(others, items), out))
+    left_out = LeftOut()
+    items = collect_inputs(inputs, recursive, left_out)
+    summary = _left_out(left_out, items, out)
     if not items:
-        found = f" (skipped as unsupported: {summary.unsupported_text()})" if summary.unsupported else ""
-        raise UsageError(f"no image files found in {', '.join(display(str(p)) for p in inputs)}{found}"
-                         + ("" if recursive else " (use --recursive for subfolders)"))
+        said = [summary.left_out_text().removeprefix(", "), "" if recursive else "use --recursive for subfolders"]
+        raise UsageError(f"no image files found in {', '.join(display(str(p)) for p in inputs)}"
+                         + "".join(f"; {x}" for x in said if x))
     if shard is not None:
         mine = [it for it in items if in_shard(it.key, shard)]
         summary.outside_shard = len(items) - len(mine)

@@ -573,7 +573,7 @@ def _caption_summary(s: CaptionSummary, out: Path) -> None:
     """The caption command's summary line; exit 1 when no image could be captioned."""
     extra = "".join([f", {s.skipped} already done" if s.skipped else "",
                      f", {s.outside_shard} in other shards" if s.outside_shard else "",
-                     f", skipped (unsupported) {s.unsupported_text()}" if s.unsupported else ""])
+                     s.left_out_text()])
     nothing = s.failed and not s.captioned and not s.skipped  # (on --resume the photos already done count)
     colour = "red" if nothing else "yellow" if s.failed or s.unsupported else "green"
     console.print(f"[{colour}]captioned {s.captioned}, failed {s.failed}[/]{extra} in {s.seconds:.1f} s "

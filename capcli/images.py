@@ -13,9 +13,14 @@ demosaicing), else a half-size decode of the raw data, turned upright by the cam
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
 import io
+import os
+import stat
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -46,6 +51,65 @@ MAX_PIXELS = 89_478_485
 def is_image_file(path: Path) -> bool:
     """Whether ``path`` has an extension capcli reads (case-insensitive: ``.HEIC``, ``.Cr2``)."""
     return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def not_a_file(mode: int) -> str | None:
+    """What a ``st_mode`` is when it is not a regular file ("a named pipe (FIFO)", ...); None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def link_problem(path: Path, e: OSError) -> str | None:
+    """Why ``path`` cannot be opened when that is its symbolic link: broken (its target is missing) or a loop."""
+    if e.errno == errno.ELOOP:
+        return "a symbolic link loop"
+    if e.errno == errno.ENOENT and path.is_symlink():
+        try:
+            return f"a broken symbolic link (to {os.readlink(path)})"
+        except OSError:
+            return "a broken symbolic link"
+    return None
+
+
+def _open_failure(path: Path, e: OSError) -> str:
+    """Why opening ``path`` failed, in a few words."""
+    problem = link_problem(path, e)
+    if problem is not None:
+        return problem
+    if e.errno == errno.ENXIO:  # open() refuses a socket
+        with contextlib.suppress(OSError):
+            return f"{not_a_file(os.stat(path).st_mode) or 'not a regular file'}, not a photo file"
+    return f"cannot read ({e.strerror or e})"
+
+
+def open_photo(path: Path) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file (or a symbolic link to one), else :class:`ImageError`.
+
+    Opened without blocking and checked before anything is read: a named pipe (FIFO) with a photo's name would
+    otherwise wait forever for a writer, and a device could be read without end.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        if e.errno == errno.ENOENT and not path.is_symlink():
+            raise ImageError(f"{path}: no such file") from e
+        raise ImageError(f"{path.name}: {_open_failure(path, e)}") from e
+    kind = not_a_file(os.fstat(fd).st_mode)
+    if kind is not None:
+        os.close(fd)
+        raise ImageError(f"{path.name}: {kind}, not a photo file")
+    if hasattr(os, "O_NONBLOCK"):
+        os.set_blocking(fd, True)  # reads of a file on a network filesystem may otherwise fail with EAGAIN
+    return os.fdopen(fd, "rb")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -80,12 +144,12 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
     if path.suffix.lower() in RAW_EXTENSIONS:
         return _load_raw(path, min_size)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), open_photo(path) as f:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             # Pillow warns on stderr, with its own file paths, about metadata it cannot parse ("Corrupt EXIF data",
             # "Tag data larger than file"); the photo still decodes, and the caption does not need it
             warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-            with Image.open(path) as im:
+            with Image.open(f) as im:
                 w, h = im.size
                 if w * h > MAX_PIXELS:
                     raise ImageError(f"{path.name}: {w}x{h} pixels is too large (possible decompression bomb)")
@@ -98,8 +162,6 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"{path.name}: too large (possible decompression bomb)") from e
-    except FileNotFoundError as e:
-        raise ImageError(f"{path}: no such file") from e
     except UnidentifiedImageError as e:
         raise ImageError(f"{path.name}: not an image file") from e
     except (OSError, SyntaxError, ValueError) as e:
@@ -114,7 +176,7 @@ def _load_raw(path: Path, min_size: int | None) -> Image.Image:
     except ImportError:  # pragma: no cover - rawpy is a dependency
         raise ImageError(f"{path.name}: reading camera RAW files needs rawpy (pip install rawpy)") from None
     try:
-        with path.open("rb") as f, rawpy.imread(f) as raw:  # a file object: any file name, any encoding
+        with open_photo(path) as f, rawpy.imread(f) as raw:  # a file object: any file name, any encoding
             preview = _raw_preview(raw, min_size)
             if preview is not None and (min_size is None or min(preview.size) >= min_size):
                 return preview
@@ -127,8 +189,6 @@ def _load_raw(path: Path, min_size: int | None) -> Image.Image:
             if preview is not None and min(preview.size) >= min(rgb.shape[:2]):
                 return preview  # the raw data is no larger than the preview
             return Image.fromarray(rgb)
-    except FileNotFoundError as e:
-        raise ImageError(f"{path}: no such file") from e
     except rawpy.LibRawError as e:
         raise ImageError(f"{path.name}: not a camera RAW file LibRaw can read ({_libraw_reason(e)})") from e
     except OSError as e:

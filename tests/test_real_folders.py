@@ -5,15 +5,18 @@ DNG with an embedded JPEG preview is built byte by byte), the shipped model, rea
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import io
 import json
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from typer.testing import CliRunner
 from capcli import atomic, lock
 from capcli.caption import Captioner, caption_files, in_shard, read_records
 from capcli.cli import app
-from capcli.errors import LockedError, OutputError
+from capcli.errors import LockedError, OutputError, UsageError
 from capcli.images import is_image_file, load_image
 from capcli.names import display, path_fields, record_key
 from capcli.progress import Progress
@@ -173,6 +176,56 @@ def test_a_file_that_is_no_raw_gives_a_reason(phone_dir):
         load_image(phone_dir / "IMG_0004.CR2")
 
 
+@contextlib.contextmanager
+def _unblocking(fifos: list[Path], after: float = 30.0):
+    """Yields a list that stays empty unless something waited on one of ``fifos`` for ``after`` seconds (opened
+    it for reading, which blocks until a writer comes): this then becomes that writer and closes at once, so
+    a regression fails the test instead of hanging it."""
+    came, stop = [], threading.Event()
+
+    def watch() -> None:
+        if stop.wait(after):
+            return
+        for fifo in fifos:
+            try:  # succeeds only while a reader waits
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                came.append(fifo.name)
+            except OSError:
+                pass
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield came
+    finally:
+        stop.set()
+        watcher.join()
+
+
+def test_what_is_not_a_file_is_never_read_and_says_why(tmp_path):
+    from capcli.errors import ImageError
+
+    os.mkfifo(tmp_path / "pipe.jpg")
+    os.symlink("pipe.jpg", tmp_path / "pipe.dng")  # a RAW name: read by rawpy, through the same check
+    (tmp_path / "folder.jpg").mkdir()
+    os.symlink("/dev/zero", tmp_path / "zero.png")  # endless
+    os.symlink("/nonexistent/photo.jpg", tmp_path / "dangling.jpg")
+    os.symlink("loop2.jpg", tmp_path / "loop1.jpg")
+    os.symlink("loop1.jpg", tmp_path / "loop2.jpg")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "sock.jpg"))
+        expected = {"pipe.jpg": "a named pipe (FIFO), not a photo file", "pipe.dng": "a named pipe (FIFO), not a "
+                    "photo file", "folder.jpg": "a folder, not a photo file", "zero.png": "a device, not a photo file",
+                    "dangling.jpg": "a broken symbolic link (to /nonexistent/photo.jpg)",
+                    "loop1.jpg": "a symbolic link loop", "sock.jpg": "a socket, not a photo file"}
+        with _unblocking([tmp_path / "pipe.jpg"]) as came:
+            for name, why in expected.items():
+                with pytest.raises(ImageError) as e:
+                    load_image(tmp_path / name, min_size=224)
+                assert str(e.value) == f"{name}: {why}"
+        assert came == []
+
+
 # ---------------------------------------------------------------------------------------------- captioning
 def test_a_phone_folder_is_captioned_and_what_is_not_is_counted(phone_dir, tmp_path):
     out = tmp_path / "caps.jsonl"
@@ -201,6 +254,96 @@ def test_rotated_heic_raw_and_avif_caption_as_the_upright_photo(phone_dir, capti
     for f in feats[1:]:
         assert (f - feats[0]).abs().mean() < 12  # lossy codecs differ a little; a turned picture by ~60
     assert (captioner.spec.read(paths[0]).float() - captioner.spec.read(paths[0]).float().flip(-1)).abs().mean() > 30
+
+
+@pytest.fixture()
+def linked_dir(example_photos, tmp_path) -> Path:
+    """A folder as links and leftovers make it: a photo, a link to a photo, a broken link and a link loop named like
+    photos, a named pipe with a photo's name and one without, a broken link to a text file, a link to an album
+    outside, a subfolder with a link back up (a loop) and a second link to it, a hidden folder of thumbnails and a
+    hidden photo."""
+    album = tmp_path / "album"
+    album.mkdir()
+    shutil.copy(example_photos[3], album / "coffee.jpg")
+    shutil.copy(example_photos[4], album / "rocket.jpg")
+    d = tmp_path / "photos"
+    (d / "sub").mkdir(parents=True)
+    (d / ".thumbs").mkdir()
+    shutil.copy(example_photos[2], d / "chelsea.jpg")
+    shutil.copy(example_photos[0], d / "sub" / "inner.jpg")
+    shutil.copy(example_photos[0], d / ".thumbs" / "thumb.jpg")
+    shutil.copy(example_photos[0], d / ".hidden.jpg")
+    (d / "linked.jpg").symlink_to(example_photos[1])
+    (d / "dangling.jpg").symlink_to("/nonexistent/photo.jpg")
+    (d / "loop1.jpg").symlink_to("loop2.jpg")
+    (d / "loop2.jpg").symlink_to("loop1.jpg")
+    (d / "notes.txt").symlink_to("/nonexistent/notes.txt")
+    os.mkfifo(d / "p.jpg")
+    os.mkfifo(d / "pipe")
+    (d / "album").symlink_to("../album")
+    (d / "sub" / "up").symlink_to("..")
+    (d / "again").symlink_to("sub")
+    return d
+
+
+def test_links_pipes_and_hidden_entries_in_a_folder_are_never_silent(linked_dir, tmp_path):
+    out = tmp_path / "caps.jsonl"
+    with _unblocking([linked_dir / "p.jpg", linked_dir / "pipe"]) as came:
+        r = _cli(str(linked_dir), "-r", "--strict", "-o", str(out))
+    assert came == [] and r.exit_code == 1, r.output
+    said = " ".join(r.output.split())  # Rich wraps the line
+    assert ("captioned 5, failed 4, skipped (unsupported) 2 (broken link 1, named pipe 1), skipped (hidden) 2 "
+            "(1 folder, 1 file), 2 linked folder(s) walked already in") in said, said
+    assert "4 image(s) failed and 2 file(s) skipped as unsupported (--strict)" in said
+    recs = {record_key(x): x for x in read_records(out)}
+    assert {k for k, x in recs.items() if "caption" in x} == {"album/coffee.jpg", "album/rocket.jpg", "chelsea.jpg",
+                                                              "linked.jpg", "sub/inner.jpg"}  # once each
+    assert {k: x.get("error") for k, x in recs.items() if "error" in x} == {
+        "dangling.jpg": "a broken symbolic link (to /nonexistent/photo.jpg)", "loop1.jpg": "a symbolic link loop",
+        "loop2.jpg": "a symbolic link loop", "p.jpg": "a named pipe (FIFO), not a photo file"}
+
+
+def test_without_recursive_subfolders_are_counted_and_hidden_entries_named_are_captioned(linked_dir, tmp_path):
+    out = tmp_path / "caps.jsonl"
+    with _unblocking([linked_dir / "p.jpg", linked_dir / "pipe"]) as came:
+        r = _cli(str(linked_dir), str(linked_dir / ".hidden.jpg"), str(linked_dir / ".thumbs"),
+                 str(linked_dir / "loop1.jpg"), "-o", str(out))
+    assert came == [] and r.exit_code == 0, r.output
+    said = " ".join(r.output.split())
+    assert ("skipped (unsupported) 2 (broken link 1, named pipe 1), skipped (hidden) 2 (1 folder, 1 file), "
+            "3 subfolder(s) not walked (no --recursive) in") in said, said
+    recs = {record_key(x): x for x in read_records(out)}
+    assert set(recs) == {"chelsea.jpg", "linked.jpg", "dangling.jpg", "loop1.jpg", "loop2.jpg", "p.jpg",
+                         ".hidden.jpg", "thumb.jpg"}  # the hidden file and folder named: taken as any other
+    assert "caption" in recs[".hidden.jpg"] and "caption" in recs["thumb.jpg"]
+
+
+def test_a_named_pipe_or_broken_link_named_alone_is_a_failed_record(linked_dir, tmp_path):
+    with _unblocking([linked_dir / "p.jpg"]) as came:
+        r = _cli(str(linked_dir / "p.jpg"), str(linked_dir / "dangling.jpg"), "-o", str(tmp_path / "x.json"))
+    assert came == [] and r.exit_code == 1 and "error: no image could be captioned" in r.output, r.output
+    assert [x["error"] for x in read_records(tmp_path / "x.json")] == [
+        "a named pipe (FIFO), not a photo file", "a broken symbolic link (to /nonexistent/photo.jpg)"]
+
+
+def test_a_folder_of_only_hidden_photos_says_so(example_photos, captioner, tmp_path):
+    (tmp_path / "d" / ".thumbnails").mkdir(parents=True)
+    shutil.copy(example_photos[0], tmp_path / "d" / ".thumbnails" / "a.jpg")
+    with pytest.raises(UsageError, match=r"no image files found in .*/d; skipped \(hidden\) 1 \(1 folder\)$"):
+        caption_files(captioner, [tmp_path / "d"], tmp_path / "x.jsonl", recursive=True)
+
+
+def test_an_unreadable_subfolder_is_counted_as_unsupported(example_photos, captioner, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root reads any folder")
+    (tmp_path / "d" / "locked").mkdir(parents=True)
+    shutil.copy(example_photos[0], tmp_path / "d" / "a.jpg")
+    (tmp_path / "d" / "locked").chmod(0)
+    try:
+        s = caption_files(captioner, [tmp_path / "d"], tmp_path / "x.jsonl", recursive=True, workers=0)
+    finally:
+        (tmp_path / "d" / "locked").chmod(0o700)
+    assert s.captioned == 1 and s.unsupported == {"unreadable folder": 1}
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "json"])
