@@ -15,8 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError, os_reason
-
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
@@ -28,13 +26,10 @@ def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
     at once with ``ENAMETOOLONG``, saying how long it is and what the limit is.
     """
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file where a folder of the path should be
-        raise OutputError(f"cannot write {path}: cannot make its folder ({os_reason(e)})") from None
+    path.parent.mkdir(parents=True, exist_ok=True)  # a file where a folder should be: FileExistsError
     limit = check_name(path)
-    if path.is_dir():
-        raise OutputError(f"cannot write {path}: it is a folder; give a file name")
+    if path.is_dir():  # an OSError, as the callers that write one file of many expect (it fails that one)
+        raise IsADirectoryError(errno.EISDIR, "it is a folder, not a file", str(path))
     tmp = path.with_name(temp_name(path.name, limit))
     try:
         yield tmp

@@ -28,7 +28,7 @@ from typer.core import TyperGroup, TyperOption
 
 from . import __version__
 from .config import TrainConfig
-from .errors import WRITE_ERRNOS, CapcliError, os_reason
+from .errors import PATH_ERRNOS, WRITE_ERRNOS, CapcliError, os_reason
 from .names import display
 from .progress import Progress
 from .runtime import tune_cpu_allocator
@@ -72,9 +72,9 @@ class _Group(TyperGroup):
             _error(str(e))
             raise typer.Exit(e.exit_code) from None
         except OSError as e:
-            if e.errno not in WRITE_ERRNOS:
+            if e.errno not in WRITE_ERRNOS | PATH_ERRNOS:
                 raise
-            # a full disk (or a read-only one, a quota) met where no library code expected it: still one line
+            # a full disk (or a read-only one, a quota, an impossible path) met where no library code expected it
             where = f" ({e.filename})" if e.filename else ""
             _error(f"{os_reason(e)}{where}")
             raise typer.Exit(1) from None

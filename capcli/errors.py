@@ -6,6 +6,9 @@ import re
 
 # Errors of writing a file that are the machine's state, not a bug: said in one line, never a traceback.
 WRITE_ERRNOS = frozenset({5, 13, 27, 28, 30, 122})  # EIO EACCES EFBIG ENOSPC EROFS EDQUOT
+# ... and of an output path that cannot be one (a folder where the file goes, a file where a folder should be, a
+# name too long), where no library code checked it first: also one line.
+PATH_ERRNOS = frozenset({17, 20, 21, 36})  # EEXIST ENOTDIR EISDIR ENAMETOOLONG
 
 
 def os_reason(e: BaseException) -> str:
