@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 from .errors import UsageError
-from .evaluate import TOKENIZERS
 from .progress import Progress
 
 ARCHS = ("basic", "attention")
@@ -18,7 +17,8 @@ CONDITIONS = ("first-step", "init-state")  # how Show and Tell sees the image
 SCHEDULES = ("plateau", "cosine", "none")
 SELECT = {"cider": "CIDEr", "bleu4": "BLEU-4"}  # --select -> key of Scores.values
 SAVE_DTYPES = ("float32", "float16")
-VAL_TOKENIZERS = TOKENIZERS  # what `capcli evaluate --tokenizer` takes
+# what `capcli evaluate --tokenizer` takes (evaluate.TOKENIZERS; defined here so that this module stays a leaf)
+VAL_TOKENIZERS = ("auto", "java", "python")
 
 
 @dataclass

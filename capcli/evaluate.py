@@ -40,6 +40,7 @@ from typing import Any
 from . import atomic
 from .chair import ChairScores
 from .chair import chair as chair_scores
+from .config import VAL_TOKENIZERS
 from .errors import EvaluateError, UsageError
 from .layout import Dataset, ImageRecord, open_dataset
 from .progress import NULL, Progress
@@ -49,7 +50,7 @@ DEFAULT_METRICS = ("bleu", "meteor", "rouge", "cider")
 BLEU_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4")
 METRIC_KEYS = (*BLEU_KEYS, "METEOR", "ROUGE-L", "CIDEr", "SPICE")
 _NAMES = {"bleu": "BLEU", "meteor": "METEOR", "rouge": "ROUGE-L", "cider": "CIDEr", "spice": "SPICE"}
-TOKENIZERS = ("auto", "java", "python")
+TOKENIZERS = VAL_TOKENIZERS
 
 # Characters the Java PTBTokenizer (with -preserveLines) treats as line ends, plus the ones Python's
 # str.splitlines does: each would split one caption into two lines and misalign all that follow.

@@ -70,6 +70,13 @@ def _files_digest(records: Iterable[ImageRecord]) -> str:
     return hashlib.sha1("\n".join(f"{r.id}\t{r.file}" for r in records).encode()).hexdigest()
 
 
+def _check_same_photos(manifest: dict, ids_digest: str, files_digest: str, folder: Path, name: str) -> None:
+    """FeaturesError when ``manifest`` holds features of these ids but of other photos (folders written before
+    the files digest have none, and pass)."""
+    if manifest.get("ids_digest") == ids_digest and manifest.get("files_digest", files_digest) != files_digest:
+        raise _other_photos(folder, name)
+
+
 def _other_photos(out: Path, name: str) -> FeaturesError:
     return FeaturesError(f"{out} holds features of other photos than dataset {name!r} now lists under the same ids "
                          "(was it prepared again?); delete that folder and run `capcli features` again")
@@ -192,7 +199,7 @@ def _manifest_for(out: Path, dataset: Dataset, encoder: str, spec: EncoderSpec, 
                   records: list[ImageRecord], shard_size: int) -> dict:
     """The folder's manifest when it holds features of this very job (else FeaturesError), or a new one."""
     ids = [r.id for r in records]
-    digest = _ids_digest(ids)
+    digest, files = _ids_digest(ids), _files_digest(records)
     manifest = _read_manifest(out)
     if manifest is None:
         return {
@@ -207,7 +214,7 @@ def _manifest_for(out: Path, dataset: Dataset, encoder: str, spec: EncoderSpec, 
             "dataset": {"name": dataset.name, "path": dataset.source, "image_root": str(dataset.image_root)},
             "num_images": len(ids),
             "ids_digest": digest,
-            "files_digest": _files_digest(records),
+            "files_digest": files,
             "shard_size": shard_size,
             "shards": [],
             "failed": [],
@@ -229,18 +236,16 @@ def _manifest_for(out: Path, dataset: Dataset, encoder: str, spec: EncoderSpec, 
             f"{out} holds {encoder} features of a different image set ({manifest.get('num_images')} images "
             f"of {manifest.get('dataset', {}).get('name')!r}); choose another --out or delete that folder"
         )
-    if manifest.get("files_digest", _files_digest(records)) != _files_digest(records):  # older folders: no digest
-        raise _other_photos(out, dataset.name)
+    _check_same_photos(manifest, digest, files, out, dataset.name)
     return manifest
 
 
-def _forget_failed_shards(manifest: dict) -> None:
-    """Unlist the shards that have unreadable images (with their failures): they are extracted again, and their
-    files, no longer listed, are deleted first."""
-    again = {f.get("shard") for f in manifest["failed"]}
-    if again:
-        manifest["shards"] = [s for s in manifest["shards"] if s["index"] not in again]
-        manifest["failed"] = [f for f in manifest["failed"] if f.get("shard") not in again]
+def _unlist_shards(manifest: dict, indices: set[int]) -> None:
+    """Forget shards ``indices`` and their failures: they are extracted again (their files, no longer listed,
+    are deleted first)."""
+    if indices:
+        manifest["shards"] = [s for s in manifest["shards"] if s["index"] not in indices]
+        manifest["failed"] = [f for f in manifest["failed"] if f.get("shard") not in indices]
         manifest["complete"] = False
 
 
@@ -248,11 +253,7 @@ def _listed_shards(out: Path, manifest: dict) -> dict[int, dict]:
     """The manifest's shards whose files exist, by index; a listed shard that vanished is forgotten, with its
     failures, so that it is extracted again."""
     done = {int(s["index"]): s for s in manifest["shards"] if (out / s["file"]).is_file()}
-    if len(done) < len(manifest["shards"]):
-        lost = {int(s["index"]) for s in manifest["shards"]} - set(done)
-        manifest["failed"] = [f for f in manifest["failed"] if f.get("shard") not in lost]
-        manifest["shards"] = [done[k] for k in sorted(done)]
-        manifest["complete"] = False
+    _unlist_shards(manifest, {int(s["index"]) for s in manifest["shards"]} - set(done))
     return done
 
 
@@ -331,8 +332,8 @@ def _extract(dataset: Dataset, encoder: str, spec: EncoderSpec, out: Path, shard
     manifest = _manifest_for(out, dataset, encoder, spec, weights_s, records, shard_size)
     asked_shard_size, shard_size = shard_size, int(manifest["shard_size"])  # the folder's shards stay
     n_shards = (len(records) + shard_size - 1) // shard_size
-    if retry_failed:
-        _forget_failed_shards(manifest)
+    if retry_failed:  # the shards with unreadable images
+        _unlist_shards(manifest, {f.get("shard") for f in manifest["failed"]})
     done = _listed_shards(out, manifest)
     todo = [k for k in range(n_shards) if k not in done]
     if not todo:
@@ -487,10 +488,9 @@ class FeatureStore:
     def check_photos(self, dataset: Dataset) -> None:
         """FeaturesError when these are features of the whole of ``dataset``'s ids but of other photos (it was
         prepared again from other files). Features of part of a dataset, or from before the check, pass."""
-        m = self.manifest
-        if "files_digest" in m and m.get("ids_digest") == _ids_digest(r.id for r in dataset.images) \
-                and m["files_digest"] != _files_digest(dataset.images):
-            raise _other_photos(self.folder, dataset.name)
+        if "files_digest" in self.manifest:
+            _check_same_photos(self.manifest, _ids_digest(r.id for r in dataset.images),
+                               _files_digest(dataset.images), self.folder, dataset.name)
 
     # ---- facts -------------------------------------------------------------------------------------
     @property
