@@ -599,7 +599,7 @@ def _encode_line(text: str) -> bytes:
 
 
 def _jsonl_line(rec: dict[str, Any]) -> bytes:
-    return _encode_line(json.dumps(rec, ensure_ascii=False) + "\n")
+    return atomic.json_bytes(rec, indent=None)
 
 
 def _csv_row(rec: dict[str, Any]) -> dict[str, Any]:
@@ -631,6 +631,11 @@ def _encoder(kind: str, found: Found) -> tuple[bytes, Callable[[dict[str, Any]],
     return bom + _csv_line(columns, columns), lambda rec: _csv_line(_csv_row(rec), columns)
 
 
+def _file_bytes(head: bytes, encode: Callable[[dict[str, Any]], bytes], records: Sequence[dict[str, Any]]) -> bytes:
+    """A whole .jsonl/.csv file of ``records``: the head, then one encoded record after another."""
+    return head + b"".join(encode(r) for r in records)
+
+
 class _StreamWriter(_Writer):
     """Appends each record to the file as it comes (unbuffered: a record is in the file once written).
 
@@ -652,8 +657,7 @@ class _StreamWriter(_Writer):
             self._append(self.head)
 
     def file_bytes(self, records: Sequence[dict[str, Any]]) -> bytes:
-        """A whole file of ``records``: the head, then one encoded record after another."""
-        return self.head + b"".join(self.encode(r) for r in records)
+        return _file_bytes(self.head, self.encode, records)
 
     def _append(self, data: bytes) -> None:
         try:
@@ -736,15 +740,17 @@ def open_writer(out: Path, resume: bool = False) -> _Writer:
         raise OutputError(f"cannot write {display(str(out))}: {os_reason(e)}") from None
 
 
-def rewrite_records(out: str | Path, records: Sequence[dict[str, Any]]) -> None:
-    """Replace ``out``'s records with ``records`` atomically, in its format and layout (under its lock)."""
+def rewrite_records(out: str | Path, records: Sequence[dict[str, Any]], found: Found | None = None) -> None:
+    """Replace ``out``'s records with ``records`` atomically, in its format and layout (under its lock);
+    ``found``: ``out`` as :func:`read_output` read it, if the caller has it."""
     out = Path(out)
     kind = output_format(out)
     if kind == "json":
         data = atomic.json_bytes(list(records))
     else:  # laid out as the file is (a BOM, the columns a person added)
-        head, encode = _encoder(kind, read_output(out) if out.is_file() else Found())
-        data = head + b"".join(encode(r) for r in records)
+        if found is None:
+            found = read_output(out) if out.is_file() else Found()
+        data = _file_bytes(*_encoder(kind, found), records)
     with lock.exclusive(lock.sidecar(out), str(out)):
         try:
             atomic.write_bytes(out, data)

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from . import gallery, metadata
-from .caption import collect_inputs, read_records, rewrite_records
+from .caption import collect_inputs, read_output, rewrite_records
 from .errors import UsageError
+from .images import is_image_file
 from .metadata import Provenance, PublishOptions, PublishResult, Status
 from .names import record_key
 
@@ -55,11 +56,15 @@ class PublishRequest:
         if self.min_confidence is not None and not 0.0 <= self.min_confidence <= 1.0:
             raise UsageError(f"--min-confidence {self.min_confidence}: give a number from 0 to 1")
         if self.html is not None:
-            gallery.check_target(self.html, self._not_the_gallery(out, inputs, recursive))
+            gallery.check_target(self.html, self._not_the_gallery(Path(self.html), out, inputs, recursive))
 
-    def _not_the_gallery(self, out: Path, inputs: Sequence[str | Path], recursive: bool) -> dict[Path, str]:
-        """The files this run reads or writes, which the gallery must not replace (path -> what it is)."""
+    def _not_the_gallery(self, html: Path, out: Path, inputs: Sequence[str | Path],
+                         recursive: bool) -> dict[Path, str]:
+        """The files this run reads or writes, which the gallery must not replace (path -> what it is). The
+        folders are walked for them only when ``html`` could be one: named like a photo or a sidecar."""
         protected = {Path(out): "the output file (-o)"}
+        if not (is_image_file(html) or html.suffix.lower() in (".xmp", ".txt")):
+            return protected
         for item in collect_inputs(inputs, recursive):
             protected[item.path] = "one of the photos being captioned"
             for kind in self.sidecars:
@@ -131,7 +136,8 @@ def publish_records(items: Sequence[tuple[Path, dict[str, Any]]], request: Publi
 def publish_output(out: str | Path, inputs: Sequence[str | Path], request: PublishRequest, model: str,
                    recursive: bool = False) -> PublishReport:
     """Publish the records of caption output ``out`` for ``inputs`` (marking low-confidence ones in ``out``)."""
-    records = read_records(out)
+    found = read_output(out)
+    records = found.records
     if mark_low_confidence(records, request.min_confidence):
-        rewrite_records(out, records)
+        rewrite_records(out, records, found)
     return publish_records(pair_records(inputs, records, recursive), request, model)
