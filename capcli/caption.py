@@ -802,9 +802,9 @@ class CaptionSummary:
 
 def _ours(path: Path, out: Path) -> bool:
     """Whether ``path`` is the output, or the lock or a temporary file capcli keeps beside it."""
-    if os.path.realpath(path.parent) != os.path.realpath(out.parent):
-        return False
-    return path.name in (out.name, lock.sidecar(out).name) or path.name.startswith(f".{out.name}.tmp")
+    if not (path.name in (out.name, lock.sidecar(out).name) or path.name.startswith(f".{out.name}.tmp")):
+        return False  # (the name first: the real folders only for the few entries named like these)
+    return os.path.realpath(path.parent) == os.path.realpath(out.parent)
 
 
 def _left_out(left_out: LeftOut, items: Sequence[InputFile], out: Path) -> CaptionSummary:

@@ -45,10 +45,14 @@ class LeftOut:
     subfolders: list[Path] = field(default_factory=list)  # not walked: no ``recursive``
     walked_already: list[Path] = field(default_factory=list)  # links to a folder walked already (a loop, ...)
     _seen: set[str] = field(default_factory=set, repr=False)
+    _real: dict[Path, str] = field(default_factory=dict, repr=False)  # folder -> its real path, once per folder
 
     def first_time(self, path: Path) -> bool:
         """Whether ``path`` (an entry of a folder walked) is reached for the first time."""
-        where = os.path.join(os.path.realpath(path.parent), path.name)
+        folder = self._real.get(path.parent)
+        if folder is None:
+            folder = self._real[path.parent] = os.path.realpath(path.parent)
+        where = os.path.join(folder, path.name)
         if where in self._seen:
             return False
         self._seen.add(where)
