@@ -20,9 +20,11 @@ import pytest
 from typer.testing import CliRunner
 
 from capcli import paths
+from capcli.archives import extract
 from capcli.cli import app
+from capcli.download import Source, download
 from capcli.errors import FetchError, UsageError
-from capcli.fetch import SOURCES, Source, download, extract, fetch
+from capcli.fetch import SOURCES, fetch
 from capcli.layout import Dataset
 
 # ---- a small mirror server ----------------------------------------------------------------------------
