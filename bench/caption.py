@@ -21,7 +21,7 @@ On the same photos (default: the first 256 of ../shared/data/flickr8k/images), i
    DataLoader worker process) of a whole ``caption_files`` run to a .json file on 100 and 1000 images (the
    photos repeated through symlinks), each in a fresh subprocess.
 
-The model is ``--checkpoint``, else the shipped default model (``capcli.caption.DEFAULT_MODEL``), else a
+The model is ``--checkpoint``, else the shipped default model (``capcli.captioner.DEFAULT_MODEL``), else a
 random-init attention model with a ~2500-word Flickr8k vocabulary (its captions run to max_len: the worst
 case for beam search cost).
 The last line is ``ratio X.XX`` = end-to-end beam-3 img/s (default precision) over encoder-only img/s.
@@ -44,7 +44,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from capcli.caption import DEFAULT_MODEL, SEARCH_BATCH, Captioner, caption_files  # noqa: E402
+from capcli.caption import caption_files  # noqa: E402
+from capcli.captioner import DEFAULT_MODEL, SEARCH_BATCH, Captioner  # noqa: E402
 from capcli.images import is_image_file  # noqa: E402
 from capcli.photos import collate_images  # noqa: E402
 from capcli.runtime import tune_cpu_allocator  # noqa: E402
@@ -106,10 +107,11 @@ def encode_all(cap: Captioner, images: torch.Tensor) -> tuple[torch.Tensor, list
 def search_pass(cap: Captioner, feats: torch.Tensor, plans: list | None, beam: int) -> float:
     """img/s of the caption search alone (greedy or beam) over features already computed, as caption_paths
     (grounded, with its repair pass, when the captioner grounds)."""
+    opts = cap.search_options(beam_size=beam)
     t = time.perf_counter()
     for s in range(0, len(feats), SEARCH_BATCH):
-        cap._decode(feats[s: s + SEARCH_BATCH], plans[s: s + SEARCH_BATCH] if plans is not None else None, beam,
-                    20, 1, 0.0, False)
+        cap._decode(feats[s: s + SEARCH_BATCH], plans[s: s + SEARCH_BATCH] if plans is not None else None, opts,
+                    False)
     sync(cap)
     return len(feats) / (time.perf_counter() - t)
 

@@ -19,7 +19,7 @@ __all__ = ["Captioner", "__version__"]
 def __getattr__(name: str):
     # Lazy: importing capcli (e.g. for `capcli --help`) must not import torch.
     if name == "Captioner":
-        from .caption import Captioner
+        from .captioner import Captioner
 
         return Captioner
     raise AttributeError(name)

@@ -36,7 +36,7 @@ from .runtime import tune_cpu_allocator
 if TYPE_CHECKING:
     import torch
 
-    from .caption import CaptionSummary
+    from .caption import Captioned, CaptionSummary
     from .chair import ChairScores
     from .evaluate import Evaluation
     from .publish import PublishRequest
@@ -542,7 +542,9 @@ def caption(
         "(they stay in the output, marked low_confidence).")] = None,
 ) -> None:
     """Caption photos: files and folders in, one record per image out (caption, logprob, labels, or error)."""
-    from .caption import Captioner, caption_files, output_format, parse_shard
+    from .caption import caption_files, parse_shard
+    from .captioner import Captioner
+    from .outputs import output_format
     from .publish import PublishRequest
 
     output_format(out)  # fail on a bad -o before loading anything
@@ -556,11 +558,12 @@ def caption(
     try:
         s = caption_files(captioner, paths, out, beam_size=beam, batch_size=batch_size, workers=workers,
                           max_len=max_len, top_k=top_k, length_penalty=length_penalty, recursive=recursive,
-                          attention_maps=attention_maps, resume=resume, shard=shard_ij, progress=RichProgress())
+                          attention_maps=attention_maps, resume=resume, shard=shard_ij, keep_records=request.wanted,
+                          progress=RichProgress())
     except KeyboardInterrupt:
         _interrupted(out)
     _caption_summary(s, out)
-    n_publish_failed = _publish(out, paths, recursive, request, model) if request.wanted else 0
+    n_publish_failed = _publish(s.output, request, model) if s.output is not None else 0
     if strict and (s.failed or s.unsupported or n_publish_failed):
         what = [f"{s.failed} image(s) failed" if s.failed else "",
                 f"{s.n_unsupported} file(s) skipped as unsupported" if s.unsupported else "",
@@ -585,7 +588,7 @@ def _caption_summary(s: CaptionSummary, out: Path) -> None:
 
 def _interrupted(out: Path) -> None:
     """Ctrl-C during captioning: what is kept, and how to go on."""
-    from .caption import read_records
+    from .outputs import read_records
 
     try:
         kept = f"{len(read_records(out))} record(s) are kept in {escape(display(str(out)))}"
@@ -596,13 +599,14 @@ def _interrupted(out: Path) -> None:
     raise typer.Exit(130)
 
 
-def _publish(out: Path, paths: list[Path], recursive: bool, request: PublishRequest, model: Path | None) -> int:
-    """Run caption's publishing step and render it: one line per file not written, then the counts."""
-    from .caption import SHIPPED_MODELS
-    from .publish import publish_output
+def _publish(run: Captioned, request: PublishRequest, model: Path | None) -> int:
+    """Run caption's publishing step on what the run captioned and render it: one line per file not written, then
+    the counts."""
+    from .captioner import SHIPPED_MODELS
+    from .publish import publish_captioned
 
     name = "attention" if model is None else str(model) if str(model) in SHIPPED_MODELS else model.name
-    rep = publish_output(out, paths, request, model=name, recursive=recursive)
+    rep = publish_captioned(run, request, model=name)
     for r in rep.results:
         if r.status is not r.status.WRITTEN:
             colour = {"failed": "red", "skipped": "yellow"}.get(r.status.value, "cyan")

@@ -43,7 +43,9 @@ import torch
 
 from .chair import objects_in
 from .grounding_table import WordTable, load_word_table
-from .models.decoding import Constraints
+from .models.base import Searchable
+from .models.decoding import Constraints, Decoded
+from .search import SearchOptions, search
 from .vocab import Vocabulary
 
 MODES = ("auto", "off")
@@ -283,10 +285,16 @@ class Grounder:
 
     def keeps(self, plan: Plan, tokens: list[int]) -> bool:
         """Whether a caption (token ids) keeps its plan: it names every word to say, and no banned word."""
+        return self.broken(plan, tokens) == 0
+
+    def broken(self, plan: Plan, tokens: list[int]) -> int:
+        """How many of its plan's rules a caption (token ids) breaks: each word to say it does not name, the
+        labels of which it names none (``say_any``), each banned token it says."""
         have = set(tokens)
+        missing = sum(not have.intersection(self.names[w]) for w in plan.say)
         if plan.say_any and not any(have.intersection(self.names[w]) for w in plan.say_any):
-            return False
-        return all(have.intersection(self.names[w]) for w in plan.say) and not have.intersection(self.banned(plan))
+            missing += 1
+        return missing + len(have.intersection(self.banned(plan)))
 
     def words_of(self, plan: Plan | None, tokens: list[int]) -> list[str]:
         """A caption's words, the new words to say in place of the relatives that said them."""
@@ -311,3 +319,34 @@ def _vowel_sound(word: str) -> bool:
     if word.startswith(("uni", "use", "usu", "ure", "one", "eu")):
         return False
     return word[:1] in "aeio" or word.startswith(("u", "hour", "honest", "heir"))
+
+
+def grounded_search(model: Searchable, features: torch.Tensor, plans: list[Plan], grounder: Grounder,
+                    opts: SearchOptions, with_alphas: bool = False) -> list[list[Decoded]]:
+    """The grounded search of a batch: the plain search; each caption checked against its plan; the photos whose
+    caption breaks it (a held-back word said, a word to say missing) searched again with the plan's bans and
+    constraints (one beam set per subset of the words to say met, ``repair_beams`` wider), on those photos alone;
+    and each repair checked again.
+
+    A repair that still breaks its plan (the words to say did not fit in ``max_len``, say) is kept only when it
+    breaks no more of the plan's rules than the plain caption did (:meth:`Grounder.broken`); otherwise the plain
+    caption stays. Captions that keep their plan stay exactly as they were.
+    """
+    results = search(model, features, opts, with_alphas=with_alphas, greedy_at_1=False)
+    redo = [i for i, (hyps, plan) in enumerate(zip(results, plans, strict=True))
+            if not grounder.keeps(plan, hyps[0].tokens)]
+    if not redo:
+        return results
+    again = search(model, features[torch.tensor(redo, device=features.device)], opts,
+                   extra_beams=grounder.policy.repair_beams, with_alphas=with_alphas,
+                   constraints=grounder.constraints([plans[i] for i in redo], features.device))
+    for i, hyps in zip(redo, again, strict=True):
+        if repair_kept(grounder, plans[i], results[i][0].tokens, hyps[0].tokens):
+            results[i] = hyps
+    return results
+
+
+def repair_kept(grounder: Grounder, plan: Plan, plain: list[int], repair: list[int]) -> bool:
+    """Whether the repair of a caption that broke its plan replaces it: unless it breaks more of the plan's rules
+    (ties go to the repair: it was searched under the plan)."""
+    return grounder.broken(plan, repair) <= grounder.broken(plan, plain)

@@ -1,8 +1,9 @@
 """``capcli caption``'s publishing step: its output records into photo metadata, sidecars and a review gallery.
 
-After a caption run, each record of the output that names one of the inputs is paired with its photo (by the
-record's file key, ``path_bytes`` first, as ``--resume`` matches them: :func:`capcli.names.record_key`) and
-published by :mod:`capcli.metadata` (XMP or ``.txt`` sidecars, embedded XMP) and :mod:`capcli.gallery`.
+A caption run hands over what its output holds, each record paired with its photo (:class:`capcli.caption.Captioned`,
+by the record's file key, ``path_bytes`` first, as ``--resume`` matches them: :func:`capcli.names.record_key`), and
+the pairs are published by :mod:`capcli.metadata` (XMP or ``.txt`` sidecars, embedded XMP) and
+:mod:`capcli.gallery`: the output is not read again, nor the folders walked again.
 
 ``min_confidence``: a record whose ``confidence`` is below it stays in the output, marked
 ``"low_confidence": true`` (the output file is rewritten with the mark), and is kept out of the metadata and
@@ -18,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from . import gallery, metadata
-from .caption import collect_inputs, read_output, rewrite_records
+from .caption import Captioned, collect_inputs
 from .errors import UsageError
 from .images import is_image_file
 from .metadata import Provenance, PublishOptions, PublishResult, Status
 from .names import record_key
+from .outputs import read_output, rewrite_records
 
 
 @dataclass(frozen=True)
@@ -133,11 +135,18 @@ def publish_records(items: Sequence[tuple[Path, dict[str, Any]]], request: Publi
     return report
 
 
+def publish_captioned(run: Captioned, request: PublishRequest, model: str) -> PublishReport:
+    """Publish what a caption run left in its output (``caption_files(..., keep_records=True)``), marking the
+    low-confidence records in the output (rewritten as it is laid out, when a mark changed)."""
+    if mark_low_confidence(run.records, request.min_confidence):
+        rewrite_records(run.out, run.records, run.found)
+    return publish_records(run.pairs, request, model)
+
+
 def publish_output(out: str | Path, inputs: Sequence[str | Path], request: PublishRequest, model: str,
                    recursive: bool = False) -> PublishReport:
-    """Publish the records of caption output ``out`` for ``inputs`` (marking low-confidence ones in ``out``)."""
+    """Publish the records of a caption output written earlier, ``out``, for the files of ``inputs`` (read and
+    walked here; after a run, :func:`publish_captioned` takes what the run has instead)."""
     found = read_output(out)
-    records = found.records
-    if mark_low_confidence(records, request.min_confidence):
-        rewrite_records(out, records, found)
-    return publish_records(pair_records(inputs, records, recursive), request, model)
+    return publish_captioned(Captioned(Path(out), found.records, found,
+                                       pair_records(inputs, found.records, recursive)), request, model)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from capcli import atomic, confidence
-from capcli.caption import DEFAULT_MODEL, Captioner
+from capcli.captioner import DEFAULT_MODEL, Captioner
 from capcli.evaluate import open_dataset
 
 ROOT = Path(__file__).resolve().parent.parent

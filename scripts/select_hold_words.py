@@ -20,7 +20,7 @@ import argparse
 
 import torch
 
-from capcli.caption import DEFAULT_MODEL, Captioner
+from capcli.captioner import DEFAULT_MODEL, Captioner
 from capcli.chair import chair, objects_in
 from capcli.evaluate import open_dataset
 from capcli.grounding import Grounder
@@ -44,8 +44,8 @@ def main() -> None:
             batch = val[s: s + 64]
             grid = plain.encoder(torch.stack([plain.spec.read(ds.path(r)) for r in batch]))  # (B, N, D)
             logits.append(plain.encoder.imagenet_logits(grid))
-            recs = plain._decode(plain.model.features_of_kind(grid, plain.model.feature_kind), None, beam_size=3,
-                                 max_len=20, top_k=1, length_penalty=0.0, return_alphas=False)
+            recs = plain._decode(plain.model.features_of_kind(grid, plain.model.feature_kind), None,
+                                 plain.search_options(beam_size=3), return_alphas=False)
             captions.update({r.id: rec["caption"] for r, rec in zip(batch, recs, strict=True)})
     ev = g.evidence(torch.cat(logits)).words  # (n, W)
     refs = {r.id: list(r.captions) for r in val}

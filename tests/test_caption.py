@@ -20,23 +20,15 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from capcli.caption import (
-    DEFAULT_MODEL,
-    SHIPPED_MODELS,
-    Captioner,
-    caption_files,
-    collect_inputs,
-    in_shard,
-    parse_shard,
-    read_records,
-    rewrite_records,
-)
+from capcli.caption import caption_files, collect_inputs, in_shard, parse_shard
+from capcli.captioner import DEFAULT_MODEL, SHIPPED_MODELS, Captioner
 from capcli.checkpoint import load_checkpoint, save_checkpoint
 from capcli.cli import app
 from capcli.encoders import get_spec
 from capcli.errors import CheckpointError, UsageError
 from capcli.images import load_image
 from capcli.models import build
+from capcli.outputs import read_records, rewrite_records
 from capcli.progress import Progress
 from capcli.viz import save_attention_map
 from capcli.vocab import Vocabulary
@@ -495,7 +487,7 @@ def test_default_model(example_photos, tmp_path):
 
 def test_json_output_is_saved_periodically_not_only_at_the_end(tmp_path):
     """A .json run killed outright (no chance to save at the end) still leaves the last periodic save."""
-    from capcli.caption import _JsonWriter
+    from capcli.outputs import _JsonWriter
 
     out = tmp_path / "c.json"
     w = _JsonWriter(out, resume=False, every_s=0.0)
@@ -505,3 +497,19 @@ def test_json_output_is_saved_periodically_not_only_at_the_end(tmp_path):
     w.close()
     assert [r["path"] for r in read_records(out)] == ["a.jpg", "b.jpg"]
     assert not [p for p in tmp_path.iterdir() if p.name != "c.json"]  # no temporary files left behind
+
+
+def test_caption_bytes_gives_the_records_caption_paths_gives(example_photos, captioner, photo_dir):
+    """Photos as the bytes of their files, all in memory (a distributed engine's workers): the same records as
+    from the files, in order; bytes that are no photo give an error record and the rest go on."""
+    paths = [*example_photos, photo_dir / "text.jpg", photo_dir / "empty.jpg"]
+    data = [p.read_bytes() for p in paths]
+    recs = captioner.caption_bytes(data, beam_size=3, top_k=2, max_len=8, batch_size=2, search_batch=3)
+    want = list(captioner.caption_paths(paths, beam_size=3, top_k=2, max_len=8, batch_size=2, workers=0,
+                                        search_batch=3))
+    assert recs == [{k: v for k, v in w.items() if k != "path"} for w in want]
+    assert [("error" in r) for r in recs] == [False] * len(example_photos) + [True, True]
+    assert recs[-2]["error"] == "not an image file" and recs[-1]["error"] == "not an image file"
+    assert captioner.caption_bytes([]) == []
+    with pytest.raises(UsageError, match="--top-k 4"):
+        captioner.caption_bytes(data, top_k=4)

@@ -149,7 +149,7 @@ def test_info_says_what_auto_precision_picks_and_whether_java_is_there(tmp_path)
 
 
 def test_an_unknown_model_name_lists_the_shipped_ones(tmp_path) -> None:
-    from capcli.caption import SHIPPED_MODELS
+    from capcli.captioner import SHIPPED_MODELS
 
     r = _run("caption", str(tmp_path), "-o", str(tmp_path / "out.json"), "--model", "fancy")
     assert r.exit_code == 1 and "Traceback" not in r.output

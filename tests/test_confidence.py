@@ -13,7 +13,7 @@ import shutil
 import pytest
 
 from capcli import confidence
-from capcli.caption import DEFAULT_MODEL, Captioner
+from capcli.captioner import DEFAULT_MODEL, Captioner
 from capcli.confidence import FEATURES, ConfidenceModel
 from capcli.errors import CheckpointError
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from capcli.caption import DEFAULT_MODEL, SHIPPED_MODELS, Captioner
+from capcli.captioner import DEFAULT_MODEL, SHIPPED_MODELS, Captioner
 from capcli.checkpoint import load_checkpoint
 from capcli.vocab import tokenize
 

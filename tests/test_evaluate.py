@@ -407,7 +407,7 @@ def untrained_checkpoint(small_flickr8k, tmp_path_factory) -> Path:
     """A real (small, untrained, seeded) Show and Tell checkpoint: enough to drive the whole pipeline."""
     import torch
 
-    import capcli.caption  # noqa: F401  (evaluate_checkpoint captions with it: an import error fails, never skips)
+    import capcli.captioner  # noqa: F401  (evaluate_checkpoint captions with it: an import error fails, never skips)
     from capcli.checkpoint import save_checkpoint
     from capcli.encoders import DEFAULT_ENCODER, get_spec
     from capcli.models import build

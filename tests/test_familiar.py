@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from capcli.caption import Captioner
+from capcli.captioner import Captioner
 from capcli.checkpoint import load_checkpoint, save_checkpoint
 from capcli.errors import CheckpointError
 from capcli.familiar import Familiarity

@@ -25,7 +25,7 @@ needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium not insta
 @pytest.fixture(scope="module")
 def items() -> list[tuple[Path, dict]]:
     """Real captions of the example photos by the shipped model (top 3, grounded labels), plus one failed photo."""
-    from capcli.caption import DEFAULT_MODEL, Captioner
+    from capcli.captioner import DEFAULT_MODEL, Captioner
 
     if not DEFAULT_MODEL.is_file():
         pytest.skip("no shipped default model in capcli/assets")

@@ -8,9 +8,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from capcli.caption import Captioner
-from capcli.grounding import ANIMATE_VERBS, DOING, Grounder, GroundingPolicy, Plan, fix_articles, person_weights
+from capcli.captioner import Captioner
+from capcli.grounding import (
+    ANIMATE_VERBS,
+    DOING,
+    Grounder,
+    GroundingPolicy,
+    Plan,
+    fix_articles,
+    grounded_search,
+    person_weights,
+    repair_kept,
+)
 from capcli.models.decoding import Constraints, beam_search
+from capcli.search import SearchOptions, search
 
 BANNED = (0, 1, 3)  # <pad>, <start>, <unk>
 PERSON_WORDS = ("man", "woman", "boy", "girl", "people", "person", "child", "children", "men", "women")
@@ -185,3 +196,35 @@ def test_articles_follow_the_next_word() -> None:
     assert fix_articles(["a", "elephant", "and", "an", "dog", "on", "a", "unicycle"]) == \
         ["an", "elephant", "and", "a", "dog", "on", "a", "unicycle"]
     assert fix_articles(["a"]) == ["a"]
+
+
+def test_each_repair_is_checked_again_and_kept_unless_it_breaks_more_of_the_plan(grounded, grids) -> None:
+    """Two words to say in a one-word caption: the plain caption breaks the plan, and so does its repair (one word
+    cannot say both), but it breaks less of it: the repair is kept. A photo whose caption keeps its plan keeps its
+    plain caption."""
+    g, v, model = grounded.grounder, grounded.vocab, grounded.model
+    assert g is not None and {"elephant", "pizza"} <= set(g.names)
+    feats = model.features_of_kind(grids, model.feature_kind)
+    opts = SearchOptions.of(v, beam_size=3, max_len=1)
+    plain = search(model, feats, opts, greedy_at_1=False)
+    plans = [Plan(say=["elephant", "pizza"]) if i % 2 else Plan() for i in range(grids.size(0))]
+    with torch.inference_mode():
+        out = grounded_search(model, feats, plans, g, opts)
+    for i, (plan, hyps) in enumerate(zip(plans, out, strict=True)):
+        if not plan.say:
+            assert hyps[0].tokens == plain[i][0].tokens  # kept its plan: the plain caption, as it was
+            continue
+        assert g.broken(plan, plain[i][0].tokens) == 2 and not g.keeps(plan, hyps[0].tokens)
+        assert g.broken(plan, hyps[0].tokens) == 1  # still broken, but less: the repair
+        assert v.decode(hyps[0].tokens)[0] in ("elephant", "elephants", "pizza", "pizzas")
+
+
+def test_a_repair_that_breaks_more_of_the_plan_is_not_kept(grounded) -> None:
+    g, v = grounded.grounder, grounded.vocab
+    plan = Plan(say=["cat"], hold=["dog"])
+    tokens = {text: v.encode(text, add_special=False) for text in (
+        "a brown dog in the grass", "a cat in the grass", "a dog near a cat", "a man in the grass")}
+    assert [g.broken(plan, t) for t in tokens.values()] == [2, 0, 1, 1]
+    assert repair_kept(g, plan, tokens["a brown dog in the grass"], tokens["a man in the grass"])  # 1 < 2
+    assert repair_kept(g, plan, tokens["a dog near a cat"], tokens["a man in the grass"])  # a tie: the repair
+    assert not repair_kept(g, plan, tokens["a dog near a cat"], tokens["a brown dog in the grass"])  # 2 > 1

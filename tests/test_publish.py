@@ -19,10 +19,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from capcli.caption import read_records
+from capcli.caption import caption_files, in_shard
+from capcli.captioner import Captioner
 from capcli.cli import app
 from capcli.names import path_fields
-from capcli.publish import PublishRequest, is_low_confidence, pair_records, publish_output
+from capcli.outputs import CSV_FIELDS, read_records
+from capcli.publish import PublishRequest, is_low_confidence, pair_records, publish_captioned, publish_output
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "photos"
 PHOTOS = sorted(p.name for p in EXAMPLES.iterdir() if p.suffix in {".jpg", ".png"})
@@ -295,3 +297,30 @@ def test_a_failed_write_is_one_line_the_rest_go_on_and_strict_fails(work):
     assert f"wrote {len(PHOTOS) - 1}, skipped 0 (a person's words; --overwrite replaces them), failed 1" in r.output
     r = run(str(photos), "-o", str(work / "out.json"), "--resume", "--embed", "--strict")
     assert r.exit_code == 1 and "1 metadata write(s) failed (--strict)" in r.output
+
+
+@pytest.mark.slow
+def test_publishing_takes_the_runs_own_records_and_pairs(tmp_path):
+    """A run hands publishing its (photo, record) pairs and what its output holds (an earlier run's records
+    first, on --resume): publishing reads no output back and walks no folder (the output may even be gone)."""
+    photos, out = tmp_path / "photos", tmp_path / "out.csv"
+    shutil.copytree(EXAMPLES, photos)
+    cap = Captioner.load(device="cpu")
+    first = caption_files(cap, [photos], out, shard=(0, 2), workers=0, keep_records=True)
+    assert first.output is not None and first.outside_shard
+    shard = [p for p in sorted(photos.iterdir()) if p.name in PHOTOS and in_shard(p.name, (0, 2))]
+    assert [p for p, _ in first.output.pairs] == shard
+    run = caption_files(cap, [photos], out, resume=True, workers=0, keep_records=True).output
+    assert run is not None and run.records == read_records(out)  # what the file holds, in its order
+    assert [r["path"] for r in run.records[: len(shard)]] == [p.name for p in shard]  # the kept ones first
+    assert [p.name for p, _ in run.pairs] == PHOTOS
+    assert all(any(rec is r for r in run.records) for _, rec in run.pairs)  # one record, one object
+    out.unlink()
+    report = publish_captioned(run, PublishRequest(sidecars=("txt",)), model="attention")
+    assert report.counts()["written"] == len(PHOTOS) and not out.exists()
+    assert (photos / "chelsea.txt").read_text().strip() == run.pairs[PHOTOS.index("chelsea.jpg")][1]["caption"]
+    # --min-confidence marks the records in the output, rewritten in its layout
+    report = publish_captioned(run, PublishRequest(min_confidence=1.0), model="attention")
+    assert sorted(report.held_back) == PHOTOS
+    assert [r.get("low_confidence") for r in read_records(out)] == [True] * len(PHOTOS)
+    assert out.read_text().splitlines()[0] == ",".join(CSV_FIELDS)

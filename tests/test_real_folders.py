@@ -26,11 +26,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from capcli import atomic, lock
-from capcli.caption import Captioner, caption_files, in_shard, read_records
+from capcli.caption import caption_files, in_shard
+from capcli.captioner import Captioner
 from capcli.cli import app
 from capcli.errors import LockedError, OutputError, UsageError
 from capcli.images import is_image_file, load_image
 from capcli.names import display, path_fields, record_key
+from capcli.outputs import read_records
 from capcli.progress import Progress
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -228,11 +228,13 @@ def ce_loss(model: nn.Module, logits: torch.Tensor, alphas: torch.Tensor | None,
 def scst_loss(model: nn.Module, feats: torch.Tensor, images: torch.Tensor, cider: Any, vocab: Vocabulary, n: int,
               max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-critical loss of one batch and its mean reward: n sampled captions per image, each rewarded by its
-    CIDEr-D less the mean CIDEr-D of the image's other n - 1 samples."""
+    CIDEr-D less the mean CIDEr-D of the image's other n - 1 samples (drawn as the caption search searches: its
+    banned specials, its <start>/<end>, ``max_len``)."""
     from ..models.decoding import sample
+    from ..search import SearchOptions
 
-    words, logp = sample(model, feats, n, vocab.start_id, vocab.end_id, max_len,
-                         banned=(vocab.pad_id, vocab.start_id, vocab.unk_id))
+    opts = SearchOptions.of(vocab, beam_size=1, max_len=max_len)
+    words, logp = sample(model, feats, n, opts.start_id, opts.end_id, opts.max_len, banned=opts.banned)
     rows = images.tolist()
     reward = torch.tensor([cider.score(rows[i // n], [vocab.words[w] for w in ws]) for i, ws in enumerate(words)])
     reward = reward.view(-1, n)
@@ -264,9 +266,11 @@ def validate(cfg: TrainConfig, data: Data, model: nn.Module, encoder: nn.Module 
 def _generate(model: nn.Module, x_groups: Iterator[tuple], groups: Sequence[torch.Tensor], ids: Sequence[int],
               vocab: Vocabulary, cfg: TrainConfig, device: torch.device, encoder: nn.Module | None,
               progress: Progress) -> dict[int, str]:
-    """Captions, without teacher forcing, for the images of ``groups`` (rows into ``ids``)."""
-    from ..models.decoding import beam_search, greedy
+    """Captions, without teacher forcing, for the images of ``groups`` (rows into ``ids``), searched as
+    ``capcli caption`` and ``capcli evaluate`` search them (greedy or beam ``val_beam``; the specials banned)."""
+    from ..search import SearchOptions, search
 
+    opts = SearchOptions.of(vocab, beam_size=cfg.val_beam, max_len=cfg.max_len)
     hyps: dict[int, str] = {}
     for rows, (x, inverse, failed) in zip(groups, x_groups, strict=True):
         for r, why in failed:
@@ -276,11 +280,7 @@ def _generate(model: nn.Module, x_groups: Iterator[tuple], groups: Sequence[torc
                 feats = model_input(x, inverse, encoder, model.feature_kind, device)
                 if inverse is not None:
                     rows = rows[inverse >= 0]
-                if cfg.val_beam > 1:
-                    out = [beams[0] for beams in beam_search(model, feats, vocab.start_id, vocab.end_id,
-                                                             max_len=cfg.max_len, beam_size=cfg.val_beam)]
-                else:
-                    out = greedy(model, feats, vocab.start_id, vocab.end_id, max_len=cfg.max_len)
+                out = [beams[0] for beams in search(model, feats, opts)]
             for r, d in zip(rows.tolist(), out, strict=True):
                 hyps[int(ids[r])] = vocab.to_text(d.tokens)
         progress.advance(len(rows))
