@@ -13,7 +13,7 @@ of the image's other samples (the baseline; Luo 2020)::
     loss = -mean((CIDEr-D(w^s) - baseline) * log p(w^s))
 
 Each epoch then generates captions for the validation images without teacher forcing (greedy, or beam search
-with ``val_beam``), scores BLEU-4 and CIDEr with :func:`capcli.evaluate.score`, keeps the best
+with ``val_beam``), scores BLEU-4 and CIDEr with :func:`capcli.scoring.score`, keeps the best
 checkpoint by ``select`` and stops after ``patience`` epochs without improvement.
 
 Data. By default the model trains on cached CNN features (``capcli features``; extracted here first

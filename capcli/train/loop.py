@@ -266,7 +266,7 @@ def scst_loss(model: nn.Module, feats: torch.Tensor, images: torch.Tensor, cider
 
 def validate(ctx: RunContext) -> dict[str, float]:
     """BLEU and CIDEr of captions generated (greedy, or beam ``val_beam``) for the validation images."""
-    from ..evaluate import score
+    from ..scoring import score
 
     cfg, data, model, encoder, device, progress = (ctx.cfg, ctx.data, ctx.net.model, ctx.net.encoder,
                                                    ctx.dist.device, ctx.progress)
