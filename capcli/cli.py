@@ -6,10 +6,13 @@ red line on stderr and a non-zero exit status, never a traceback.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import shutil
 import time
+import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -304,88 +307,32 @@ def features(
 
 
 # --- train -----------------------------------------------------------------------------------------
-# Every default is TrainConfig's (capcli.config imports no torch, so `capcli --help` stays fast).
-_TC = TrainConfig()
+def _train_options() -> list[inspect.Parameter]:
+    """``capcli train``'s options, one per TrainConfig field, from the field's type, default and help
+    (capcli.config imports no torch, so `capcli --help` stays fast)."""
+    hints = typing.get_type_hints(TrainConfig)
+    params = []
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        if meta.get("shared"):  # --root: the option every data command shares
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=DataRoot))
+            continue
+        decls = ("--" + f.name.replace("_", "-"),) if meta["flag"] else ()
+        kind = (Path | None) if meta["path"] else hints[f.name]
+        annotation = Annotated[kind, typer.Option(*decls, help=meta["help"])]
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                        annotation=annotation))
+    return params
 
 
-@app.command("train")
-def train_cmd(
-    arch: Annotated[str, typer.Option(help="basic (Show and Tell) | attention (Show, Attend and Tell)")] = _TC.arch,
-    dataset: Annotated[str, typer.Option(help="Prepared dataset name under the data root; 'coco' picks coco2014, "
-                                         "else coco2017.")] = _TC.dataset,
-    data: Annotated[Path | None, typer.Option(help="A prepared dataset folder (instead of --dataset).")] = _TC.data,
-    out: Annotated[Path | None, typer.Option(help="Run folder (default: ROOT/runs/DATASET-ARCH).")] = _TC.out,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue OUT/last.pt where it stopped.")] = _TC.resume,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in an OUT that holds a "
-                                            "run.")] = _TC.overwrite,
-    encoder: Annotated[str | None, typer.Option(help="Encoder of the features (default: efficientnet-lite0, or "
-                                                "the --features folder's).")] = _TC.encoder,
-    features: Annotated[Path | None, typer.Option(help="Features folder (default: ROOT/features/DATASET/ENCODER, "
-                                                  "extracted first when missing).")] = _TC.features,
-    no_extract: Annotated[bool, typer.Option("--no-extract", help="Fail instead of extracting missing "
-                                             "features.")] = _TC.no_extract,
-    root: DataRoot = None,
-    embed_dim: Annotated[int, typer.Option(help="Word embedding size.")] = _TC.embed_dim,
-    hidden_dim: Annotated[int, typer.Option(help="RNN hidden size.")] = _TC.hidden_dim,
-    attention_dim: Annotated[int, typer.Option(help="Attention MLP size (attention).")] = _TC.attention_dim,
-    dropout: Annotated[float, typer.Option(help="Dropout probability.")] = _TC.dropout,
-    cell: Annotated[str, typer.Option(help="lstm | gru | rnn")] = _TC.cell,
-    condition: Annotated[str, typer.Option(help="basic: first-step (the paper) | init-state")] = _TC.condition,
-    embeddings: Annotated[Path | None, typer.Option(help="Pretrained word vectors, GloVe text "
-                                                    "format.")] = _TC.embeddings,
-    freeze_embeddings: Annotated[bool, typer.Option("--freeze-embeddings", help="Keep --embeddings "
-                                                    "fixed.")] = _TC.freeze_embeddings,
-    min_count: Annotated[int, typer.Option(help="Rarer words become <unk>.")] = _TC.min_count,
-    max_len: Annotated[int, typer.Option(help="Captions are truncated to this many words.")] = _TC.max_len,
-    captions_per_image: Annotated[int | None, typer.Option(help="Train on the first K captions of each image "
-                                                           "(default: all).")] = _TC.captions_per_image,
-    epochs: Annotated[int, typer.Option(help="Most epochs to train.")] = _TC.epochs,
-    batch_size: Annotated[int, typer.Option(help="Captions per step.")] = _TC.batch_size,
-    lr: Annotated[float, typer.Option(help="Decoder learning rate (Adam).")] = _TC.lr,
-    encoder_lr: Annotated[float, typer.Option(help="Encoder learning rate with --fine-tune-encoder.")] = _TC.encoder_lr,
-    weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = _TC.weight_decay,
-    grad_clip: Annotated[float, typer.Option(help="Max gradient norm (0: off).")] = _TC.grad_clip,
-    alpha_c: Annotated[float, typer.Option(help="Weight of the doubly stochastic attention "
-                                           "regulariser.")] = _TC.alpha_c,
-    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = _TC.label_smoothing,
-    init_from: Annotated[Path | None, typer.Option(help="Start from this checkpoint's model and vocabulary "
-                                                   "(e.g. --scst after cross-entropy training).")] = _TC.init_from,
-    scst: Annotated[bool, typer.Option("--scst", help="Self-critical training: reward sampled captions by "
-                                       "CIDEr-D instead of cross-entropy.")] = _TC.scst,
-    scst_samples: Annotated[int, typer.Option(help="Captions sampled per image with --scst.")] = _TC.scst_samples,
-    schedule: Annotated[str, typer.Option(help="plateau (halve the LR when --select stalls) | cosine | "
-                                          "none")] = _TC.schedule,
-    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better --select "
-                                          "(0: never).")] = _TC.patience,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimiser steps.")] = _TC.max_steps,
-    seed: Annotated[int, typer.Option(help="Random seed (initialisation, data order, dropout).")] = _TC.seed,
-    select: Annotated[str, typer.Option(help="cider | bleu4: metric for best.pt and early stopping.")] = _TC.select,
-    val_split: Annotated[str, typer.Option(help="Split to validate on.")] = _TC.val_split,
-    val_images: Annotated[int | None, typer.Option(help="Validate on the first N images only.")] = _TC.val_images,
-    val_beam: Annotated[int, typer.Option(help="Beam size for validation captions (1: greedy).")] = _TC.val_beam,
-    val_batch_size: Annotated[int, typer.Option(help="Images per validation batch.")] = _TC.val_batch_size,
-    val_tokenizer: Annotated[str, typer.Option(help="auto | java | python (fast, approximate "
-                                               "scores)")] = _TC.val_tokenizer,
-    fine_tune_encoder: Annotated[bool, typer.Option("--fine-tune-encoder", help="Train end to end from the "
-                                                    "photos, fine-tuning the encoder's last "
-                                                    "blocks.")] = _TC.fine_tune_encoder,
-    fine_tune_blocks: Annotated[int, typer.Option(help="Encoder blocks to fine-tune.")] = _TC.fine_tune_blocks,
-    encoder_weights: Annotated[Path | None, typer.Option(help="Encoder weights file (torchvision state "
-                                                         "dict).")] = _TC.encoder_weights,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = _TC.workers,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = _TC.device,
-    amp: Annotated[bool, typer.Option(help="bfloat16 autocast on CUDA.")] = _TC.amp,
-    preload: Annotated[bool, typer.Option(help="Hold the features in memory (falls back when they do not "
-                                          "fit).")] = _TC.preload,
-    save_dtype: Annotated[str, typer.Option(help="float32 | float16 for best.pt.")] = _TC.save_dtype,
-) -> None:
+def train_cmd(**options: Any) -> None:
     """Train Show and Tell (basic) or Show, Attend and Tell (attention) on cached features or end to end.
 
     Under `torchrun --nproc_per_node N` it trains with DistributedDataParallel.
     """
-    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
     from .train import train as run_train
 
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
     res = run_train(TrainConfig(**options), progress=RichProgress())
     for note in res.notes:
         err_console.print(f"note: {note}", highlight=False, soft_wrap=True)
@@ -401,6 +348,11 @@ def train_cmd(
     console.print(t)
     console.print(f"best checkpoint: {res.best_path}\nresumable: {res.last_path}\ncurves: {res.out / 'curves.png'}",
                   highlight=False, soft_wrap=True)
+
+
+train_cmd.__signature__ = inspect.Signature(_train_options())  # type: ignore[attr-defined]
+train_cmd.__annotations__ = {p.name: p.annotation for p in train_cmd.__signature__.parameters.values()}
+app.command("train")(train_cmd)
 
 
 # --- evaluate --------------------------------------------------------------------------------------

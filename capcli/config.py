@@ -1,12 +1,14 @@
 """Every training option in one place, without torch: ``TrainConfig``, the choices it allows and its checks.
 
-``capcli train``'s option defaults read ``TrainConfig``'s field defaults, and the models' cell tables are
-checked against :data:`CELLS` (tests/test_train.py), so a default or a choice is written down once, here.
+Each option is declared once, here: its field's default and help (``option``) make ``capcli train``'s option
+(cli.py builds the command from the fields), and the models' cell tables are checked against :data:`CELLS`
+(tests/test_train.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 from .errors import UsageError
 from .progress import Progress
@@ -21,68 +23,83 @@ SAVE_DTYPES = ("float32", "float16")
 VAL_TOKENIZERS = ("auto", "java", "python")
 
 
+def option(default: Any, help: str, *, flag: bool = False, path: bool = False) -> Any:
+    """A :class:`TrainConfig` field and its ``capcli train`` option (cli.py builds the command from the fields).
+
+    ``help``: the option's help text; ``flag``: a bool given as ``--name`` alone (no ``--no-name``); ``path``: the
+    option takes a path (the config keeps it as a string: JSON-able)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "path": path})
+
+
 @dataclass
 class TrainConfig:
-    """Every training option. JSON-able; stored in checkpoints as ``train_config``."""
+    """Every training option, with its default and help. JSON-able; stored in checkpoints as ``train_config``."""
 
     # what to train on, and where things go
-    arch: str = "attention"  # basic (Show and Tell) | attention (Show, Attend and Tell)
-    dataset: str = "coco"  # a prepared dataset's name under the data root ("coco": coco2014, else coco2017)
-    data: str | None = None  # a prepared dataset folder (instead of --dataset)
-    root: str | None = None  # data root [env CAPCLI_HOME, ~/.capcli]
-    encoder: str | None = None  # None: the default encoder, or the one of the --features folder
-    features: str | None = None  # features folder [ROOT/features/DATASET/ENCODER]
-    no_extract: bool = False  # fail instead of extracting missing features
-    out: str | None = None  # run folder [ROOT/runs/DATASET-ARCH]
-    resume: bool = False  # continue OUT/last.pt
-    overwrite: bool = False  # start over in an OUT that already holds a run
+    arch: str = option("attention", "basic (Show and Tell) | attention (Show, Attend and Tell)")
+    dataset: str = option("coco", "Prepared dataset name under the data root; 'coco' picks coco2014, else coco2017.")
+    data: str | None = option(None, "A prepared dataset folder (instead of --dataset).", path=True)
+    root: str | None = field(default=None, metadata={"shared": True})  # the --root of every data command (cli.py)
+    encoder: str | None = option(None, "Encoder of the features (default: efficientnet-lite0, or the --features "
+                                       "folder's).")
+    features: str | None = option(None, "Features folder (default: ROOT/features/DATASET/ENCODER, extracted first "
+                                        "when missing).", path=True)
+    no_extract: bool = option(False, "Fail instead of extracting missing features.", flag=True)
+    out: str | None = option(None, "Run folder (default: ROOT/runs/DATASET-ARCH).", path=True)
+    resume: bool = option(False, "Continue OUT/last.pt where it stopped.", flag=True)
+    overwrite: bool = option(False, "Start over in an OUT that holds a run.", flag=True)
     # model
-    embed_dim: int = 512
-    hidden_dim: int = 512
-    attention_dim: int = 512
-    dropout: float = 0.5
-    cell: str = "lstm"  # lstm | gru | rnn
-    condition: str = "first-step"  # basic only: first-step | init-state
-    embeddings: str | None = None  # GloVe-format text file of pretrained word vectors
-    freeze_embeddings: bool = False
+    embed_dim: int = option(512, "Word embedding size.")
+    hidden_dim: int = option(512, "RNN hidden size.")
+    attention_dim: int = option(512, "Attention MLP size (attention).")
+    dropout: float = option(0.5, "Dropout probability.")
+    cell: str = option("lstm", "lstm | gru | rnn")
+    condition: str = option("first-step", "basic: first-step (the paper) | init-state")  # how Show and Tell sees
+    embeddings: str | None = option(None, "Pretrained word vectors, GloVe text format.", path=True)
+    freeze_embeddings: bool = option(False, "Keep --embeddings fixed.", flag=True)
     # text
-    min_count: int = 5  # words seen fewer times in the training captions become <unk>
-    max_len: int = 20  # captions are truncated to this many words
-    captions_per_image: int | None = None  # None: all of each image's captions
+    min_count: int = option(5, "Rarer words become <unk>.")  # than this many times in the training captions
+    max_len: int = option(20, "Captions are truncated to this many words.")
+    captions_per_image: int | None = option(None, "Train on the first K captions of each image (default: all).")
     # optimisation
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 4e-4  # decoder (Adam)
-    encoder_lr: float = 1e-4  # encoder, when fine-tuning
-    weight_decay: float = 0.0
-    grad_clip: float = 5.0  # max gradient norm; 0 = off
-    alpha_c: float = 1.0  # weight of the doubly stochastic attention regulariser
-    label_smoothing: float = 0.0
+    epochs: int = option(20, "Most epochs to train.")
+    batch_size: int = option(64, "Captions per step.")
+    lr: float = option(4e-4, "Decoder learning rate (Adam).")
+    encoder_lr: float = option(1e-4, "Encoder learning rate with --fine-tune-encoder.")
+    weight_decay: float = option(0.0, "Adam weight decay.")
+    grad_clip: float = option(5.0, "Max gradient norm (0: off).")
+    alpha_c: float = option(1.0, "Weight of the doubly stochastic attention regulariser.")
+    label_smoothing: float = option(0.0, "Label smoothing of the cross-entropy.")
     # self-critical sequence training (Rennie et al. 2017), usually after cross-entropy training
-    init_from: str | None = None  # start from this checkpoint's model and vocabulary (a fresh optimiser)
-    scst: bool = False  # reward sampled captions by CIDEr-D instead of teacher-forced cross-entropy
-    scst_samples: int = 5  # captions sampled per image; each one's baseline is the others' mean reward
-    schedule: str = "plateau"  # plateau (on the selection metric) | cosine | none
-    patience: int = 4  # epochs without improvement before stopping; 0 = never stop early
-    max_steps: int | None = None  # stop after this many optimiser steps in all (smoke tests, benchmarks)
-    seed: int = 0
+    init_from: str | None = option(None, "Start from this checkpoint's model and vocabulary (e.g. --scst after "
+                                         "cross-entropy training).", path=True)  # with a fresh optimiser
+    scst: bool = option(False, "Self-critical training: reward sampled captions by CIDEr-D instead of "
+                               "cross-entropy.", flag=True)
+    # each sampled caption's baseline is the mean reward of the image's others
+    scst_samples: int = option(5, "Captions sampled per image with --scst.")
+    schedule: str = option("plateau", "plateau (halve the LR when --select stalls) | cosine | none")
+    patience: int = option(4, "Stop after this many epochs without a better --select (0: never).")
+    max_steps: int | None = option(None, "Stop after this many optimiser steps.")  # smoke tests, benchmarks
+    seed: int = option(0, "Random seed (initialisation, data order, dropout).")
     # validation
-    select: str = "cider"  # cider | bleu4: the metric for best.pt, early stopping and the plateau schedule
-    val_split: str = "val"
-    val_images: int | None = None  # score only the first N validation images
-    val_beam: int = 1  # 1 = greedy
-    val_batch_size: int = 100
-    val_tokenizer: str = "auto"  # auto (Java PTBTokenizer when present) | java | python (fast, approximate)
+    select: str = option("cider", "cider | bleu4: metric for best.pt and early stopping.")  # and the plateau schedule
+    val_split: str = option("val", "Split to validate on.")
+    val_images: int | None = option(None, "Validate on the first N images only.")
+    val_beam: int = option(1, "Beam size for validation captions (1: greedy).")
+    val_batch_size: int = option(100, "Images per validation batch.")
+    # java: the PTBTokenizer, when java is found (auto)
+    val_tokenizer: str = option("auto", "auto | java | python (fast, approximate scores)")
     # end-to-end training from images
-    fine_tune_encoder: bool = False
-    fine_tune_blocks: int = 2
-    encoder_weights: str | None = None
-    workers: int = 2  # DataLoader workers (images, or features without preloading)
+    fine_tune_encoder: bool = option(False, "Train end to end from the photos, fine-tuning the encoder's last "
+                                            "blocks.", flag=True)
+    fine_tune_blocks: int = option(2, "Encoder blocks to fine-tune.")
+    encoder_weights: str | None = option(None, "Encoder weights file (torchvision state dict).", path=True)
+    workers: int = option(2, "DataLoader worker processes.")  # images, or features without preloading
     # compute
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # bfloat16 autocast on CUDA (ignored on the CPU)
-    preload: bool = True  # load the features into memory (falls back when they do not fit)
-    save_dtype: str = "float32"  # float32 | float16 for best.pt (last.pt always keeps full precision)
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    amp: bool = option(True, "bfloat16 autocast on CUDA.")  # ignored on the CPU
+    preload: bool = option(True, "Hold the features in memory (falls back when they do not fit).")
+    save_dtype: str = option("float32", "float32 | float16 for best.pt.")  # last.pt always keeps full precision
 
     def to_dict(self) -> dict:
         return asdict(self)

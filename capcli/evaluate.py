@@ -1,460 +1,43 @@
-"""Scoring captions with the COCO caption toolkit (pycocoevalcap), exactly as the papers' tables do.
+"""``capcli evaluate``: score captions of a dataset's split, from a checkpoint or a COCO results file, and write
+the results, the metrics JSON and the HTML report.
 
-capcli does not re-implement any metric. With Java on the PATH, :func:`score` runs the pipeline of
-pycocoevalcap's ``COCOEvalCap``: the Stanford ``PTBTokenizer`` (Java) on references and hypotheses,
-then ``Bleu(4)``, ``Meteor()``, ``Rouge()`` and ``Cider()`` (CIDEr-D) on the tokenised text, so its
-numbers are the toolkit's numbers. Without Java, BLEU, ROUGE-L and CIDEr still come from the toolkit's
-Python scorers but on text tokenised by :func:`capcli.vocab.tokenize`; they are flagged approximate,
-and METEOR (a Java program) is left out. SPICE needs Stanford CoreNLP models that pycocoevalcap
-downloads at first use; capcli runs it only when they are already installed.
-
-Two things the toolkit gets wrong on unusual input are guarded here without changing any score on
-ordinary captions: the Java tokenizer splits lines at ``\\r``, form feeds and Unicode line separators
-(which silently shifts every later caption onto the wrong image), and METEOR can hang when its
-process stops answering. Captions are cleaned of line breaks, the tokenizer's output is checked with a
-sentinel line, and METEOR runs under a watchdog.
-
-Beside the toolkit's metrics, :func:`evaluate_results` and :func:`evaluate_checkpoint` add CHAIR_s / CHAIR_i
-(object hallucination, :mod:`capcli.chair`), which is capcli's own code: the toolkit has no such metric.
-:func:`run` is ``capcli evaluate`` as one call (which options go together, where the outputs go); the HTML
-report is :mod:`capcli.report`.
+The scores are the COCO caption toolkit's (:mod:`capcli.scoring`, which runs it; :mod:`capcli.toolkit` holds its
+tokenizers and Java processes) plus CHAIR's object hallucination (:mod:`capcli.chair`). :func:`run` is
+``capcli evaluate`` as one call (which options go together, where the outputs go); the HTML report is
+:mod:`capcli.report`. :func:`score` and :class:`Scores` are :mod:`capcli.scoring`'s, here for callers that score
+captions they already have.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import io
 import json
-import re
-import shutil
-import subprocess
-import threading
-import types
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import atomic
-from .chair import ChairScores
-from .chair import chair as chair_scores
-from .config import VAL_TOKENIZERS
 from .errors import EvaluateError, UsageError
 from .layout import Dataset, ImageRecord, open_dataset
 from .progress import NULL, Progress
-
-METRICS = ("bleu", "meteor", "rouge", "cider", "spice")
-DEFAULT_METRICS = ("bleu", "meteor", "rouge", "cider")
-BLEU_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4")
-METRIC_KEYS = (*BLEU_KEYS, "METEOR", "ROUGE-L", "CIDEr", "SPICE")
-_NAMES = {"bleu": "BLEU", "meteor": "METEOR", "rouge": "ROUGE-L", "cider": "CIDEr", "spice": "SPICE"}
-TOKENIZERS = VAL_TOKENIZERS
-
-# Characters the Java PTBTokenizer (with -preserveLines) treats as line ends, plus the ones Python's
-# str.splitlines does: each would split one caption into two lines and misalign all that follow.
-_LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
-_SURROGATES = re.compile("[\ud800-\udfff]")  # lone surrogates cannot even be written as UTF-8
-_SENTINEL_TEXT = "capclisentinelzq"
-
-
-@dataclass
-class Scores:
-    """Corpus scores (``values``), per-image scores, which ones are official toolkit numbers, and notes.
-
-    ``values`` keys: ``BLEU-1``..``BLEU-4``, ``METEOR``, ``ROUGE-L``, ``CIDEr`` (CIDEr-D), ``SPICE``: only
-    the metrics that were computed. ``skipped`` maps a metric that was asked for but not computed to
-    the reason; each such reason is also one line of ``notes``.
-    """
-
-    values: dict[str, float] = field(default_factory=dict)
-    per_image: dict[int, dict[str, float]] = field(default_factory=dict)
-    official: dict[str, bool] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)
-    tokenizer: str = ""  # "ptb" (the toolkit's Java PTBTokenizer) or "python" (capcli.vocab.tokenize)
-    chair: ChairScores | None = None  # object hallucination (capcli.chair), set by evaluate_results/_checkpoint
-
-
-# ---- text preparation ---------------------------------------------------------------------------
-def clean_caption(text: str) -> str:
-    """A caption as one line: line breaks become spaces, lone surrogates are dropped.
-
-    Ordinary captions come back unchanged, so the scores on them are exactly the toolkit's.
-    """
-    return _SURROGATES.sub("", _LINE_BREAKS.sub(" ", text))
-
-
-class _QuietSubprocess(types.SimpleNamespace):
-    """Stands in for the ``subprocess`` module inside pycocoevalcap's tokenizer so that the Java
-    tokenizer's stderr chatter ("PTBTokenizer tokenized N tokens ...") is captured, not printed."""
-
-
-_ptb_lock = threading.Lock()  # guards the swap of pycocoevalcap's ptbtokenizer.subprocess below
-
-
-def _ptb_tokenize(captions: dict[Any, list[str]]) -> tuple[dict[Any, list[str]], str]:
-    """pycocoevalcap's PTBTokenizer on ``{key: [caption, ...]}``; returns tokenised captions and stderr.
-
-    A sentinel line is appended and checked, so a misaligned output raises instead of scoring
-    captions against the wrong images.
-    """
-    from pycocoevalcap.tokenizer import ptbtokenizer
-
-    sentinel = ("capcli", "sentinel")
-    data: dict[Any, list[dict[str, str]]] = {k: [{"caption": clean_caption(c)} for c in v] for k, v in captions.items()}
-    data[sentinel] = [{"caption": _SENTINEL_TEXT}]
-    stderr: list[bytes] = []
-
-    def popen(*args: Any, **kwargs: Any) -> subprocess.Popen:
-        kwargs["stderr"] = subprocess.PIPE
-        p = subprocess.Popen(*args, **kwargs)
-        communicate = p.communicate
-
-        def capture(*a: Any, **kw: Any) -> tuple[Any, Any]:
-            out, err = communicate(*a, **kw)
-            stderr.append(err or b"")
-            return out, err
-
-        p.communicate = capture  # type: ignore[method-assign]
-        return p
-
-    quiet = _QuietSubprocess(Popen=popen, PIPE=subprocess.PIPE)
-    with _ptb_lock:
-        saved = ptbtokenizer.subprocess
-        ptbtokenizer.subprocess = quiet  # type: ignore[assignment]
-        try:
-            out = ptbtokenizer.PTBTokenizer().tokenize(data)
-        except OSError as e:
-            raise EvaluateError(f"the Java PTBTokenizer could not run ({e})") from e
-        finally:
-            ptbtokenizer.subprocess = saved
-    err = b"".join(stderr).decode("utf-8", "replace")
-    if out.get(sentinel) != [_SENTINEL_TEXT] or any(len(out.get(k, ())) != len(v) for k, v in captions.items()):
-        first = err.strip().splitlines()[-1] if err.strip() else "no output"
-        raise EvaluateError(f"the Java PTBTokenizer returned misaligned output ({first[:200]})")
-    out.pop(sentinel)
-    return out, err
-
-
-def _python_tokenize(captions: dict[Any, list[str]]) -> dict[Any, list[str]]:
-    from .vocab import tokenize
-
-    return {k: [" ".join(tokenize(clean_caption(c))) for c in v] for k, v in captions.items()}
-
-
-# ---- the toolkit's Java side, kept warm -----------------------------------------------------------
-def _drop_meteor(m: Any) -> None:
-    """Stop a Meteor JVM so that nothing (its ``__del__`` included) can block on it afterwards."""
-    m.lock = threading.Lock()  # a failed compute_score may still hold the old one; __del__ takes it
-    with contextlib.suppress(Exception):
-        m.meteor_p.kill()
-    with contextlib.suppress(Exception):
-        m.meteor_p.stdin.close()
-    with contextlib.suppress(Exception):
-        m.meteor_p.wait(timeout=5)
-
-
-class Toolkit:
-    """The COCO toolkit's Java side, kept between calls of :func:`score`: the last references tokenised
-    (validation scores the same references every epoch: one Java start less per epoch) and one METEOR JVM
-    that has loaded its paraphrase tables. :data:`TOOLKIT` is the one :func:`score` uses unless given another.
-    """
-
-    def __init__(self) -> None:
-        self._refs_lock = threading.Lock()
-        self._refs: tuple[tuple, dict[Any, list[str]], str] | None = None  # (key, tokenised, stderr)
-        self._meteor_lock = threading.Lock()
-        self._meteor: Any = None  # a pycocoevalcap Meteor
-
-    def tokenize_references(self, refs: dict[int, list[str]]) -> tuple[dict[Any, list[str]], str]:
-        """:func:`_ptb_tokenize` for references, remembering the last set."""
-        key = tuple((i, tuple(v)) for i, v in refs.items())
-        with self._refs_lock:
-            if self._refs is not None and self._refs[0] == key:
-                _, out, err = self._refs
-                return {k: list(v) for k, v in out.items()}, err
-        out, err = _ptb_tokenize(refs)
-        with self._refs_lock:
-            self._refs = (key, {k: list(v) for k, v in out.items()}, err)
-        return out, err
-
-    def meteor(self, gts: dict[int, list[str]], res: dict[int, list[str]], timeout: float) -> tuple[float, list[float]]:
-        """pycocoevalcap's ``Meteor().compute_score`` under a watchdog; EvaluateError if it fails or stops answering."""
-        from pycocoevalcap.meteor.meteor import Meteor
-
-        # "|||" separates fields in METEOR's protocol; the PTB tokenizer already splits it into "| | |".
-        gts = {k: [r.replace("|||", "| | |") for r in v] for k, v in gts.items()}
-        res = {k: [h.replace("|||", "| | |") for h in v] for k, v in res.items()}
-        with self._meteor_lock:
-            if self._meteor is None or self._meteor.meteor_p.poll() is not None:
-                try:
-                    self._meteor = Meteor()
-                except OSError as e:
-                    raise EvaluateError(f"METEOR could not start ({e})") from e
-            m = self._meteor
-            box: dict[str, Any] = {}
-
-            def work() -> None:
-                try:
-                    box["value"] = m.compute_score(gts, res)
-                except Exception as e:  # noqa: BLE001 (reported below as one line)
-                    box["error"] = e
-
-            t = threading.Thread(target=work, name="capcli-meteor", daemon=True)
-            t.start()
-            t.join(timeout)
-            if t.is_alive() or "error" in box:
-                _drop_meteor(m)
-                self._meteor = None
-                t.join(5)
-                why = f"no answer within {timeout:.0f} s" if "error" not in box else f"{box['error']!s:.200}"
-                raise EvaluateError(f"METEOR failed ({why or 'its process stopped'})")
-            score, scores = box["value"]
-            return float(score), [float(s) for s in scores]
-
-    def close(self) -> None:
-        """Stop the warm METEOR process, if any."""
-        with self._meteor_lock:
-            if self._meteor is not None:
-                _drop_meteor(self._meteor)
-                self._meteor = None
-
-
-TOOLKIT = Toolkit()
-
-
-def close_meteor() -> None:
-    """Stop :data:`TOOLKIT`'s warm METEOR process, if any (done automatically at exit)."""
-    TOOLKIT.close()
-
-
-atexit.register(close_meteor)
-
-
-# ---- SPICE ---------------------------------------------------------------------------------------
-def spice_status() -> tuple[bool, str]:
-    """Whether SPICE can run offline, and if not, why."""
-    try:
-        from pycocoevalcap.spice import get_stanford_models as gsm
-    except ImportError:  # pragma: no cover - pycocoevalcap is a dependency
-        return False, "SPICE skipped: pycocoevalcap's SPICE module is not installed"
-    lib = Path(gsm.SPICEDIR) / gsm.SPICELIB
-    needed = [lib / f"{gsm.JAR}.jar", lib / f"{gsm.JAR}-models.jar"]
-    missing = [p.name for p in needed if not p.is_file()]
-    if missing:
-        return False, (
-            f"SPICE skipped: it needs the Stanford CoreNLP models ({', '.join(missing)}), which pycocoevalcap "
-            f"downloads (about 1 GB) at first use; capcli does not download them. Put them in {lib} to enable SPICE"
-        )
-    if shutil.which("java") is None:
-        return False, "SPICE skipped: it needs Java, and no `java` was found on the PATH"
-    return True, ""
-
-
-def _spice_score(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[float, list[float]]:
-    from pycocoevalcap.spice.spice import Spice
-
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            score, scores = Spice().compute_score(gts, res)
-    except (OSError, subprocess.CalledProcessError, ValueError, KeyError) as e:
-        raise EvaluateError(f"SPICE failed ({e!s:.200})") from e
-    return float(score), [float(s["All"]["f"]) for s in scores]
-
-
-# ---- the scorers ---------------------------------------------------------------------------------
-@dataclass
-class _Run:
-    """One :func:`score` call: the tokenised text in image-id order, and the scores recorded so far."""
-
-    ids: list[int]
-    gts: dict[int, list[str]]
-    res: dict[int, list[str]]
-    use_ptb: bool  # tokenised by the toolkit's Java PTBTokenizer, so its numbers are official
-    java: bool  # `java` is on the PATH
-    out: Scores
-    meteor_timeout: float = 180.0
-
-    def record(self, key: str, total: float, each: Sequence[float], official: bool) -> None:
-        self.out.values[key] = float(total)
-        self.out.official[key] = official
-        for i, v in zip(self.ids, each, strict=True):
-            self.out.per_image[i][key] = float(v)
-
-    def skip(self, metric: str, reason: str) -> None:
-        self.out.skipped[_NAMES[metric]] = reason
-        self.out.notes.append(reason)
-
-
-def _bleu(run: _Run) -> None:
-    from pycocoevalcap.bleu.bleu import Bleu
-
-    with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its pooled counts
-        total, each = Bleu(4).compute_score(run.gts, run.res)
-    for n, key in enumerate(BLEU_KEYS):
-        run.record(key, total[n], each[n], run.use_ptb)
-
-
-def _rouge(run: _Run) -> None:
-    from pycocoevalcap.rouge.rouge import Rouge
-
-    total, each = Rouge().compute_score(run.gts, run.res)
-    run.record("ROUGE-L", total, each, run.use_ptb)
-
-
-def _cider(run: _Run) -> None:
-    from pycocoevalcap.cider.cider import Cider
-
-    try:
-        total, each = Cider().compute_score(run.gts, run.res)
-    except ValueError as e:  # no n-gram at all in the references
-        raise EvaluateError(f"CIDEr cannot be computed: the references hold no words ({e})") from e
-    run.record("CIDEr", total, each, run.use_ptb)
-
-
-def _meteor(run: _Run) -> None:
-    if not run.use_ptb:
-        run.skip("meteor", "METEOR skipped: it runs only in the toolkit's Java pipeline "
-                 f"({'tokenizer=python was asked for' if run.java else 'no `java` was found on the PATH'})")
-        return
-    try:
-        total, each = TOOLKIT.meteor(run.gts, run.res, run.meteor_timeout)
-    except EvaluateError as e:
-        run.skip("meteor", f"METEOR skipped: {e}")
-        return
-    run.record("METEOR", total, each, True)
-
-
-def _spice(run: _Run) -> None:
-    ok, why = spice_status()
-    if not ok:
-        run.skip("spice", why)
-        return
-    try:
-        total, each = _spice_score(run.gts, run.res)
-    except EvaluateError as e:
-        run.skip("spice", f"SPICE skipped: {e}")
-        return
-    run.record("SPICE", total, each, run.use_ptb)
-
-
-# each records its numbers on the run (or why it was skipped); score() runs them in METRICS order
-SCORERS: dict[str, Callable[[_Run], None]] = {
-    "bleu": _bleu, "meteor": _meteor, "rouge": _rouge, "cider": _cider, "spice": _spice,
-}
-
-
-# ---- the scoring API -----------------------------------------------------------------------------
-def _check_metrics(metrics: Sequence[str]) -> list[str]:
-    if isinstance(metrics, str):
-        metrics = [metrics]
-    wanted = [m.strip().lower() for m in metrics]
-    unknown = [m for m in wanted if m not in METRICS]
-    if unknown:
-        raise EvaluateError(f"unknown metric {unknown[0]!r}; use some of {', '.join(METRICS)}")
-    if not wanted:
-        raise EvaluateError("no metric asked for")
-    return [m for m in METRICS if m in wanted]
-
-
-def _check_tokenizer(tokenizer: str) -> None:
-    if tokenizer not in TOKENIZERS:
-        raise EvaluateError(f"unknown tokenizer {tokenizer!r}; use one of {', '.join(TOKENIZERS)}")
-
-
-def _check_captions(hypotheses: Mapping[int, str], references: Mapping[int, Sequence[str]]) -> list[int]:
-    """The hypotheses' image ids, sorted, once each has a string caption and references."""
-    if not hypotheses:
-        raise EvaluateError("no captions to score")
-    ids = sorted(hypotheses)
-    for i in ids:
-        if not isinstance(hypotheses[i], str):
-            raise EvaluateError(f"image {i}: the caption must be a string, not {type(hypotheses[i]).__name__}")
-        if not references.get(i):
-            raise EvaluateError(f"image {i} has no reference captions to score against")
-    return ids
-
-
-def _tokenised(hypotheses: Mapping[int, str], references: Mapping[int, Sequence[str]], ids: list[int],
-               wanted: list[str], tokenizer: str) -> _Run:
-    """References and hypotheses tokenised as the toolkit does (Java PTBTokenizer) or, without Java or with
-    ``tokenizer="python"``, by capcli's tokenizer, with a note saying which numbers are then approximate."""
-    out = Scores()
-    java = shutil.which("java") is not None
-    if tokenizer == "java" and not java:
-        raise EvaluateError("tokenizer 'java' needs Java, and no `java` was found on the PATH")
-    use_ptb = java and tokenizer != "python"
-    refs_in = {i: [str(r) for r in references[i]] for i in ids}
-    hyps_in = {i: [hypotheses[i]] for i in ids}
-    if use_ptb:
-        try:
-            # Like COCOEvalCap: references and hypotheses are tokenised in two separate runs.
-            gts, err_r = TOOLKIT.tokenize_references(refs_in)
-            res, err_h = _ptb_tokenize(hyps_in)
-            out.tokenizer = "ptb"
-            n_bad = (err_r + err_h).count("Untokenizable")
-            if n_bad:
-                out.notes.append(f"the PTB tokenizer dropped {n_bad} character(s) it could not tokenise")
-        except EvaluateError as e:
-            if tokenizer == "java":
-                raise
-            use_ptb = False
-            out.notes.append(f"{e}; falling back to capcli's Python tokenizer")
-    if not use_ptb:
-        gts, res = _python_tokenize(refs_in), _python_tokenize(hyps_in)
-        out.tokenizer = "python"
-        why = "tokenizer='python' was asked for" if java else "no `java` was found on the PATH"
-        approx = [_NAMES[m] for m in wanted if m in ("bleu", "rouge", "cider")]
-        if approx:
-            out.notes.append(
-                f"{', '.join(approx)} are approximate: {why}, so captions were tokenised by capcli's Python "
-                "tokenizer instead of the COCO toolkit's Java PTBTokenizer; they are usually close to the "
-                "official numbers but not guaranteed identical (install Java for numbers comparable with papers)"
-            )
-    out.per_image = {i: {} for i in ids}
-    # the scorers iterate in this order; per-image lists follow it
-    return _Run(ids, {i: gts[i] for i in ids}, {i: res[i] for i in ids}, use_ptb, java, out)
-
-
-def score(
-    hypotheses: Mapping[int, str],
-    references: Mapping[int, Sequence[str]],
-    metrics: Sequence[str] = DEFAULT_METRICS,
-    tokenizer: str = "auto",
-    progress: Progress = NULL,
-    meteor_timeout: float | None = None,
-) -> Scores:
-    """Score one caption per image against its references with the COCO caption toolkit.
-
-    ``hypotheses`` {image id: caption}; ``references`` {image id: [captions]} must cover every
-    hypothesis id (extra reference ids are ignored). ``tokenizer``: ``"auto"`` (Java's PTBTokenizer
-    when ``java`` is on the PATH, else capcli's), ``"java"`` (fail without Java) or ``"python"``
-    (approximate). Corpus-level statistics (BLEU's pooled counts, CIDEr's document frequencies) are
-    over the hypotheses given, as in ``COCOEvalCap``. The Java side is :data:`TOOLKIT`'s, kept warm.
-    """
-    wanted = _check_metrics(metrics)
-    _check_tokenizer(tokenizer)
-    ids = _check_captions(hypotheses, references)
-    run = _tokenised(hypotheses, references, ids, wanted, tokenizer)
-    run.meteor_timeout = meteor_timeout if meteor_timeout is not None else 180.0 + 0.05 * len(ids)
-    # say only what will run: SPICE without its models or Java, METEOR without Java, are skipped
-    runs = [m for m in wanted if (m != "spice" or spice_status()[0]) and (m != "meteor" or run.use_ptb)]
-    progress.start(f"scoring {', '.join(_NAMES[m] for m in runs)}", total=len(wanted), unit="metric")
-    try:
-        for m in wanted:
-            SCORERS[m](run)
-            progress.advance(1)
-    finally:
-        progress.done()
-    return run.out
-
-
-def add_chair(scores: Scores, captions: Mapping[int, str], references: Mapping[int, Sequence[str]]) -> Scores:
-    """Set ``scores.chair``: CHAIR_s / CHAIR_i of the captions (:mod:`capcli.chair`; needs no Java)."""
-    scores.chair = chair_scores(captions, references)
-    return scores
+from .scoring import (
+    DEFAULT_METRICS,
+    METRIC_KEYS,
+    METRICS,
+    TOKENIZERS,
+    Scores,
+    add_chair,
+    check_metrics,
+    check_tokenizer,
+    score,
+)
+from .toolkit import close_meteor, spice_status
+
+__all__ = ["DEFAULT_METRICS", "METRICS", "METRIC_KEYS", "TOKENIZERS", "Evaluation", "Scores", "add_chair",
+           "close_meteor", "evaluate_checkpoint", "evaluate_results", "load_results", "metrics_document",
+           "open_dataset", "run", "score", "spice_status", "split_records", "splits_of", "write_metrics",
+           "write_results"]
 
 
 # ---- datasets and results files ------------------------------------------------------------------
@@ -591,8 +174,8 @@ def evaluate_checkpoint(
 
     ds = open_dataset(dataset)
     recs = split_records(ds, split)
-    _check_metrics(metrics)  # fail before the slow part
-    _check_tokenizer(tokenizer)
+    check_metrics(metrics)  # fail before the slow part
+    check_tokenizer(tokenizer)
     captioner = Captioner.load(checkpoint, device=device, precision=precision, grounding=grounding)
     results: dict[int, str] = {}
     failed: list[tuple[ImageRecord, str]] = []

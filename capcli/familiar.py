@@ -7,7 +7,7 @@ restaurants to them); the encoder's features tell more. A photo is *outside* the
 pooled, L2-normalised features are farther from their ``k``-th nearest training photo than ``threshold``
 (deep nearest neighbours, Sun et al. 2022), the ``quantile`` of that distance over the validation photos, which
 come from the training photos' own distribution. With ``quantile`` 0.9 a tenth of in-domain photos count as
-outside: the largest share that costs Flickr8k val nothing measurable (README, "Grounded captions").
+outside: the largest share that costs Flickr8k val nothing measurable (docs/research.md, "Grounded captions").
 
 The training photos' features are stored per dimension as uint8 between the dimension's least and largest value
 (on Flickr8k val the decisions are those of the float32 features, 1000 of 1000): 6,091 Flickr8k photos are 7.8 MB;
@@ -18,12 +18,14 @@ of a larger training set a sample of ``MAX_PHOTOS`` is kept.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .checkpoint import Checkpoint
 from .errors import CheckpointError
 
 FORMAT = "capcli-familiarity/1"
@@ -79,10 +81,16 @@ class Familiarity:
                 "threshold": self.threshold, "quantile": self.quantile}
 
     @classmethod
-    def of_checkpoint(cls, ckpt: dict[str, Any], path: Path, dim: int | None = None) -> Familiarity | None:
-        """A loaded checkpoint's ``familiarity`` (None for checkpoints without one); CheckpointError if malformed or
-        not of ``dim``-d features (its encoder's)."""
-        d = ckpt.get("familiarity")
+    def of_checkpoint(cls, ckpt: Checkpoint | Mapping[str, Any], path: Path | None = None,
+                      dim: int | None = None) -> Familiarity | None:
+        """A checkpoint's ``familiarity`` (None for checkpoints without one); CheckpointError, naming ``path`` (by
+        default the checkpoint's own), if it is malformed or not of ``dim``-d features (its encoder's).
+
+        ``ckpt`` may still be the plain dict of ``load_checkpoint`` until every loader reads a Checkpoint."""
+        if isinstance(ckpt, Checkpoint):
+            d, path = ckpt.familiarity, path if path is not None else ckpt.path
+        else:
+            d = ckpt.get("familiarity")
         if d is None:
             return None
         try:

@@ -11,11 +11,11 @@ from pathlib import Path
 from . import atomic
 from .chair import ChairScores
 from .errors import CapcliError
-from .evaluate import METRIC_KEYS, Scores
 from .gallery import GENERATOR
 from .images import thumbnail_data_uri
 from .layout import Dataset
 from .progress import NULL, Progress
+from .scoring import METRIC_KEYS, Scores
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}

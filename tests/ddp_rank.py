@@ -19,7 +19,7 @@ from capcli.train.data import Captions, Data
 from capcli.train.distributed import Dist
 from capcli.train.loop import train_epoch
 from capcli.train.model import build_model, configure_optimizers, steps_per_epoch
-from capcli.train.run import GracefulStop, RunState
+from capcli.train.run import RunContext, RunFiles, RunLog, RunState
 from capcli.train.sources import Preloaded
 from capcli.vocab import Vocabulary
 
@@ -36,7 +36,7 @@ def tiny_data(n_images: int = 12, n_captions: int = 24, regions: int = 5, dim: i
     caps = Captions(tokens, lengths, torch.randint(0, n_images, (n_captions,), generator=g))
     feats = torch.randn(n_images, regions, dim, generator=g).half()
     return Data(ds=None, spec=None, feature_dim=dim, store=None, train_recs=[], val_recs=[], start=None, vocab=vocab,
-                caps=caps, cider=None, train_src=Preloaded(feats))
+                caps=caps, cider=None, train_src=Preloaded(feats), val_src=Preloaded(feats[:0]))
 
 
 def main(out: Path) -> None:
@@ -51,7 +51,8 @@ def main(out: Path) -> None:
             torch.save(net.model.state_dict(), out / "initial.pt")
         opt = configure_optimizers(cfg, net, steps_per_epoch(len(data.caps), cfg.batch_size, dist.world), dist.device)
         state = RunState()
-        train_epoch(cfg, data, net, opt, state, dist, GracefulStop(), NULL)
+        files = RunFiles(out)
+        train_epoch(RunContext(cfg, files, data, net, opt, state, dist, RunLog(files, NULL), NULL))
         torch.save({"model": net.model.state_dict(), "steps": state.step, "loss_sum": state.loss_sum},
                    out / f"rank{dist.rank}.pt")
         dist.barrier()

@@ -1,14 +1,17 @@
-"""The checkpoint format: a real round trip under weights_only, atomic writes, clear errors for bad files."""
+"""The checkpoint format: a real round trip under weights_only, atomic writes, clear errors for bad files, and the
+shipped checkpoints read as :class:`Checkpoint` unchanged."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from capcli.checkpoint import FORMAT, check_encoder, load_checkpoint, save_checkpoint
+import capcli
+from capcli.checkpoint import FORMAT, Checkpoint, load_checkpoint, save_checkpoint
 from capcli.encoders import get_spec
 from capcli.errors import CheckpointError
 from capcli.vocab import Vocabulary
@@ -152,12 +155,41 @@ def test_wrong_format(tmp_path) -> None:
 
 
 def test_check_encoder(tmp_path, trained) -> None:
-    ckpt = dict(trained[0])
-    back = load_checkpoint(save_checkpoint(tmp_path / "c.pt", ckpt))
-    check_encoder(back, "efficientnet-lite0", "features/flickr8k")  # same encoder: fine
+    back = Checkpoint.load(save_checkpoint(tmp_path / "c.pt", dict(trained[0])))
+    back.check_encoder("efficientnet-lite0", "features/flickr8k")  # same encoder: fine
     with pytest.raises(CheckpointError) as e:
-        check_encoder(back, "resnet101", "features/flickr8k/resnet101")
+        back.check_encoder("resnet101", "features/flickr8k/resnet101")
     assert str(e.value) == (
         "the model expects efficientnet-lite0 features but features/flickr8k/resnet101 uses resnet101; "
         "extract features with --encoder efficientnet-lite0"
     )
+
+
+def test_checkpoint_fields_round_trip(tmp_path, trained) -> None:
+    """The dataclass writes the file's entries in order, leaves absent ones out, and reads them back."""
+    d = dict(trained[0])
+    ckpt = Checkpoint.from_dict(d)
+    assert ckpt.train_config is None and ckpt.familiarity is None and ckpt.encoder_name == "efficientnet-lite0"
+    path = ckpt.save(tmp_path / "c.pt")
+    raw = torch.load(path, weights_only=True)
+    assert list(raw) == ["format", "config", "vocab", "encoder", "model", "metrics", "train_state"]
+    back = Checkpoint.load(path)
+    assert back.path == path and back.config == d["config"] and back.train_state["step"] == 17
+    assert back == Checkpoint.from_dict(back.to_dict())  # (tensors compare by identity here: the same objects)
+
+
+@pytest.mark.parametrize("name", ["flickr8k-attention", "flickr8k-basic"])
+def test_shipped_checkpoints_read_unchanged(name) -> None:
+    """Each shipped checkpoint reads as a Checkpoint whose to_dict() is the file's dict, entry for entry."""
+    path = Path(capcli.__file__).parent / "assets" / f"{name}.pt"
+    raw = torch.load(path, weights_only=True)
+    ckpt = Checkpoint.load(path)
+    again = ckpt.to_dict()
+    assert list(again) == list(raw)
+    for key in raw:
+        if key in ("model", "encoder_state"):
+            assert raw[key].keys() == again[key].keys()
+            assert all(torch.equal(raw[key][k], again[key][k]) for k in raw[key]), key
+        elif key != "familiarity":
+            assert again[key] == raw[key], key
+    assert ckpt.familiarity is not None and torch.equal(ckpt.familiarity["photos"], raw["familiarity"]["photos"])

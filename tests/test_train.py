@@ -401,12 +401,17 @@ def test_bad_input_gives_one_clear_error(small_flickr8k, small_flickr8k_features
     assert_clean_error(r, "no 'test' images")
 
 
-def test_cli_defaults_match_train_config():
+def test_cli_options_are_train_config_fields():
+    """Each option is declared once, as a TrainConfig field: `capcli train` has exactly its fields as options, with
+    their defaults and help."""
     cmd = typer.main.get_command(app).commands["train"]
-    cli_defaults = {p.name: p.default for p in cmd.params}
+    params = {p.name: p for p in cmd.params}
+    assert list(params) == [f.name for f in fields(TrainConfig)]
     for f in fields(TrainConfig):
-        assert f.name in cli_defaults, f"capcli train has no option for {f.name}"
-        assert cli_defaults[f.name] == getattr(TrainConfig(), f.name), f.name
+        assert params[f.name].default == getattr(TrainConfig(), f.name), f.name
+        if not f.metadata.get("shared"):  # --root's help is every data command's
+            assert params[f.name].help == f.metadata["help"], f.name
+            assert params[f.name].opts == ["--" + f.name.replace("_", "-")], f.name
 
 
 # ---- several processes -----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ of the image's other samples (the baseline; Luo 2020)::
     loss = -mean((CIDEr-D(w^s) - baseline) * log p(w^s))
 
 Each epoch then generates captions for the validation images without teacher forcing (greedy, or beam search
-with ``val_beam``), scores BLEU-4 and CIDEr with :func:`capcli.evaluate.score`, keeps the best
+with ``val_beam``), scores BLEU-4 and CIDEr with :func:`capcli.scoring.score`, keeps the best
 checkpoint by ``select`` and stops after ``patience`` epochs without improvement.
 
 Data. By default the model trains on cached CNN features (``capcli features``; extracted here first
@@ -37,13 +37,15 @@ saves while the others wait, and rank 0's early-stopping decision is broadcast.
 
 The parts, in the order a run uses them:
 
-- :mod:`capcli.config`: ``TrainConfig`` (every option, its default and its allowed values) and its checks
+- :mod:`capcli.config`: ``TrainConfig`` (every option, its default, help and allowed values) and its checks
 - ``run.py``: ``open_run`` (resume and config merge, run folder policy), ``RunState`` (what resume restores),
-  ``save_checkpoint``, ``RunLog`` (metrics.jsonl, curves.png), Ctrl-C handling
-- ``data.py``: ``load_data`` (dataset, features, vocabulary, captions), ``epoch_order``
+  ``checkpoint_of``, ``RunLog`` (metrics.jsonl, curves.png), Ctrl-C handling, ``RunContext`` (what each stage
+  takes)
+- ``data.py``: ``load_data`` (dataset, features, vocabulary, captions, batch sources), ``epoch_order``
 - ``sources.py``: features in memory or read from the shards, photos decoded in workers
 - ``model.py``: ``build_model`` (+ the encoder when fine-tuning), ``configure_optimizers``
-- ``loop.py``: ``train``, ``train_epoch``, ``ce_loss`` / ``scst_loss``, ``validate``, ``select``
+- ``loop.py``: ``train``: ``setup``, then per epoch ``run_epoch`` (``train_epoch``, ``validate``, ``select``,
+  save); ``ce_loss`` / ``scst_loss``
 - ``distributed.py``: ``Dist`` (ranks, collectives, DDP wrapping); ``glove.py``: ``load_embeddings``
 """
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .. import familiar, paths
-from ..checkpoint import check_encoder, load_checkpoint
+from ..checkpoint import Checkpoint
 from ..config import TrainConfig
 from ..encoders import DEFAULT_ENCODER, EncoderSpec, get_spec
 from ..errors import CapcliError, DatasetError, FeaturesError, UsageError
@@ -55,7 +55,7 @@ def _manifest_complete(folder: Path) -> bool:
 
 
 def open_features(cfg: TrainConfig, ds: Dataset, dist: Dist, progress: Progress,
-                  resumed: dict | None = None) -> tuple[Any, EncoderSpec]:
+                  resumed: Checkpoint | None = None) -> tuple[Any, EncoderSpec]:
     """The FeatureStore to train on and its encoder; extracts the features first when they are missing (rank 0).
 
     ``resumed`` (a checkpoint) must have been trained on features of the same encoder."""
@@ -77,7 +77,7 @@ def open_features(cfg: TrainConfig, ds: Dataset, dist: Dist, progress: Progress,
     store = FeatureStore(folder)
     store.check_photos(ds)
     if resumed is not None:
-        check_encoder(resumed, store.encoder_name, f"the features in {folder}")
+        resumed.check_encoder(store.encoder_name, f"the features in {folder}")
     if cfg.encoder and store.encoder_name != cfg.encoder:
         raise FeaturesError(f"{folder} holds {store.encoder_name} features, not {cfg.encoder}; "
                             f"use features of {cfg.encoder} or drop --encoder")
@@ -146,13 +146,12 @@ class Data:
     store: Any | None  # the FeatureStore; None when fine-tuning from the photos
     train_recs: list[ImageRecord]
     val_recs: list[ImageRecord]
-    start: dict | None  # the checkpoint the model and vocabulary come from (resumed, or --init-from)
+    start: Checkpoint | None  # the checkpoint the model and vocabulary come from (resumed, or --init-from)
     vocab: Vocabulary
     caps: Captions
     cider: Any | None  # CiderD over the training references (self-critical training)
-    train_src: Source | None = None  # set by open_sources
-    val_src: Source | None = None
-    unreadable: set[int] = field(default_factory=set)  # training image rows already warned about
+    train_src: Source  # where the batches come from: features of the model's kind, or photos
+    val_src: Source
 
     @cached_property
     def familiarity(self) -> Familiarity | None:
@@ -174,19 +173,19 @@ class Data:
         return {r.id: r.captions for r in self.val_recs}
 
 
-def load_data(cfg: TrainConfig, ds: Dataset, resumed: dict | None, dist: Dist, progress: Progress) -> Data:
-    """The run's images and features, its starting checkpoint (``resumed``, else ``--init-from``), vocabulary
-    and captions. Self-critical training sees each image once per epoch (its first caption stands for it), with
-    CIDEr-D document frequencies from all the training references."""
+def load_data(cfg: TrainConfig, ds: Dataset, resumed: Checkpoint | None, dist: Dist, progress: Progress) -> Data:
+    """The run's images and features, its starting checkpoint (``resumed``, else ``--init-from``), vocabulary,
+    captions and batch sources. Self-critical training sees each image once per epoch (its first caption stands
+    for it), with CIDEr-D document frequencies from all the training references."""
     train_recs, val_recs, store, spec = _images(cfg, ds, dist, progress, resumed)
     where = f"--fine-tune-encoder with --encoder {spec.name}" if store is None else f"the features in {store.folder}"
     if resumed is not None:
-        check_encoder(resumed, spec.name, where)  # (features: checked when opened)
+        resumed.check_encoder(spec.name, where)  # (features: checked when opened)
     start = resumed if resumed is not None else _init_from(cfg, spec, where, progress)
     if cfg.val_images:
         val_recs = val_recs[: cfg.val_images]
     if start is not None:
-        vocab = Vocabulary.from_dict(start["vocab"])
+        vocab = Vocabulary.from_dict(start.vocab)
     else:
         vocab = Vocabulary.build((c for r in ds.split("train") for c in captions_of(r, cfg)), cfg.min_count)
         progress.info(f"vocabulary: {len(vocab)} words seen at least {cfg.min_count} times in the training captions")
@@ -198,11 +197,12 @@ def load_data(cfg: TrainConfig, ds: Dataset, resumed: dict | None, dist: Dist, p
 
         cider = CiderD({r: [tokenize(c) for c in rec.captions] for r, rec in enumerate(train_recs)})
     feature_dim = spec.feature_dim if store is None else store.feature_dim
-    return Data(ds, spec, feature_dim, store, train_recs, val_recs, start, vocab, caps, cider)
+    train_src, val_src = _sources(cfg, ds, store, spec, train_recs, val_recs, dist, progress)
+    return Data(ds, spec, feature_dim, store, train_recs, val_recs, start, vocab, caps, cider, train_src, val_src)
 
 
 def _images(cfg: TrainConfig, ds: Dataset, dist: Dist, progress: Progress,
-            resumed: dict | None) -> tuple[list[ImageRecord], list[ImageRecord], Any | None, EncoderSpec]:
+            resumed: Checkpoint | None) -> tuple[list[ImageRecord], list[ImageRecord], Any | None, EncoderSpec]:
     """Training and validation images (those with features, unless fine-tuning), the store and the encoder."""
     train_recs = ds.split("train")
     val_recs = ds.split(cfg.val_split)
@@ -224,25 +224,32 @@ def _images(cfg: TrainConfig, ds: Dataset, dist: Dist, progress: Progress,
     return train_recs, val_recs, store, spec
 
 
-def _init_from(cfg: TrainConfig, spec: EncoderSpec, where: str, progress: Progress) -> dict | None:
+def _init_from(cfg: TrainConfig, spec: EncoderSpec, where: str, progress: Progress) -> Checkpoint | None:
     """The ``--init-from`` checkpoint a new run starts from, checked against this run's encoder and arch."""
     if not cfg.init_from:
         return None
-    init = load_checkpoint(cfg.init_from)
-    check_encoder(init, spec.name, where)
-    if init["config"].get("arch") != cfg.arch:
-        raise UsageError(f"--init-from {cfg.init_from} is a {init['config'].get('arch')!r} model, "
+    init = Checkpoint.load(cfg.init_from)
+    init.check_encoder(spec.name, where)
+    if init.config.get("arch") != cfg.arch:
+        raise UsageError(f"--init-from {cfg.init_from} is a {init.config.get('arch')!r} model, "
                          f"not --arch {cfg.arch}")
     progress.info(f"starting from {cfg.init_from} (its model and vocabulary)")
     return init
 
 
-def open_sources(data: Data, kind: str, cfg: TrainConfig, dist: Dist, progress: Progress) -> None:
-    """Where training and validation batches come from: ``kind`` features, or photos when fine-tuning."""
-    if data.store is None:
-        data.train_src, data.val_src = photo_sources([str(data.ds.path(r)) for r in data.train_recs],
-                                                     [str(data.ds.path(r)) for r in data.val_recs],
-                                                     data.spec, cfg.workers, dist)
-    else:
-        data.train_src, data.val_src = feature_sources(data.store, kind, [r.id for r in data.train_recs],
-                                                       data.val_ids, cfg.preload, cfg.workers, dist, progress)
+def _sources(cfg: TrainConfig, ds: Dataset, store: Any | None, spec: EncoderSpec, train_recs: list[ImageRecord],
+             val_recs: list[ImageRecord], dist: Dist, progress: Progress) -> tuple[Source, Source]:
+    """Where training and validation batches come from: the features the model reads (its arch's kind), or
+    photos when fine-tuning."""
+    if store is None:
+        return photo_sources([str(ds.path(r)) for r in train_recs], [str(ds.path(r)) for r in val_recs], spec,
+                             cfg.workers, dist)
+    return feature_sources(store, _feature_kind(cfg.arch), [r.id for r in train_recs], [r.id for r in val_recs],
+                           cfg.preload, cfg.workers, dist, progress)
+
+
+def _feature_kind(arch: str) -> str:
+    """What a model of ``arch`` reads: its class's ``feature_kind`` ("pooled" or "grid")."""
+    from ..models import ARCHS, show_attend_tell, show_tell  # noqa: F401  (importing them registers the two)
+
+    return ARCHS[arch].feature_kind

@@ -1,4 +1,5 @@
-"""The training loop: :func:`train` and the parts each epoch runs (see :mod:`capcli.train`)."""
+"""The training loop: :func:`train`, a plain loop of named stages over one :class:`RunContext` (see
+:mod:`capcli.train`): set up, then per epoch train, validate, select, log and save."""
 
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ from ..config import SELECT, TrainConfig, check_config, merge_init_from
 from ..errors import CheckpointError
 from ..progress import NULL, Progress
 from ..vocab import Vocabulary
-from .data import Data, epoch_order, load_data, open_sources
+from .data import Data, epoch_order, load_data
 from .distributed import Dist
 from .model import Net, Optim, build_model, configure_optimizers, steps_per_epoch
-from .run import GracefulStop, Run, RunFiles, RunLog, RunState, TornUpdate, open_run, resume_state, save_checkpoint
+from .run import RunContext, RunLog, RunState, TornUpdate, checkpoint_of, open_run, resume_state
 from .sources import model_input
 
 
@@ -49,62 +50,81 @@ def train(cfg: TrainConfig, progress: Progress = NULL) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, dist: Dist, progress: Progress) -> TrainResult:
-    """Set up (run folder, data, model, optimiser, state), then per epoch: train, validate (rank 0), select,
-    log and save. Ctrl-C saves a resumable last.pt on the way out."""
+    """Set up, then run epochs until done. Ctrl-C saves a resumable last.pt on the way out."""
+    ctx = setup(cfg, dist, progress)
+    epochs_before = ctx.state.epoch
+    try:
+        with ctx.stop:
+            while not _finished(ctx):
+                run_epoch(ctx)
+    except KeyboardInterrupt as e:
+        progress.done()
+        if dist.main:
+            _save_interrupted(e, ctx)
+        raise
+    return _finish(ctx, epochs_before)
+
+
+def setup(cfg: TrainConfig, dist: Dist, progress: Progress) -> RunContext:
+    """The run folder (new, or resumed from its last.pt), the data, the model, its optimiser, where the run stands
+    and its log."""
     run = open_run(cfg, dist, progress)
     cfg, files = run.cfg, run.files
     data = load_data(cfg, run.ds, run.resumed, dist, progress)
     if data.start is not None and run.resumed is None:  # --init-from: its model, recorded as such
-        cfg = merge_init_from(cfg, data.start["config"], progress)
+        cfg = merge_init_from(cfg, data.start.config, progress)
     net = build_model(cfg, data, run.resumed, files.last, dist, progress)
     opt = configure_optimizers(cfg, net, steps_per_epoch(len(data.caps), cfg.batch_size, dist.world), dist.device)
     state = resume_state(run.resumed, opt, files, progress) if run.resumed is not None else RunState()
     log = RunLog(files, progress)
     if dist.main:
         log.start(state.epoch if run.resumed is not None else None)
-    open_sources(data, net.model.feature_kind, cfg, dist, progress)
-    _announce(cfg, run, data, net, dist, progress)
-    epochs_before = state.epoch
-    try:
-        with GracefulStop() as stop:
-            while state.epoch < cfg.epochs and not state.stopped_early and not _steps_done(cfg, state):
-                t0 = time.perf_counter()
-                trained = train_epoch(cfg, data, net, opt, state, dist, stop, progress)
-                train_seconds = time.perf_counter() - t0
-                progress.done()
-                train_loss = dist.mean(state.loss_sum / max(state.loss_batches, 1))
-                train_ce = dist.mean(state.ce_sum / max(state.loss_batches, 1))
-                scores = validate(cfg, data, net.model, net.encoder, dist.device, stop, progress) if dist.main else {}
-                value = dist.broadcast([scores.get(SELECT[cfg.select], 0.0)])[0]
-                chosen = select(state, value, cfg.patience)
-                state.best, state.best_epoch, state.bad_epochs, state.stopped_early = chosen
-                if cfg.schedule == "plateau":
-                    opt.scheduler.step(value)
-                lr = opt.optimizer.param_groups[0]["lr"]
-                state.epoch, state.batch = state.epoch + 1, 0
-                row = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss,
-                       "train_reward" if cfg.scst else "train_ce": train_ce,
-                       **({} if cfg.scst else {"train_reg": train_loss - train_ce}),
-                       **{f"val_{k}": v for k, v in scores.items()}, "lr": lr,
-                       "captions_per_s": trained * dist.world / max(train_seconds, 1e-9),
-                       "seconds": time.perf_counter() - t0}
-                state.loss_sum, state.ce_sum, state.loss_batches = 0.0, 0.0, 0
-                if dist.main:
-                    log.append(row)
-                    _save_epoch(row, scores, chosen.improved, cfg, data, net, opt, state, files, dist.world)
-                    log.draw()
-                    _report(row, chosen.improved, cfg, state, progress)
-                dist.barrier()
-    except KeyboardInterrupt as e:
-        progress.done()
-        if dist.main:
-            _save_interrupted(e, cfg, data, net, opt, state, files, dist.world, progress)
-        raise
-    if dist.main and files.metrics.is_file() and state.epoch > epochs_before:
-        log.draw(force=True)
-    if dist.main and not files.best.is_file():
+    ctx = RunContext(cfg, files, data, net, opt, state, dist, log, progress)
+    _announce(ctx)
+    return ctx
+
+
+def run_epoch(ctx: RunContext) -> None:
+    """One epoch: train, validate (rank 0), select, then log and save (rank 0)."""
+    cfg, state, dist = ctx.cfg, ctx.state, ctx.dist
+    t0 = time.perf_counter()
+    trained = train_epoch(ctx)
+    train_seconds = time.perf_counter() - t0
+    ctx.progress.done()
+    train_loss = dist.mean(state.loss_sum / max(state.loss_batches, 1))
+    train_ce = dist.mean(state.ce_sum / max(state.loss_batches, 1))
+    scores = validate(ctx) if dist.main else {}
+    improved = _choose(ctx, scores)
+    lr = ctx.opt.optimizer.param_groups[0]["lr"]
+    state.epoch, state.batch = state.epoch + 1, 0
+    row = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss,
+           "train_reward" if cfg.scst else "train_ce": train_ce,
+           **({} if cfg.scst else {"train_reg": train_loss - train_ce}),
+           **{f"val_{k}": v for k, v in scores.items()}, "lr": lr,
+           "captions_per_s": trained * dist.world / max(train_seconds, 1e-9),
+           "seconds": time.perf_counter() - t0}
+    state.loss_sum, state.ce_sum, state.loss_batches = 0.0, 0.0, 0
+    if dist.main:
+        ctx.log.append(row)
+        _save_epoch(ctx, row, scores, improved)
+        ctx.log.draw()
+        _report(ctx, row, improved)
+    dist.barrier()
+
+
+def _finished(ctx: RunContext) -> bool:
+    state = ctx.state
+    return state.epoch >= ctx.cfg.epochs or state.stopped_early or _steps_done(ctx.cfg, state)
+
+
+def _finish(ctx: RunContext, epochs_before: int) -> TrainResult:
+    """The final curves and the result (rank 0: an error when no epoch was ever validated)."""
+    files, state, main = ctx.files, ctx.state, ctx.dist.main
+    if main and files.metrics.is_file() and state.epoch > epochs_before:
+        ctx.log.draw(force=True)
+    if main and not files.best.is_file():
         raise CheckpointError(f"training ended before any validation, so there is no {files.best}")
-    return TrainResult(files.best, files.last, state.best_metrics if dist.main else {}, state.epoch, out=files.out,
+    return TrainResult(files.best, files.last, state.best_metrics if main else {}, state.epoch, out=files.out,
                        stopped_early=bool(state.stopped_early),
                        notes=[] if state.epoch > epochs_before else ["nothing to do: the run had already finished"])
 
@@ -113,14 +133,15 @@ def _steps_done(cfg: TrainConfig, state: RunState) -> bool:
     return cfg.max_steps is not None and state.step >= cfg.max_steps
 
 
-def _announce(cfg: TrainConfig, run: Run, data: Data, net: Net, dist: Dist, progress: Progress) -> None:
-    source = f"fine-tuning {data.spec.name}" if net.encoder is not None else f"{data.spec.name} features"
+def _announce(ctx: RunContext) -> None:
+    cfg, data, dist = ctx.cfg, ctx.data, ctx.dist
+    source = f"fine-tuning {data.spec.name}" if ctx.net.encoder is not None else f"{data.spec.name} features"
     amp = " (bf16 autocast)" if _use_amp(cfg, dist.device) else ""
-    progress.info(
-        f"training {cfg.arch} on {run.ds.name}: {len(data.train_recs)} images, "
+    ctx.progress.info(
+        f"training {cfg.arch} on {data.ds.name}: {len(data.train_recs)} images, "
         f"{f'self-critical, {cfg.scst_samples} samples each' if cfg.scst else f'{len(data.caps)} captions'}, "
         f"validating on {len(data.val_recs)} {cfg.val_split} images; {source}; device {dist.device}{amp}"
-        f"{f', {dist.world} processes' if dist.world > 1 else ''}; run folder {run.files.out}")
+        f"{f', {dist.world} processes' if dist.world > 1 else ''}; run folder {ctx.files.out}")
 
 
 def _use_amp(cfg: TrainConfig, device: torch.device) -> bool:
@@ -135,10 +156,10 @@ def autocast(cfg: TrainConfig, device: torch.device) -> Any:
 # ---- one epoch -----------------------------------------------------------------------------------
 
 
-def train_epoch(cfg: TrainConfig, data: Data, net: Net, opt: Optim, state: RunState, dist: Dist,
-                stop: GracefulStop, progress: Progress) -> int:
+def train_epoch(ctx: RunContext) -> int:
     """The rest of epoch ``state.epoch`` (all of it unless resumed mid-epoch), or up to ``max_steps``: one
     optimiser step per batch of this rank's share of the caption order. Returns the captions trained on."""
+    cfg, data, net, opt, state, dist, progress = ctx.cfg, ctx.data, ctx.net, ctx.opt, ctx.state, ctx.dist, ctx.progress
     order = epoch_order(len(data.caps), cfg.seed, state.epoch, dist.rank, dist.world)
     batches = list(order.split(cfg.batch_size))
     progress.start(f"epoch {state.epoch + 1}/{cfg.epochs}", total=len(order), unit="img" if cfg.scst else "cap")
@@ -152,7 +173,7 @@ def train_epoch(cfg: TrainConfig, data: Data, net: Net, opt: Optim, state: RunSt
     try:
         for idx, (x, inverse, failed) in zip(todo, data.train_src.iterate([data.caps.image[b] for b in todo]),
                                              strict=True):
-            idx = _readable(idx, inverse, failed, data, progress)
+            idx = _readable(ctx, idx, inverse, failed)
             if x is not None and len(idx):
                 with autocast(cfg, dist.device):
                     loss, ce = batch_loss(cfg, data, net, model_input(x, inverse, net.train_encoder,
@@ -175,7 +196,7 @@ def train_epoch(cfg: TrainConfig, data: Data, net: Net, opt: Optim, state: RunSt
             progress.advance(len(idx), batch=f"{state.batch}/{len(batches)}", loss=round(shown_loss, 4),
                              **_loss_terms(cfg, shown_loss, shown_ce),
                              lr=opt.optimizer.param_groups[0]["lr"])
-            if stop.requested:
+            if ctx.stop.requested:
                 raise KeyboardInterrupt
             if _steps_done(cfg, state):
                 break
@@ -184,13 +205,12 @@ def train_epoch(cfg: TrainConfig, data: Data, net: Net, opt: Optim, state: RunSt
     return trained
 
 
-def _readable(idx: torch.Tensor, inverse: torch.Tensor | None, failed: list, data: Data,
-              progress: Progress) -> torch.Tensor:
+def _readable(ctx: RunContext, idx: torch.Tensor, inverse: torch.Tensor | None, failed: list) -> torch.Tensor:
     """The captions of ``idx`` whose images could be read (each unreadable image is reported once)."""
     for r, why in failed:
-        if r not in data.unreadable:
-            data.unreadable.add(r)
-            progress.warn(f"skipping image {data.train_recs[r].id}: {why}")
+        if r not in ctx.unreadable:
+            ctx.unreadable.add(r)
+            ctx.progress.warn(f"skipping image {ctx.data.train_recs[r].id}: {why}")
     return idx[inverse >= 0] if inverse is not None and failed else idx
 
 
@@ -246,18 +266,19 @@ def scst_loss(model: nn.Module, feats: torch.Tensor, images: torch.Tensor, cider
 # ---- validation, selection, saving ---------------------------------------------------------------
 
 
-def validate(cfg: TrainConfig, data: Data, model: nn.Module, encoder: nn.Module | None, device: torch.device,
-             stop: GracefulStop, progress: Progress) -> dict[str, float]:
+def validate(ctx: RunContext) -> dict[str, float]:
     """BLEU and CIDEr of captions generated (greedy, or beam ``val_beam``) for the validation images."""
-    from ..evaluate import score
+    from ..scoring import score
 
+    cfg, data, model, encoder, device, progress = (ctx.cfg, ctx.data, ctx.net.model, ctx.net.encoder,
+                                                   ctx.dist.device, ctx.progress)
     model.eval()
     ids = data.val_ids
     groups = list(torch.arange(len(ids)).split(cfg.val_batch_size))
     progress.start("validate", total=len(ids), unit="img")
     hyps = _generate(model, data.val_src.iterate(groups), groups, ids, data.vocab, cfg, device, encoder, progress)
     progress.done()
-    if stop.requested:
+    if ctx.stop.requested:
         raise KeyboardInterrupt
     return score(hyps, data.references, metrics=("bleu", "cider"), tokenizer=cfg.val_tokenizer).values
 
@@ -308,15 +329,27 @@ def select(state: RunState, value: float, patience: int) -> Selection:
     return Selection(best, best_epoch, bad, 0 < patience <= bad)
 
 
-def _save_epoch(row: dict, scores: dict, improved: bool, cfg: TrainConfig, data: Data, net: Net, opt: Optim,
-                state: RunState, files: RunFiles, world: int) -> None:
+def _choose(ctx: RunContext, scores: dict[str, float]) -> bool:
+    """Select on rank 0's validation ``scores`` (broadcast to every rank), step the plateau schedule; whether the
+    selection metric improved."""
+    cfg, state = ctx.cfg, ctx.state
+    value = ctx.dist.broadcast([scores.get(SELECT[cfg.select], 0.0)])[0]
+    chosen = select(state, value, cfg.patience)
+    state.best, state.best_epoch, state.bad_epochs, state.stopped_early = chosen
+    if cfg.schedule == "plateau":
+        ctx.opt.scheduler.step(value)
+    return chosen.improved
+
+
+def _save_epoch(ctx: RunContext, row: dict, scores: dict, improved: bool) -> None:
     """Rank 0 after each epoch: best.pt when the selection metric improved (its metrics kept in the state for
     the result), then last.pt with everything ``--resume`` needs."""
+    cfg, state, files = ctx.cfg, ctx.state, ctx.files
     if improved:
         state.best_metrics = {"epoch": row["epoch"], "step": state.step, "select": SELECT[cfg.select],
-                              "split": cfg.val_split, "images": len(data.val_recs), **scores}
-        save_checkpoint(files.best, state.best_metrics, cfg, data, net)
-    save_checkpoint(files.last, row, cfg, data, net, (state, opt, world))
+                              "split": cfg.val_split, "images": len(ctx.data.val_recs), **scores}
+        checkpoint_of(ctx, state.best_metrics).save(files.best)
+    checkpoint_of(ctx, row, resumable=True).save(files.last)
 
 
 def _loss_terms(cfg: TrainConfig, loss: float, ce: float) -> dict[str, float]:
@@ -329,7 +362,8 @@ def _loss_terms(cfg: TrainConfig, loss: float, ce: float) -> dict[str, float]:
     return {"ce": round(ce, 4), "reg": round(loss - ce, 4)}
 
 
-def _report(row: dict, improved: bool, cfg: TrainConfig, state: RunState, progress: Progress) -> None:
+def _report(ctx: RunContext, row: dict, improved: bool) -> None:
+    cfg, state = ctx.cfg, ctx.state
     if cfg.scst:
         terms = f"mean CIDEr-D reward {row['train_reward']:.3f}"
     elif abs(row["train_reg"]) > 1e-9:
@@ -337,22 +371,22 @@ def _report(row: dict, improved: bool, cfg: TrainConfig, state: RunState, progre
                  f"alpha_c {cfg.alpha_c:g} x the doubly stochastic term")
     else:
         terms = f"cross-entropy {row['train_ce']:.3f}"
-    progress.info(
+    ctx.progress.info(
         f"epoch {row['epoch']}: loss {row['train_loss']:.3f} ({terms}), "
         f"val BLEU-4 {100 * row.get('val_BLEU-4', 0):.1f} CIDEr {100 * row.get('val_CIDEr', 0):.1f}"
         f"{' (best)' if improved else ''}, lr {row['lr']:.2g}, {row['captions_per_s']:.0f} captions/s")
     if state.stopped_early:
-        progress.info(f"no better {SELECT[cfg.select]} for {state.bad_epochs} epochs: stopping early "
-                      f"(best {100 * state.best:.1f} at epoch {state.best_epoch})")
+        ctx.progress.info(f"no better {SELECT[cfg.select]} for {state.bad_epochs} epochs: stopping early "
+                          f"(best {100 * state.best:.1f} at epoch {state.best_epoch})")
 
 
-def _save_interrupted(e: KeyboardInterrupt, cfg: TrainConfig, data: Data, net: Net, opt: Optim, state: RunState,
-                      files: RunFiles, world: int, progress: Progress) -> None:
+def _save_interrupted(e: KeyboardInterrupt, ctx: RunContext) -> None:
     """Ctrl-C: save a resumable last.pt where the run stands, unless it stopped in the middle of an update."""
+    state, files, progress = ctx.state, ctx.files, ctx.progress
     if isinstance(e, TornUpdate):
         progress.warn(f"interrupted in the middle of an update: {files.last} keeps the last epoch's state")
         return
     interrupted = {"interrupted": True, "epoch": state.epoch + 1, "batch": state.batch, "step": state.step}
-    save_checkpoint(files.last, interrupted, cfg, data, net, (state, opt, world))
+    checkpoint_of(ctx, interrupted, resumable=True).save(files.last)
     progress.warn(f"interrupted at epoch {state.epoch + 1}, batch {state.batch}: saved {files.last}; "
                   f"resume with `capcli train --out {files.out} --resume`")

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoint import Checkpoint
 from ..config import TrainConfig
 from ..errors import CheckpointError
 from ..models.base import CaptionModel
@@ -54,7 +55,7 @@ def model_config(cfg: TrainConfig, vocab_size: int, feature_dim: int) -> dict:
     return model_cfg
 
 
-def build_model(cfg: TrainConfig, data: Data, resumed: dict | None, last_path: Path, dist: Dist,
+def build_model(cfg: TrainConfig, data: Data, resumed: Checkpoint | None, last_path: Path, dist: Dist,
                 progress: Progress) -> Net:
     """The model: from ``data.start`` (resumed or ``--init-from``), else new from ``cfg.seed`` (the same initial
     weights on every rank), with ``--embeddings`` copied in; plus the encoder when fine-tuning."""
@@ -63,9 +64,9 @@ def build_model(cfg: TrainConfig, data: Data, resumed: dict | None, last_path: P
     if resumed is None:
         seed_all(cfg.seed)
     start = data.start
-    model = build(start["config"] if start is not None else model_config(cfg, len(data.vocab), data.feature_dim))
+    model = build(start.config if start is not None else model_config(cfg, len(data.vocab), data.feature_dim))
     if start is not None:
-        model.load_state_dict(start["model"])
+        model.load_state_dict(start.model)
     elif cfg.embeddings:
         found, missing = load_embeddings(cfg.embeddings, data.vocab, model.embed.weight)
         progress.info(f"embeddings: {found} of {found + missing} words from {cfg.embeddings}; "
@@ -79,7 +80,7 @@ def build_model(cfg: TrainConfig, data: Data, resumed: dict | None, last_path: P
     return Net(model, encoder, dist.wrap(model), dist.wrap(encoder))
 
 
-def _fine_tuned_encoder(cfg: TrainConfig, data: Data, resumed: dict | None, last_path: Path,
+def _fine_tuned_encoder(cfg: TrainConfig, data: Data, resumed: Checkpoint | None, last_path: Path,
                         device: torch.device) -> nn.Module:
     """The encoder with its last ``fine_tune_blocks`` blocks trainable; in eval mode, so that its BatchNorm
     statistics (and stochastic depth) stay frozen and only its weights learn."""
@@ -90,9 +91,9 @@ def _fine_tuned_encoder(cfg: TrainConfig, data: Data, resumed: dict | None, last
     for part in trainable_parts(encoder, cfg.fine_tune_blocks):
         part.requires_grad_(True)
     if resumed is not None:
-        if not resumed.get("encoder_state"):
+        if not resumed.encoder_state:
             raise CheckpointError(f"{last_path} holds no encoder weights to resume fine-tuning from")
-        encoder.load_state_dict(resumed["encoder_state"])
+        encoder.load_state_dict(resumed.encoder_state)
     return encoder.to(device).eval()
 
 

@@ -1,6 +1,6 @@
 """A run's folder and state: which run this is (new, or resumed from ``OUT/last.pt``), where it stands
-(:class:`RunState`, what resume restores), its checkpoints, its log (``metrics.jsonl``, ``curves.png``) and
-Ctrl-C handling."""
+(:class:`RunState`, what resume restores), its checkpoints, its log (``metrics.jsonl``, ``curves.png``), Ctrl-C
+handling, and :class:`RunContext`: all of it together, what each stage of the loop takes."""
 
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from .. import paths
-from ..checkpoint import load_checkpoint
-from ..checkpoint import save_checkpoint as write_checkpoint
+from ..checkpoint import Checkpoint
 from ..config import TrainConfig, check_config, merge_resumed
 from ..errors import CheckpointError, UsageError
 from ..layout import Dataset
@@ -58,15 +57,15 @@ class Run:
     cfg: TrainConfig  # with --resume: the checkpoint's settings, merged with the command line's
     ds: Dataset
     files: RunFiles
-    resumed: dict | None  # OUT/last.pt, with --resume
+    resumed: Checkpoint | None  # OUT/last.pt, with --resume
 
 
-def _load_resume(out: Path) -> dict:
+def _load_resume(out: Path) -> Checkpoint:
     last = out / "last.pt"
     if not last.is_file():
         raise CheckpointError(f"nothing to resume: no {last} (train without --resume first)")
-    ckpt = load_checkpoint(last)
-    if not isinstance(ckpt.get("train_state"), dict) or not isinstance(ckpt.get("train_config"), dict):
+    ckpt = Checkpoint.load(last)
+    if not isinstance(ckpt.train_state, dict) or not isinstance(ckpt.train_config, dict):
         raise CheckpointError(f"{last} holds no training state to resume (only weights)")
     return ckpt
 
@@ -77,12 +76,12 @@ def open_run(cfg: TrainConfig, dist: Dist, progress: Progress) -> Run:
     ckpt = None
     if cfg.resume and cfg.out:
         ckpt = _load_resume(Path(cfg.out))
-        cfg = merge_resumed(cfg, ckpt["train_config"], progress)
+        cfg = merge_resumed(cfg, ckpt.train_config, progress)
     ds = resolve_dataset(cfg, progress)
     out = Path(cfg.out) if cfg.out else paths.run_dir(ds.name, cfg.arch, cfg.root)
     if cfg.resume and ckpt is None:
         ckpt = _load_resume(out)
-        cfg = merge_resumed(cfg, ckpt["train_config"], progress)
+        cfg = merge_resumed(cfg, ckpt.train_config, progress)
     check_config(cfg)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the run")
@@ -121,9 +120,9 @@ class RunState:
         return {k: v for k, v in asdict(self).items() if k != "best_metrics"}
 
 
-def resume_state(resumed: dict, opt: Optim, files: RunFiles, progress: Progress) -> RunState:
+def resume_state(resumed: Checkpoint, opt: Optim, files: RunFiles, progress: Progress) -> RunState:
     """The resumed run's state, optimiser, schedule and every RNG, as ``last.pt`` saved them."""
-    saved = resumed["train_state"]
+    saved = resumed.train_state
     state = RunState.from_saved(saved)
     opt.optimizer.load_state_dict(saved["optimizer"])
     if opt.scheduler is not None and saved.get("scheduler") is not None:
@@ -165,26 +164,25 @@ def _state_dict(module: nn.Module, dtype: torch.dtype | None = None) -> dict[str
     return out
 
 
-def save_checkpoint(path: Path, metrics: dict, cfg: TrainConfig, data: Data, net: Net,
-                    train: tuple[RunState, Optim, int] | None = None) -> None:
-    """Weights, vocabulary, configs and ``metrics``; with ``train`` (state, optimiser, world size) everything
-    ``--resume`` needs, in full precision. Without it, weights in ``cfg.save_dtype``."""
-    dtype = torch.float16 if (cfg.save_dtype == "float16" and train is None) else None
-    ck: dict[str, Any] = {"config": net.model.config_dict(), "vocab": data.vocab.to_dict(),
-                          "encoder": data.spec.to_dict(), "model": _state_dict(net.model, dtype), "metrics": metrics,
-                          "train_config": cfg.to_dict()}
+def checkpoint_of(ctx: RunContext, metrics: dict, resumable: bool = False) -> Checkpoint:
+    """The run's model now: weights, vocabulary, configs and ``metrics``; ``resumable``, also everything
+    ``--resume`` needs, in full precision. Else the weights in ``cfg.save_dtype``."""
+    cfg, data, net = ctx.cfg, ctx.data, ctx.net
+    dtype = torch.float16 if (cfg.save_dtype == "float16" and not resumable) else None
+    ckpt = Checkpoint(config=net.model.config_dict(), vocab=data.vocab.to_dict(), encoder=data.spec.to_dict(),
+                      model=_state_dict(net.model, dtype), metrics=metrics, train_config=cfg.to_dict())
     if net.encoder is not None:
-        ck["encoder_state"] = _state_dict(net.encoder, dtype)
+        ckpt.encoder_state = _state_dict(net.encoder, dtype)
     if (fam := data.familiarity) is not None:
-        ck["familiarity"] = fam.to_dict()
-    if train is not None:
-        state, opt, world = train
-        ck["train_state"] = {
+        ckpt.familiarity = fam.to_dict()
+    if resumable:
+        state, opt = ctx.state, ctx.opt
+        ckpt.train_state = {
             **state.counters(), "optimizer": opt.optimizer.state_dict(),
             "scheduler": opt.scheduler.state_dict() if opt.scheduler is not None else None,
-            "rng": rng_state(), "best_metrics": state.best_metrics, "world_size": world,
+            "rng": rng_state(), "best_metrics": state.best_metrics, "world_size": ctx.dist.world,
         }
-    write_checkpoint(path, ck)
+    return ckpt
 
 
 class RunLog:
@@ -249,3 +247,21 @@ class GracefulStop:
     def __exit__(self, *exc: object) -> None:
         for sig, prev in self._previous.items():
             signal.signal(sig, prev)
+
+
+@dataclass
+class RunContext:
+    """Everything the stages of a run share, made once by ``loop.setup``: what nanoGPT's train.py keeps in the
+    variables of one script."""
+
+    cfg: TrainConfig  # the run's settings (resumed: the checkpoint's, merged with the command line's)
+    files: RunFiles
+    data: Data
+    net: Net
+    opt: Optim
+    state: RunState
+    dist: Dist
+    log: RunLog
+    progress: Progress
+    stop: GracefulStop = field(default_factory=GracefulStop)  # Ctrl-C / SIGTERM, while the epochs run
+    unreadable: set[int] = field(default_factory=set)  # training image rows already warned about
