@@ -751,7 +751,7 @@ def rewrite_records(out: str | Path, records: Sequence[dict[str, Any]], found: F
         if found is None:
             found = read_output(out) if out.is_file() else Found()
         data = _file_bytes(*_encoder(kind, found), records)
-    with lock.exclusive(lock.sidecar(out), str(out)):
+    with lock.output(out):
         try:
             atomic.write_bytes(out, data)
         except OSError as e:
@@ -849,7 +849,7 @@ def caption_files(captioner: Captioner, inputs: Sequence[str | Path], out: str |
         mine = [it for it in items if in_shard(it.key, shard)]
         summary.outside_shard = len(items) - len(mine)
         items = mine
-    with lock.exclusive(lock.sidecar(out), str(out)):
+    with lock.output(out):
         _caption_into(captioner, items, open_writer(out, resume), summary, dict(
             beam_size=beam_size, batch_size=batch_size, workers=workers, max_len=max_len, top_k=top_k,
             length_penalty=length_penalty), Path(attention_maps) if attention_maps is not None else None, progress)

@@ -478,6 +478,49 @@ def test_a_second_writer_is_refused_while_the_first_runs(many_dir, tmp_path):
     assert not lock.sidecar(out).exists()  # the lock file goes with the run
 
 
+@pytest.mark.parametrize("other_name", ["symlink", "hardlink"])
+def test_a_second_writer_through_another_name_of_the_output_is_refused(many_dir, tmp_path, other_name):
+    """``-o slink.jsonl`` (a symbolic link to the output) or ``-o hard.jsonl`` (a hard link to it): the same file,
+    so a second real process is refused at once and the first run's file stays whole."""
+    out = tmp_path / "caps.jsonl"
+    out.write_text("")  # an earlier output, written again (a hard link needs a file to point at)
+    other = tmp_path / f"{other_name}.jsonl"
+    if other_name == "symlink":
+        other.symlink_to(out.name)
+    else:
+        os.link(out, other)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "capcli.cli", "caption", str(many_dir), "--device", "cpu", "--batch-size", "4", "-o"]
+    first = subprocess.Popen([*cmd, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        while not lock.sidecar(out).is_file():  # the first run holds the lock (a hang is bounded by the timeout)
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.01)
+        first.send_signal(signal.SIGSTOP)  # paused mid-run: it still holds the lock
+        second = subprocess.run([*cmd, str(other)], capture_output=True, text=True, env=env, timeout=300)
+        first.send_signal(signal.SIGCONT)
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert "being written by another capcli run" in second.stderr and "Traceback" not in second.stderr
+        stdout, stderr = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGCONT)
+            first.kill()
+    assert first.returncode == 0, stderr
+    lines = out.read_text().splitlines()
+    assert len(lines) == 24 and all(json.loads(x) for x in lines)  # whole, and only the first run's records
+    assert other.read_bytes() == out.read_bytes()  # still the same file
+    assert not lock.sidecar(out).exists() and not lock.sidecar(other).exists()
+
+
+def test_writing_through_a_symlink_keeps_the_link(tmp_path):
+    target = tmp_path / "real.json"
+    link = tmp_path / "link.json"
+    link.symlink_to(target.name)
+    atomic.write_json(link, [1])
+    assert link.is_symlink() and json.loads(target.read_text()) == [1]
+
+
 def test_the_lock_is_exclusive_and_released(tmp_path):
     target = tmp_path / "x.json"
     first = lock.exclusive(lock.sidecar(target), str(target))
