@@ -326,7 +326,26 @@ def write_xmp_sidecar(photo: str | Path, fields: Fields, opts: PublishOptions) -
         return PublishResult(photo, target, Status.FAILED, str(e), fields)
     except (RuntimeError, OSError, ValueError) as e:
         return PublishResult(photo, target, Status.FAILED, f"cannot write {target.name} ({_short(e)})", fields)
+    _drop_other_sidecar(photo, opts.naming)
     return PublishResult(photo, target, Status.WRITTEN, "", fields)
+
+
+def _drop_other_sidecar(photo: Path, naming: str) -> None:
+    """Remove the photo's XMP sidecar of the other naming (``name.jpg.xmp`` after ``--sidecar-name stem``, and the
+    reverse) when capcli alone wrote it: a run with the other naming left it, and it would disagree with the new
+    one. A sidecar holding anything else (a person's words or keywords, another tool's fields) is kept."""
+    other = sidecar_path(photo, "xmp", "ext" if naming == "stem" else "stem")
+    with contextlib.suppress(RuntimeError, OSError):
+        if os.path.isfile(other) and _only_ours(_read(other, sidecar=True), other):
+            other.unlink()
+
+
+def _only_ours(meta: Metadata, path: Path) -> bool:
+    """Whether XMP ``meta`` (of sidecar ``path``) holds only fields capcli wrote, with capcli's own values."""
+    if _OURS not in meta.xmp or descriptions.persons_description(meta, path) is not None:
+        return False
+    own_keywords = set(texts(meta.xmp.get(_SUBJECT))) <= set(texts(meta.xmp.get(_LABELS)))
+    return own_keywords and set(meta.xmp) <= set(_xmp_changes(Fields(""), {}))
 
 
 def _short(e: BaseException) -> str:

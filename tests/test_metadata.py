@@ -475,3 +475,18 @@ def test_temporary_names_fit_the_file_system_and_differ_by_name(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(names)  # no temporary left
     with pytest.raises(OSError, match=rf"File name too long \({limit + 1} bytes; at most {limit} here\)"):
         atomic.write_text(tmp_path / ("z" * (limit + 1)), "too long")
+
+
+def test_switching_the_sidecar_naming_leaves_no_old_sidecar_of_capclis(photos):
+    """--sidecar-name ext, then stem: capcli's chelsea.jpg.xmp goes (it would disagree with chelsea.xmp); a
+    coffee.jpg.xmp another tool also wrote into (a rating) stays."""
+    chelsea, coffee = photos["chelsea.jpg"], photos["coffee.jpg"]
+    items = [(chelsea, record(chelsea)), (coffee, record(coffee))]
+    assert counts(publish(items, "xmp", PublishOptions(PROV, naming="ext")))["written"] == 2
+    with pyexiv2.Image(str(sidecar_path(coffee, "xmp", "ext"))) as img:
+        img.modify_xmp({"Xmp.xmp.Rating": "3"})
+    items = [(chelsea, record(chelsea, "a cat on a chair")), (coffee, record(coffee, "a cup"))]
+    assert counts(publish(items, "xmp", PublishOptions(PROV, naming="stem")))["written"] == 2
+    assert not sidecar_path(chelsea, "xmp", "ext").exists()
+    assert read_fields(sidecar_path(chelsea, "xmp", "stem")).caption == "a cat on a chair"
+    assert sidecar_path(coffee, "xmp", "ext").exists() and read_fields(sidecar_path(coffee, "xmp")).caption == "a cup"
