@@ -27,7 +27,7 @@ def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
     at once with ``ENAMETOOLONG``, saying how long it is and what the limit is.
     """
     path = Path(path)
-    if path.is_symlink():  # write the file the link points to and keep the link (os.replace would replace it)
+    if os.path.islink(path):  # write the file the link points to and keep the link (os.replace would replace it)
         path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)  # a file where a folder should be: FileExistsError
     limit = check_name(path)

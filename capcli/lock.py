@@ -39,12 +39,11 @@ def output(path: str | Path) -> Iterator[None]:
     inode when it exists (another name for it, a hard link, has another sidecar but the same inode)."""
     with exclusive(sidecar(path), str(path)):
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError:  # not there yet (no other name can point at it), or unreadable: the sidecar lock holds
-            yield
-            return
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        except OSError:  # not there yet (no other name can point at it), unreadable: the sidecar lock holds
+            fd = -1
         try:
-            if fcntl is not None:
+            if fd >= 0 and fcntl is not None:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -53,7 +52,8 @@ def output(path: str | Path) -> Iterator[None]:
                                       "elsewhere") from None
             yield
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
 
 
 @contextlib.contextmanager

@@ -168,11 +168,13 @@ def xmp_sidecars(photo: str | Path) -> list[Path]:
     return [sidecar_path(photo, "xmp", naming) for naming in SIDECAR_NAMINGS]
 
 
-def persons_description(photo: str | Path, besides: Path | None = None) -> Description | None:
-    """A description a person wrote in ``photo`` or in its XMP sidecars (``besides``: one not to read, the caller
-    has), or None. A file exiv2 cannot read holds none; so does a sidecar name too long to exist."""
+def persons_description(photo: str | Path, besides: Path | None = None, photo_too: bool = True) -> Description | None:
+    """A description a person wrote in ``photo`` (unless not ``photo_too``) or in its XMP sidecars (``besides``:
+    one not to read, the caller has), or None. A file exiv2 cannot read holds none; so does a sidecar name too
+    long to exist."""
     photo = Path(photo)
-    files = [(photo, False), *((s, True) for s in xmp_sidecars(photo) if s != besides and os.path.isfile(s))]
+    files = [(photo, False)] if photo_too else []
+    files += [(s, True) for s in xmp_sidecars(photo) if s != besides and os.path.isfile(s)]
     return descriptions.find(files, _exiv2())
 
 
@@ -277,7 +279,7 @@ def embed(photo: str | Path, fields: Fields, opts: PublishOptions) -> PublishRes
             existing = _read(target)
         except (RuntimeError, OSError) as e:
             raise _Refused(f"cannot read its metadata ({_short(e)})") from e
-        person = descriptions.persons_description(existing, target) or persons_description(photo, besides=target)
+        person = descriptions.persons_description(existing, target) or persons_description(photo, photo_too=False)
         skipped = _skipped(photo, target, fields, person, opts.overwrite)
         if skipped is not None:
             return skipped
@@ -400,7 +402,7 @@ def write_txt_sidecar(photo: str | Path, fields: Fields, opts: PublishOptions, r
         ours = record.is_ours(target, text)
         person = None
         if ours is False:
-            person = Description(target.read_text(encoding="utf-8", errors="replace").strip(), "text", target)
+            person = Description(target.read_text(encoding="utf-8", errors="replace").strip(), "the .txt", target)
         person = person or persons_description(photo)
         skipped = _skipped(photo, target, fields, person, opts.overwrite)
         if skipped is not None:
