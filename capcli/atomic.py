@@ -20,12 +20,15 @@ from typing import Any
 def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; it replaces ``path`` when the block ends without error.
 
+    A symbolic link is followed: its target is replaced, the link stays.
     ``durable``: the new file's bytes reach the disk before it replaces ``path``, and the folder's new entry after
     (a power cut leaves the old file or the new one, never an empty one: what writing into a person's photos needs).
     The temporary name always fits the file system (:func:`temp_name`); a ``path`` whose own name does not fails
     at once with ``ENAMETOOLONG``, saying how long it is and what the limit is.
     """
     path = Path(path)
+    if os.path.islink(path):  # write the file the link points to and keep the link (os.replace would replace it)
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)  # a file where a folder should be: FileExistsError
     limit = check_name(path)
     if path.is_dir():  # an OSError, as the callers that write one file of many expect (it fails that one)

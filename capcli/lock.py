@@ -4,6 +4,10 @@ The lock is ``fcntl.flock`` on a sidecar file (``.NAME.lock`` beside an output f
 output folder), not on the output itself: ``.json`` outputs and manifests are replaced atomically, which
 would leave a lock on the old file. The kernel drops the lock when the process ends, however it ends, so a
 killed run never blocks the next one. Where ``fcntl`` does not exist (Windows) nothing is locked.
+
+One file can have many names: a symbolic link, a hard link. :func:`output` locks what a path names, not the name:
+the sidecar lives beside the file the path resolves to (symbolic links followed), and the file itself, when it
+exists, is locked too (``flock`` on its inode), which a run through a hard link takes as well.
 """
 
 from __future__ import annotations
@@ -23,9 +27,33 @@ except ImportError:  # pragma: no cover - Windows
 
 
 def sidecar(path: str | Path) -> Path:
-    """The lock file of an output file: ``.NAME.lock`` in the same folder (hidden, never taken as input)."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.lock")
+    """The lock file of an output file: ``.NAME.lock`` beside the file ``path`` resolves to (hidden, never taken
+    as input), so a symbolic link and its target share one lock."""
+    real = Path(os.path.realpath(path))
+    return real.with_name(f".{real.name}.lock")
+
+
+@contextlib.contextmanager
+def output(path: str | Path) -> Iterator[None]:
+    """Hold the one-writer lock of output file ``path`` for the block: its :func:`sidecar`, and the file's own
+    inode when it exists (another name for it, a hard link, has another sidecar but the same inode)."""
+    with exclusive(sidecar(path), str(path)):
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        except OSError:  # not there yet (no other name can point at it), unreadable: the sidecar lock holds
+            fd = -1
+        try:
+            if fd >= 0 and fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise LockedError(f"{display(str(path))} is being written by another capcli run through another "
+                                      "name (a hard link to the same file); wait for it to finish or write "
+                                      "elsewhere") from None
+            yield
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
 
 @contextlib.contextmanager

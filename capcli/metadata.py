@@ -10,11 +10,13 @@ What is written (XMP, through exiv2 via ``pyexiv2``; exiftool reads the same fie
 - ``xmp:MetadataDate``: now (the XMP rule for "metadata changed"; Lightroom compares it to resync).
   ``xmp:CreatorTool`` is left alone: it names the tool that made the image, not its caption.
 
-Whose words? A caption field (``dc:description`` in any language, ``AltTextAccessibility``, and for the photo itself
-IPTC ``Caption-Abstract``) whose text differs from the ``capcli:caption`` stored beside it was written, or edited,
-by a person: the file is skipped unless ``overwrite``. Text equal to ``capcli:caption`` is capcli's own and is
-replaced on a rerun. For an XMP sidecar the photo's embedded fields count too (tools that prefer the sidecar would
-otherwise hide the person's text). EXIF ``ImageDescription`` is not looked at: cameras fill it with their name.
+Whose words? Every description field a photo tool shows (XMP ``dc:description`` and ``AltTextAccessibility``, IPTC
+``Caption-Abstract``, EXIF ``ImageDescription``), in the photo or in its XMP sidecars, whose text differs from the
+``capcli:caption`` stored beside it was written, or edited, by a person (:mod:`capcli.descriptions`): the photo
+is skipped, whichever way it is delivered (embedded, XMP or .txt sidecar), unless ``overwrite``. Text equal to
+``capcli:caption`` is capcli's own and is replaced on a rerun. Embedding also replaces the photo's EXIF
+``ImageDescription`` and IPTC ``Caption-Abstract`` where it has them (a camera's name, capcli's earlier caption),
+so that tools following the MWG rules, which prefer those, show the same caption.
 
 ``.txt`` sidecars (LoRA datasets: ``name.txt`` beside ``name.jpg``) carry no metadata, so capcli keeps a record of
 what it wrote: ``.capcli-txt.json`` in each folder maps each .txt name to the SHA-256 of the text capcli wrote. An
@@ -37,18 +39,19 @@ import os
 import shutil
 import stat
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from . import __version__, atomic
+from . import __version__, atomic, descriptions, shots
+from .descriptions import EXIF_DESCRIPTION, IPTC_CAPTION, NAMESPACE, PREFIX, Description, Metadata, texts
 from .errors import UsageError, os_reason
 from .images import RAW_EXTENSIONS as RAW_TYPES
+from .lossless import image_data_digest
+from .lossless import sos_offset as _sos_offset  # noqa: F401 - the tests use it from here
 
-NAMESPACE = "http://ns.capcli.org/xmp/1.0/"
-PREFIX = "capcli"
 TXT_RECORD = ".capcli-txt.json"
 EMBED_TYPES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff"})
 SIDECAR_KINDS = ("xmp", "txt")
@@ -56,9 +59,8 @@ SIDECAR_NAMINGS = ("stem", "ext")  # Lightroom: name.xmp; darktable: name.jpg.xm
 EMPTY_PACKET = ('<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n<x:xmpmeta xmlns:x="adobe:ns:meta/">'
                 '<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"/></x:xmpmeta>\n<?xpacket end="w"?>\n')
 
-_DESC, _ALT, _SUBJECT = "Xmp.dc.description", "Xmp.iptc.AltTextAccessibility", "Xmp.dc.subject"
-_OURS, _LABELS = f"Xmp.{PREFIX}.caption", f"Xmp.{PREFIX}.labels"
-_IPTC_CAPTION = "Iptc.Application2.Caption"
+_DESC, _ALT, _SUBJECT = descriptions.XMP_DESCRIPTION, descriptions.XMP_ALT_TEXT, "Xmp.dc.subject"
+_OURS, _LABELS = descriptions.OURS, f"Xmp.{PREFIX}.labels"
 _X_DEFAULT = 'lang="x-default"'
 
 
@@ -96,6 +98,7 @@ class PublishResult:
     status: Status
     reason: str = ""
     fields: Fields | None = None
+    unembeddable: bool = False  # FAILED as embed because of the file's type (RAW, HEIC): an XMP sidecar is the way
 
     def describe(self) -> str:
         """One line for a report, e.g. ``would write a.xmp: "a cat on a sofa"``."""
@@ -116,6 +119,10 @@ class PublishOptions:
 
 class _Refused(Exception):
     """This photo cannot be written; the message is the per-file reason."""
+
+
+class _Unembeddable(_Refused):
+    """The photo's type cannot hold an embedded caption (RAW, HEIC, ...)."""
 
 
 # ------------------------------------------------------------------------------------------- records -> fields
@@ -148,62 +155,42 @@ def _exiv2() -> Any:
     return pyexiv2
 
 
-@dataclass
-class _Existing:
-    xmp: dict[str, Any] = field(default_factory=dict)
-    iptc: dict[str, Any] = field(default_factory=dict)
-
-
 def _open(path: Path) -> Any:
-    """``pyexiv2.Image`` of ``path`` opened by its exact bytes (``os.fsencode``).
-
-    ``pyexiv2.Image(name)`` encodes the name as strict UTF-8, which fails on a name that is not valid UTF-8 (its
-    bytes are held as surrogates); its extension module takes the bytes, so it is given them directly.
-    """
-    pyexiv2 = _exiv2()
-    from pyexiv2.lib import exiv2api
-
-    img = pyexiv2.Image.__new__(pyexiv2.Image)
-    img._exiv2api_image = exiv2api.Image(os.fsencode(path))  # what Image.__init__ sets (pyexiv2 2.15, 2.16)
-    return img
+    return descriptions.open_image(path, _exiv2())
 
 
-def _read(path: Path, iptc: bool = True) -> _Existing:
-    with _open(path) as img:
-        return _Existing(img.read_xmp(), img.read_iptc() if iptc else {})
+def _read(path: Path, sidecar: bool = False) -> Metadata:
+    return descriptions.read(path, _exiv2(), sidecar)
 
 
-def _texts(value: Any) -> list[str]:
-    if isinstance(value, dict):
-        return [str(v) for v in value.values()]
-    if isinstance(value, list):
-        return [str(v) for v in value]
-    return [str(value)] if value else []
+def xmp_sidecars(photo: str | Path) -> list[Path]:
+    """Where a photo tool looks for the photo's XMP sidecar: ``name.xmp`` and ``name.jpg.xmp``."""
+    return [sidecar_path(photo, "xmp", naming) for naming in SIDECAR_NAMINGS]
 
 
-def persons_text(existing: _Existing) -> str | None:
-    """A caption a person wrote (or edited) in these fields, or None if all are empty or capcli's own."""
-    ours = existing.xmp.get(_OURS)
-    values = [existing.xmp.get(_DESC), existing.xmp.get(_ALT), existing.iptc.get(_IPTC_CAPTION)]
-    for text in (t for v in values for t in _texts(v)):
-        if text.strip() and text != ours:
-            return text
-    return None
+def persons_description(photo: str | Path, besides: Path | None = None, photo_too: bool = True) -> Description | None:
+    """A description a person wrote in ``photo`` (unless not ``photo_too``) or in its XMP sidecars (``besides``:
+    one not to read, the caller has), or None. A file exiv2 cannot read holds none; so does a sidecar name too
+    long to exist."""
+    photo = Path(photo)
+    files = [(photo, False)] if photo_too else []
+    files += [(s, True) for s in xmp_sidecars(photo) if s != besides and os.path.isfile(s)]
+    return descriptions.find(files, _exiv2())
 
 
 def read_fields(path: str | Path) -> Fields | None:
     """The caption fields capcli wrote into a photo or an XMP sidecar, or None if it holds none."""
-    xmp = _read(Path(path), iptc=False).xmp
+    xmp = _read(Path(path), sidecar=True).xmp
     if _OURS not in xmp:
         return None
     p = {k: str(xmp.get(f"Xmp.{PREFIX}.{k}", "")) for k in ("model", "tool", "version")}
-    return Fields(str(xmp[_OURS]), tuple(_texts(xmp.get(_LABELS))), Provenance(**p))
+    return Fields(str(xmp[_OURS]), tuple(texts(xmp.get(_LABELS))), Provenance(**p))
 
 
 def _xmp_changes(fields: Fields, existing: dict[str, Any]) -> dict[str, Any]:
     """The pyexiv2 ``modify_xmp`` dict: capcli's fields, keeping a person's keywords and dropping capcli's old ones."""
-    old_ours = set(_texts(existing.get(_LABELS)))
-    kept = [k for k in _texts(existing.get(_SUBJECT)) if k not in old_ours]
+    old_ours = set(texts(existing.get(_LABELS)))
+    kept = [k for k in texts(existing.get(_SUBJECT)) if k not in old_ours]
     subject = kept + [k for k in fields.keywords if k not in kept]
     prov = fields.provenance or Provenance(model="")
     return {
@@ -219,10 +206,15 @@ def _xmp_changes(fields: Fields, existing: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _write_xmp(path: Path, fields: Fields) -> None:
-    """Write ``fields`` into ``path`` (a photo or sidecar) in place, then read them back."""
+def _write_xmp(path: Path, fields: Fields, photo: bool = False) -> None:
+    """Write ``fields`` into ``path`` (a sidecar, or with ``photo`` a photo, whose EXIF and IPTC descriptions
+    are replaced too where there are some: see the module doc) in place, then read them back."""
     with _open(path) as img:
         img.modify_xmp(_xmp_changes(fields, img.read_xmp()))
+        if photo and img.read_exif().get(EXIF_DESCRIPTION) is not None:
+            img.modify_exif({EXIF_DESCRIPTION: fields.caption})
+        if photo and img.read_iptc().get(IPTC_CAPTION) is not None:
+            img.modify_iptc({IPTC_CAPTION: fields.caption})
     back = read_fields(path)
     if back is None or back.caption != fields.caption or back.keywords != fields.keywords:
         raise _Refused("the fields read back differ from those written")
@@ -247,48 +239,13 @@ def _check_name(target: Path, hint: str = "") -> None:
 def _check_embeddable(photo: Path) -> None:
     ext = photo.suffix.lower()
     if ext in RAW_TYPES:
-        raise _Refused(f"RAW file ({ext}): capcli never writes into RAW originals; use --sidecar xmp")
+        raise _Unembeddable(f"RAW file ({ext}): capcli never writes into RAW originals; use --sidecar xmp")
     if ext not in EMBED_TYPES:
-        raise _Refused(f"cannot embed metadata in {ext or 'extension-less'} files "
+        raise _Unembeddable(f"cannot embed metadata in {ext or 'extension-less'} files "
                        f"(only {', '.join(sorted(EMBED_TYPES))}); use --sidecar xmp")
     if not photo.is_file():
         raise _Refused("no such file")
     _check_writable(photo)
-
-
-def _sos_offset(data: bytes) -> int:
-    """Where a JPEG's first SOS marker is: the compressed image starts there (the segments before are metadata)."""
-    i = 2
-    while i + 4 <= len(data):
-        if data[i] != 0xFF:
-            raise ValueError("corrupt JPEG marker sequence")
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-        elif marker == 0xDA:
-            return i
-        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
-            i += 2
-        else:
-            i += 2 + int.from_bytes(data[i + 2: i + 4], "big")
-    raise ValueError("no SOS marker")
-
-
-def image_data_digest(path: str | Path) -> str:
-    """SHA-256 of what metadata edits must not change: a JPEG's bytes from its first SOS to the end of the file
-    (the scan, and whatever follows EOI: a motion photo's video, MPF images), else the decoded pixels of every frame.
-    """
-    data = Path(path).read_bytes()
-    if data[:2] == b"\xff\xd8":
-        return hashlib.sha256(data[_sos_offset(data):]).hexdigest()
-    from PIL import Image, ImageSequence
-
-    h = hashlib.sha256()
-    with Image.open(path) as im:
-        for frame in ImageSequence.Iterator(im):
-            h.update(f"{frame.mode} {frame.size}".encode())
-            h.update(frame.tobytes())
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------- one photo
@@ -302,13 +259,14 @@ def sidecar_path(photo: str | Path, kind: str = "xmp", naming: str = "stem") -> 
     return photo.with_name(photo.name + ".xmp") if naming == "ext" else photo.with_suffix(".xmp")
 
 
-def _skipped(photo: Path, target: Path, fields: Fields, person: str | None, overwrite: bool) -> PublishResult | None:
-    """The result for a photo whose caption fields hold a person's text (and no overwrite), else None."""
+def _skipped(photo: Path, target: Path, fields: Fields, person: Description | None,
+             overwrite: bool) -> PublishResult | None:
+    """The result for a photo whose description fields hold a person's text (and no overwrite), else None."""
     if person is None or overwrite:
         return None
-    short = person if len(person) <= 60 else person[:57] + "..."
-    return PublishResult(photo, target, Status.SKIPPED, f'keeps a description a person wrote: "{short}" '
-                         "(--overwrite replaces it)", fields)
+    where = person.field if person.file == target else f"{person.field} of {person.file.name}"
+    return PublishResult(photo, target, Status.SKIPPED, f'keeps a description a person wrote: "{person.short()}" '
+                         f"({where}; --overwrite replaces it)", fields)
 
 
 def embed(photo: str | Path, fields: Fields, opts: PublishOptions) -> PublishResult:
@@ -321,7 +279,8 @@ def embed(photo: str | Path, fields: Fields, opts: PublishOptions) -> PublishRes
             existing = _read(target)
         except (RuntimeError, OSError) as e:
             raise _Refused(f"cannot read its metadata ({_short(e)})") from e
-        skipped = _skipped(photo, target, fields, persons_text(existing), opts.overwrite)
+        person = descriptions.persons_description(existing, target) or persons_description(photo, photo_too=False)
+        skipped = _skipped(photo, target, fields, person, opts.overwrite)
         if skipped is not None:
             return skipped
         if opts.dry_run:
@@ -329,11 +288,11 @@ def embed(photo: str | Path, fields: Fields, opts: PublishOptions) -> PublishRes
         before = image_data_digest(target)
         with atomic.atomic_path(target, durable=True) as tmp:
             shutil.copy2(target, tmp)  # keeps permissions and times
-            _write_xmp(tmp, fields)
+            _write_xmp(tmp, fields, photo=True)
             if image_data_digest(tmp) != before:
                 raise _Refused("exiv2 changed the image data; the photo was left as it was")
     except _Refused as e:
-        return PublishResult(photo, target, Status.FAILED, str(e), fields)
+        return PublishResult(photo, target, Status.FAILED, str(e), fields, isinstance(e, _Unembeddable))
     except (RuntimeError, OSError, ValueError) as e:
         return PublishResult(photo, target, Status.FAILED, f"cannot write its metadata ({_short(e)})", fields)
     return PublishResult(photo, target, Status.WRITTEN, "", fields)
@@ -348,12 +307,10 @@ def write_xmp_sidecar(photo: str | Path, fields: Fields, opts: PublishOptions) -
         person = None
         if target.exists():
             try:
-                person = persons_text(_read(target, iptc=False))
+                person = descriptions.persons_description(_read(target, sidecar=True), target)
             except (RuntimeError, OSError) as e:
                 raise _Refused(f"cannot read the sidecar {target.name} ({_short(e)})") from e
-        if person is None:
-            with contextlib.suppress(RuntimeError, OSError):  # a photo exiv2 cannot read has no fields to protect
-                person = persons_text(_read(photo))
+        person = person or persons_description(photo, besides=target)
         skipped = _skipped(photo, target, fields, person, opts.overwrite)
         if skipped is not None:
             return skipped
@@ -371,7 +328,26 @@ def write_xmp_sidecar(photo: str | Path, fields: Fields, opts: PublishOptions) -
         return PublishResult(photo, target, Status.FAILED, str(e), fields)
     except (RuntimeError, OSError, ValueError) as e:
         return PublishResult(photo, target, Status.FAILED, f"cannot write {target.name} ({_short(e)})", fields)
+    _drop_other_sidecar(photo, opts.naming)
     return PublishResult(photo, target, Status.WRITTEN, "", fields)
+
+
+def _drop_other_sidecar(photo: Path, naming: str) -> None:
+    """Remove the photo's XMP sidecar of the other naming (``name.jpg.xmp`` after ``--sidecar-name stem``, and the
+    reverse) when capcli alone wrote it: a run with the other naming left it, and it would disagree with the new
+    one. A sidecar holding anything else (a person's words or keywords, another tool's fields) is kept."""
+    other = sidecar_path(photo, "xmp", "ext" if naming == "stem" else "stem")
+    with contextlib.suppress(RuntimeError, OSError):
+        if os.path.isfile(other) and _only_ours(_read(other, sidecar=True), other):
+            other.unlink()
+
+
+def _only_ours(meta: Metadata, path: Path) -> bool:
+    """Whether XMP ``meta`` (of sidecar ``path``) holds only fields capcli wrote, with capcli's own values."""
+    if _OURS not in meta.xmp or descriptions.persons_description(meta, path) is not None:
+        return False
+    own_keywords = set(texts(meta.xmp.get(_SUBJECT))) <= set(texts(meta.xmp.get(_LABELS)))
+    return own_keywords and set(meta.xmp) <= set(_xmp_changes(Fields(""), {}))
 
 
 def _short(e: BaseException) -> str:
@@ -424,7 +400,10 @@ def write_txt_sidecar(photo: str | Path, fields: Fields, opts: PublishOptions, r
     try:
         _check_name(target)
         ours = record.is_ours(target, text)
-        person = None if ours in (None, True) else target.read_text(encoding="utf-8", errors="replace").strip()
+        person = None
+        if ours is False:
+            person = Description(target.read_text(encoding="utf-8", errors="replace").strip(), "the .txt", target)
+        person = person or persons_description(photo)
         skipped = _skipped(photo, target, fields, person, opts.overwrite)
         if skipped is not None:
             return skipped
@@ -448,6 +427,7 @@ def publish(items: Sequence[tuple[Path, dict[str, Any]]], how: str, opts: Publis
     ``items`` pairs each photo's path with its record (as ``capcli caption`` writes them). A record without a
     caption (it failed), a photo listed twice and a photo whose sidecar another photo of the batch already takes
     (``a.jpg`` and ``a.png`` both want ``a.xmp``) fail; every other photo is tried whatever happened to the rest.
+    A RAW+JPEG pair is one shot (:mod:`capcli.shots`): the JPEG's record is published for both.
     """
     if how not in ("xmp", "txt", "embed"):
         raise UsageError(f"publish as xmp, txt or embed, not {how!r}")
@@ -456,7 +436,7 @@ def publish(items: Sequence[tuple[Path, dict[str, Any]]], how: str, opts: Publis
     results: list[PublishResult] = []
     claimed: dict[Path, Path] = {}  # target -> the photo that writes it
     with _txt_records() as records:
-        for photo, rec in items:
+        for photo, rec in shots.one_per_shot(items, how, opts.naming):
             photo = Path(photo)
             fields = record_fields(rec, opts.provenance)
             target = photo if how == "embed" else sidecar_path(photo, how, opts.naming)
@@ -500,6 +480,13 @@ def _txt_records() -> Iterator[Any]:
     finally:
         for rec in opened.values():
             rec.save()
+
+
+def covered_by_sidecars(results: Sequence[PublishResult]) -> list[PublishResult]:
+    """``results`` without the embeds that failed for the photo's type (RAW, HEIC) where the photo's XMP sidecar
+    did not fail: the sidecar is how such a photo carries its caption, so it is not a failure."""
+    covered = {r.photo for r in results if r.target.suffix == ".xmp" and r.status is not Status.FAILED}
+    return [r for r in results if not (r.unembeddable and r.photo in covered)]
 
 
 def counts(results: Sequence[PublishResult]) -> dict[str, int]:

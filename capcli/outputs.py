@@ -396,7 +396,7 @@ def rewrite_records(out: str | Path, records: Sequence[dict[str, Any]], found: F
     if found is None:  # laid out as the file is (a BOM, the columns a person added)
         found = read_output(out) if fmt.laid_out and out.is_file() else Found()
     data = fmt.file_bytes(records, found)
-    with lock.exclusive(lock.sidecar(out), str(out)):
+    with lock.output(out):
         try:
             atomic.write_bytes(out, data)
         except OSError as e:

@@ -130,6 +130,7 @@ def publish_records(items: Sequence[tuple[Path, dict[str, Any]]], request: Publi
                           naming=request.naming)
     for how in request.hows:
         report.results += metadata.publish(kept, how, opts)
+    report.results = metadata.covered_by_sidecars(report.results)
     if request.html is not None:
         report.gallery = gallery.write_gallery(request.html, list(items))
     return report

@@ -7,7 +7,8 @@ left out and why, so that nothing is skipped silently.
 - Other entries are left out, each with a label: its extension for a file (``.mov``), else what it is
   (``broken link``, ``named pipe``, ``unreadable folder``, ...).
 - Hidden entries (names starting with a dot: ``.DS_Store``, ``.thumbnails/``, ``.git/``) are neither taken nor
-  walked into, only counted. (A hidden file or folder named by the caller is a root, taken as any other.)
+  walked into, only counted; capcli's own record of the ``.txt`` sidecars it wrote is not even counted. (A
+  hidden file or folder named by the caller is a root, taken as any other.)
 - Subfolders are walked with ``recursive``, else counted. Symbolic links to folders are followed, each folder
   walked at most once (by device and inode): a link back up (a loop) or to a folder walked already is counted
   instead. The real subfolders of a walk come before the links in it, so a photo with a real path inside the
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .images import is_image_file
+from .metadata import TXT_RECORD
 
 # What an entry that is not a file or folder is, for the count of what was left out.
 _KINDS = ((stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "device"),
@@ -109,6 +111,8 @@ def walk_folder(root: Path, recursive: bool, left_out: LeftOut) -> list[InputFil
             path, key = folder / name, prefix + name
             st, why = _stat(path)
             is_dir = st is not None and stat.S_ISDIR(st.st_mode)
+            if name == TXT_RECORD:
+                continue  # capcli's own file, beside the .txt sidecars it wrote
             if name.startswith("."):
                 if left_out.first_time(path):
                     left_out.hidden.append((path, is_dir))

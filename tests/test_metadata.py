@@ -216,9 +216,8 @@ def test_dry_run_writes_nothing_and_says_what_and_where(photos):
     for how in ("embed", "xmp", "txt"):
         results = publish(items, how, PublishOptions(PROV, dry_run=True))
         by_name = {r.photo.name: r for r in results}
-        skipped = 0 if how == "txt" else 1  # a .txt sidecar does not hold the photo's description
-        assert by_name["camera.png"].status is (Status.WOULD_WRITE if how == "txt" else Status.SKIPPED)
-        assert counts(results) == {"written": 0, "skipped": skipped, "failed": 0, "would-write": len(items) - skipped}
+        assert by_name["camera.png"].status is Status.SKIPPED  # its description is a person's, however delivered
+        assert counts(results) == {"written": 0, "skipped": 1, "failed": 0, "would-write": len(items) - 1}
         r = by_name["chelsea.jpg"]
         expected = {"embed": "chelsea.jpg", "xmp": "chelsea.xmp", "txt": "chelsea.txt"}[how]
         assert r.target == folder / expected
@@ -476,3 +475,18 @@ def test_temporary_names_fit_the_file_system_and_differ_by_name(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(names)  # no temporary left
     with pytest.raises(OSError, match=rf"File name too long \({limit + 1} bytes; at most {limit} here\)"):
         atomic.write_text(tmp_path / ("z" * (limit + 1)), "too long")
+
+
+def test_switching_the_sidecar_naming_leaves_no_old_sidecar_of_capclis(photos):
+    """--sidecar-name ext, then stem: capcli's chelsea.jpg.xmp goes (it would disagree with chelsea.xmp); a
+    coffee.jpg.xmp another tool also wrote into (a rating) stays."""
+    chelsea, coffee = photos["chelsea.jpg"], photos["coffee.jpg"]
+    items = [(chelsea, record(chelsea)), (coffee, record(coffee))]
+    assert counts(publish(items, "xmp", PublishOptions(PROV, naming="ext")))["written"] == 2
+    with pyexiv2.Image(str(sidecar_path(coffee, "xmp", "ext"))) as img:
+        img.modify_xmp({"Xmp.xmp.Rating": "3"})
+    items = [(chelsea, record(chelsea, "a cat on a chair")), (coffee, record(coffee, "a cup"))]
+    assert counts(publish(items, "xmp", PublishOptions(PROV, naming="stem")))["written"] == 2
+    assert not sidecar_path(chelsea, "xmp", "ext").exists()
+    assert read_fields(sidecar_path(chelsea, "xmp", "stem")).caption == "a cat on a chair"
+    assert sidecar_path(coffee, "xmp", "ext").exists() and read_fields(sidecar_path(coffee, "xmp")).caption == "a cup"

@@ -114,6 +114,76 @@ def test_a_persons_description_survives_and_the_rest_are_written(work):
     assert exiftool(photos / "chelsea.jpg")[0]["Description"] == recs["chelsea.jpg"]["caption"]
 
 
+PERSON = "Cat and dog on the balcony"
+# where a person's description lives: the exiftool arguments that put it there, and the file written
+PERSONS_FIELD = {"exif": ("-EXIF:ImageDescription", "chelsea.jpg"), "iptc": ("-IPTC:Caption-Abstract", "chelsea.jpg"),
+                 "xmp-sidecar": ("-XMP-dc:Description", "chelsea.xmp"),
+                 "darktable-sidecar": ("-XMP-dc:Description", "chelsea.jpg.xmp")}
+DELIVERY = {"embed": ["--embed"], "xmp": ["--sidecar", "xmp"], "txt": ["--sidecar", "txt"]}
+
+
+def descriptions(*files: Path) -> dict[str, dict]:
+    """Every description field exiftool finds in ``files`` (and the MWG-reconciled one), by file name."""
+    out = subprocess.run(["exiftool", "-json", "-G1", "-MWG:Description", "-XMP-dc:Description",
+                          "-XMP-iptcCore:AltTextAccessibility", "-EXIF:ImageDescription", "-IPTC:Caption-Abstract",
+                          *map(str, files)], capture_output=True, text=True, timeout=120)
+    return {Path(t.pop("SourceFile")).name: t for t in json.loads(out.stdout)}
+
+
+@needs_exiftool
+@pytest.mark.slow
+@pytest.mark.parametrize("how", DELIVERY)
+@pytest.mark.parametrize("where", PERSONS_FIELD)
+def test_a_persons_description_in_any_field_or_sidecar_is_kept_whatever_the_delivery(work, where, how):
+    """A description only in EXIF ImageDescription, only in IPTC Caption-Abstract or only in an XMP sidecar (either
+    naming) is a person's: the photo is skipped by --embed, --sidecar xmp and --sidecar txt alike, and exiftool
+    reads back only the person's words."""
+    photos = work / "photos"
+    tag, file = PERSONS_FIELD[where]
+    subprocess.run(["exiftool", "-q", "-overwrite_original", f"{tag}={PERSON}", str(photos / file)], check=True,
+                   timeout=60)
+    r = run(str(photos), "-o", str(work / "out.json"), "--resume", "--strict", *DELIVERY[how])
+    assert r.exit_code == 0, r.output  # a skipped photo is not a failure
+    assert re.search(r"skipped \S*chelsea\.jpg: keeps a description a person wrote", r.output), r.output
+    assert f"wrote {len(PHOTOS) - 1}, skipped 1" in r.output, r.output
+    files = [f for f in (photos / n for n in ("chelsea.jpg", "chelsea.xmp", "chelsea.jpg.xmp")) if f.exists()]
+    found = descriptions(*files)
+    assert set(found[file].values()) == {PERSON}, found
+    for name, fields in found.items():
+        assert set(fields.values()) <= {PERSON}, (name, fields)  # nothing contradicts it, in any field
+    assert not (photos / "chelsea.txt").exists()
+    if how == "txt":  # capcli's record of its .txt files is not a hidden file left out on the next run
+        assert (photos / ".capcli-txt.json").is_file()
+        again = run(str(photos), "-o", str(work / "out.json"), "--resume")
+        assert again.exit_code == 0 and "hidden" not in again.output, again.output
+
+
+@needs_exiftool
+@pytest.mark.slow
+def test_a_cameras_description_is_replaced_and_overwrite_keeps_every_field_in_step(work):
+    """EXIF ImageDescription "OLYMPUS DIGITAL CAMERA" is the camera's, not a person's: embedding replaces it, so
+    the MWG description (which prefers EXIF) is the caption. With --overwrite a person's EXIF and IPTC text are
+    replaced too, never left contradicting the XMP."""
+    photos = work / "photos"
+    subprocess.run(["exiftool", "-q", "-overwrite_original", "-EXIF:Make=OLYMPUS IMAGING CORP.",
+                    "-EXIF:ImageDescription=OLYMPUS DIGITAL CAMERA         ", str(photos / "coffee.jpg")], check=True,
+                   timeout=60)
+    subprocess.run(["exiftool", "-q", "-overwrite_original", f"-EXIF:ImageDescription={PERSON}",
+                    f"-IPTC:Caption-Abstract={PERSON}", str(photos / "chelsea.jpg")], check=True, timeout=60)
+    recs = records(work / "out.json")
+    r = run(str(photos), "-o", str(work / "out.json"), "--resume", "--embed")
+    assert r.exit_code == 0 and f"wrote {len(PHOTOS) - 1}, skipped 1" in r.output, r.output
+    caption = recs["coffee.jpg"]["caption"]
+    assert set(descriptions(photos / "coffee.jpg")["coffee.jpg"].values()) == {caption}
+    r = run(str(photos), "-o", str(work / "out.json"), "--resume", "--embed", "--overwrite")
+    assert r.exit_code == 0 and f"wrote {len(PHOTOS)}, skipped 0" in r.output, r.output
+    fields = descriptions(photos / "chelsea.jpg")["chelsea.jpg"]
+    assert set(fields) >= {"MWG:Description", "IFD0:ImageDescription", "IPTC:Caption-Abstract", "XMP-dc:Description"}
+    assert set(fields.values()) == {recs["chelsea.jpg"]["caption"]}
+    r = run(str(photos), "-o", str(work / "out.json"), "--resume", "--embed")  # all capcli's own now: replaced
+    assert r.exit_code == 0 and f"wrote {len(PHOTOS)}, skipped 0" in r.output, r.output
+
+
 @pytest.mark.slow
 def test_dry_run_says_what_and_where_and_changes_no_bytes(work):
     photos = work / "photos"

@@ -348,6 +348,34 @@ def test_an_unreadable_subfolder_is_counted_as_unsupported(example_photos, capti
     assert s.captioned == 1 and s.unsupported == {"unreadable folder": 1}
 
 
+@pytest.mark.skipif(shutil.which("exiftool") is None, reason="exiftool not installed")
+def test_raw_and_heic_pairs_with_jpegs_are_one_shot_and_a_lone_heic_is_covered_by_its_sidecar(example_photos,
+                                                                                                tmp_path):
+    """A camera folder: IMG_0001.DNG + IMG_0001.JPG, IMG_0002.HEIC + IMG_0002.JPG, and a lone IMG_0003.HEIC.
+    ``--sidecar xmp --embed --strict``: each pair is one shot (its JPEG's caption in IMG_000N.xmp and embedded in
+    the JPEG), the lone HEIC's caption is in its sidecar, and nothing fails."""
+    d = tmp_path / "camera"
+    d.mkdir()
+    im = _landscape(example_photos)
+    make_dng(d / "IMG_0001.DNG", im)
+    im.save(d / "IMG_0001.JPG", quality=90)
+    im.save(d / "IMG_0002.HEIC")
+    im.save(d / "IMG_0002.JPG", quality=90)
+    im.save(d / "IMG_0003.HEIC")
+    out = tmp_path / "caps.json"
+    r = _cli(str(d), "-o", str(out), "--sidecar", "xmp", "--embed", "--strict")
+    assert r.exit_code == 0, r.output
+    assert "failed 0" in r.output and "already the sidecar" not in r.output, r.output
+    recs = {record_key(x): x for x in read_records(out)}
+    tags = subprocess.run(["exiftool", "-json", "-XMP-dc:Description", *map(str, sorted(d.iterdir()))],
+                          capture_output=True, text=True, timeout=120).stdout
+    got = {Path(t["SourceFile"]).name: t.get("Description") for t in json.loads(tags)}
+    for shot in ("IMG_0001", "IMG_0002"):
+        assert got[f"{shot}.xmp"] == got[f"{shot}.JPG"] == recs[f"{shot}.JPG"]["caption"]
+    assert got["IMG_0003.xmp"] == recs["IMG_0003.HEIC"]["caption"]
+    assert got["IMG_0001.DNG"] is None and got["IMG_0002.HEIC"] is None  # originals are never written into
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "json"])
 def test_any_file_name_round_trips_in_every_format(phone_dir, tmp_path, fmt):
     out = tmp_path / f"caps.{fmt}"
@@ -459,9 +487,9 @@ def test_a_second_writer_is_refused_while_the_first_runs(many_dir, tmp_path):
                               "--device", "cpu", "--batch-size", "4"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        deadline = time.monotonic() + 120
+        hang = time.monotonic() + 900  # bounds a hang only: starting up on a busy machine may take minutes
         while not lock.sidecar(out).is_file():  # the first run holds the lock: it is about to caption
-            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            assert first.poll() is None and time.monotonic() < hang, first.communicate()
             time.sleep(0.01)
         first.send_signal(signal.SIGSTOP)  # paused mid-run (a slow disk, a big folder): it still holds the lock
         assert first.poll() is None, "the first run ended before it could be paused"
@@ -478,6 +506,50 @@ def test_a_second_writer_is_refused_while_the_first_runs(many_dir, tmp_path):
     assert first.returncode == 0, stderr
     assert len(read_records(out)) == 24  # the refused run truncated nothing
     assert not lock.sidecar(out).exists()  # the lock file goes with the run
+
+
+@pytest.mark.parametrize("other_name", ["symlink", "hardlink"])
+def test_a_second_writer_through_another_name_of_the_output_is_refused(many_dir, tmp_path, other_name):
+    """``-o slink.jsonl`` (a symbolic link to the output) or ``-o hard.jsonl`` (a hard link to it): the same file,
+    so a second real process is refused at once and the first run's file stays whole."""
+    out = tmp_path / "caps.jsonl"
+    out.write_text("")  # an earlier output, written again (a hard link needs a file to point at)
+    other = tmp_path / f"{other_name}.jsonl"
+    if other_name == "symlink":
+        other.symlink_to(out.name)
+    else:
+        os.link(out, other)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "capcli.cli", "caption", str(many_dir), "--device", "cpu", "--batch-size", "4", "-o"]
+    first = subprocess.Popen([*cmd, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        hang = time.monotonic() + 900  # bounds a hang only
+        while not lock.sidecar(out).is_file():  # the first run holds the lock
+            assert first.poll() is None and time.monotonic() < hang, first.communicate()
+            time.sleep(0.01)
+        first.send_signal(signal.SIGSTOP)  # paused mid-run: it still holds the lock
+        second = subprocess.run([*cmd, str(other)], capture_output=True, text=True, env=env, timeout=300)
+        first.send_signal(signal.SIGCONT)
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert "being written by another capcli run" in second.stderr and "Traceback" not in second.stderr
+        stdout, stderr = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGCONT)
+            first.kill()
+    assert first.returncode == 0, stderr
+    lines = out.read_text().splitlines()
+    assert len(lines) == 24 and all(json.loads(x) for x in lines)  # whole, and only the first run's records
+    assert other.read_bytes() == out.read_bytes()  # still the same file
+    assert not lock.sidecar(out).exists() and not lock.sidecar(other).exists()
+
+
+def test_writing_through_a_symlink_keeps_the_link(tmp_path):
+    target = tmp_path / "real.json"
+    link = tmp_path / "link.json"
+    link.symlink_to(target.name)
+    atomic.write_json(link, [1])
+    assert link.is_symlink() and json.loads(target.read_text()) == [1]
 
 
 def test_the_lock_is_exclusive_and_released(tmp_path):
