@@ -63,6 +63,7 @@ from .metadata import SIDECAR_NAMINGS, sidecar_path
 from .models import build
 from .models.base import CaptionModel, Searchable
 from .models.decoding import Decoded, beam_search, greedy
+from .models.grammar import Grammar
 from .names import display, name_bytes, path_fields, record_key
 from .photos import ImageItems, batch_source
 from .progress import NULL, Progress
@@ -128,6 +129,7 @@ class Captioner:
         self.model = model.to(device).eval()
         self.encoder = encoder.to(device).eval()
         self.vocab = vocab
+        self.grammar = Grammar.of(vocab.words, vocab.end_id)  # the search's sentence rules (capcli/fluency.py)
         self.device = device
         self.spec = encoder.spec
         self.source = source
@@ -214,11 +216,12 @@ class Captioner:
                 results = self._grounded_search(feats, plans, beam_size, max_len, length_penalty, top_k, banned,
                                                 return_alphas)
             elif beam_size == 1:
-                results = [[d] for d in greedy(model, feats, v.start_id, v.end_id, max_len, banned=banned)]
+                results = [[d] for d in greedy(model, feats, v.start_id, v.end_id, max_len, banned=banned,
+                                                       grammar=self.grammar)]
             else:
                 results = beam_search(model, feats, v.start_id, v.end_id, beam_size=beam_size, max_len=max_len,
                                       length_penalty=length_penalty, top_k=top_k, banned=banned,
-                                      with_alphas=return_alphas)
+                                      with_alphas=return_alphas, grammar=self.grammar)
         plans = plans if plans is not None else [None] * len(results)
         return [self._record(hyps, plan, top_k, return_alphas) for hyps, plan in zip(results, plans, strict=True)]
 
@@ -236,7 +239,8 @@ class Captioner:
             beams = beam_size if ps is None else beam_size + g.policy.repair_beams
             return beam_search(model, x, v.start_id, v.end_id, beam_size=beams, max_len=max_len,
                                length_penalty=length_penalty, top_k=top_k, banned=banned, with_alphas=return_alphas,
-                               constraints=g.constraints(ps, feats.device) if ps is not None else None)
+                               constraints=g.constraints(ps, feats.device) if ps is not None else None,
+                               grammar=self.grammar)
 
         results = search(feats, None)
         redo = [i for i, (hyps, plan) in enumerate(zip(results, plans, strict=True))
