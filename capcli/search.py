@@ -8,13 +8,16 @@ the same banned specials (<pad>, <start>, <unk>: alt-text never says "<unk>").
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from .errors import UsageError
 from .models.base import Searchable
 from .models.decoding import Constraints, Decoded, beam_search, greedy
+from .models.grammar import Grammar
 from .vocab import Vocabulary
 
 # The models are recurrent (no positional limit) but trained on captions cut to 20 words; past ~100 words a caption
@@ -38,6 +41,8 @@ class SearchOptions:
     end_id: int = Vocabulary.end_id
     banned: tuple[int, ...] = ()  # token ids never generated
     vocab_size: int = 0  # 0: not checked against a vocabulary
+    block_ngram: int = 3  # no n words in a row said twice (0: off)
+    grammar: Grammar | None = field(default=None, compare=False, repr=False)  # the vocabulary's sentence rules
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:
@@ -49,16 +54,25 @@ class SearchOptions:
         if not 0.0 <= self.length_penalty <= LENGTH_PENALTY_LIMIT:  # also NaN
             raise UsageError(f"--length-penalty {self.length_penalty:g}: give a number from 0 to "
                              f"{LENGTH_PENALTY_LIMIT:g}")
+        if self.block_ngram == 1 or self.block_ngram < 0:
+            raise UsageError(f"block_ngram {self.block_ngram}: give 0 (off) or at least 2")
         if self.vocab_size and 2 * self.beam_size > self.vocab_size:
             raise UsageError(f"--beam {self.beam_size} is too large for a vocabulary of {self.vocab_size} words")
 
     @classmethod
     def of(cls, vocab: Vocabulary, beam_size: int = 3, max_len: int = 20, top_k: int = 1,
-           length_penalty: float = 0.0) -> SearchOptions:
+           length_penalty: float = 0.0, sound: bool = True) -> SearchOptions:
         """The options for a model with ``vocab``: its <start>/<end>, and its specials banned (<pad>, <start>,
-        <unk>)."""
+        <unk>); ``sound`` (the default): no repeated trigram, and the vocabulary's :class:`Grammar` (no caption
+        ending on "with" or inside "a black", no "a lamps")."""
         return cls(beam_size, max_len, top_k, length_penalty, vocab.start_id, vocab.end_id,
-                   (vocab.pad_id, vocab.start_id, vocab.unk_id), len(vocab))
+                   (vocab.pad_id, vocab.start_id, vocab.unk_id), len(vocab), block_ngram=3 if sound else 0,
+                   grammar=_grammar(tuple(vocab.words), vocab.end_id) if sound else None)
+
+
+@functools.lru_cache(maxsize=4)
+def _grammar(words: Sequence[str], end_id: int) -> Grammar:
+    return Grammar.of(words, end_id)  # once per vocabulary: the masks are a few tables of V booleans
 
 
 def search(model: Searchable, features: torch.Tensor, opts: SearchOptions, *, extra_beams: int = 0,
@@ -68,7 +82,9 @@ def search(model: Searchable, features: torch.Tensor, opts: SearchOptions, *, ex
     false: the grounded search is a beam search at every width), else the batched beam search ``extra_beams``
     wider than ``opts.beam_size``, under ``constraints`` if any."""
     if opts.beam_size == 1 and greedy_at_1 and not extra_beams and constraints is None:
-        return [[d] for d in greedy(model, features, opts.start_id, opts.end_id, opts.max_len, banned=opts.banned)]
+        return [[d] for d in greedy(model, features, opts.start_id, opts.end_id, opts.max_len, banned=opts.banned,
+                                    block_ngram=opts.block_ngram, grammar=opts.grammar)]
     return beam_search(model, features, opts.start_id, opts.end_id, beam_size=opts.beam_size + extra_beams,
                        max_len=opts.max_len, length_penalty=opts.length_penalty, top_k=opts.top_k,
-                       banned=opts.banned, with_alphas=with_alphas, constraints=constraints)
+                       banned=opts.banned, with_alphas=with_alphas, constraints=constraints,
+                       block_ngram=opts.block_ngram, grammar=opts.grammar)

@@ -1,4 +1,5 @@
-"""Beam search: K = 1 is greedy, and the batched search agrees with a plain one-image-at-a-time reference."""
+"""Beam search: K = 1 is greedy, and the batched search agrees with a plain one-image-at-a-time reference; every
+search path (greedy, beam, constrained, the int8/bf16 twins) writes sound sentences (capcli/fluency.py)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from capcli.caption import DEFAULT_MODEL
+from capcli.checkpoint import load_checkpoint
 from capcli.encoders import create_encoder, get_spec
 from capcli.errors import UsageError
+from capcli.fluency import defects
 from capcli.images import load_image
 from capcli.models import build
-from capcli.models.decoding import Decoded, beam_search, greedy, sample
+from capcli.models.decoding import Constraints, Decoded, beam_search, greedy, sample
+from capcli.models.grammar import Grammar
 from capcli.runtime import PRECISIONS, resolve_device, resolve_precision
 from capcli.vocab import Vocabulary
 
 START, END = Vocabulary.start_id, Vocabulary.end_id
+# The toy models' 300 words are the shipped vocabulary's 300 most frequent ("a", "the", "black", "dogs", ...), so
+# the sentence rules have real words to hold them to.
+WORDS = Vocabulary.from_dict(load_checkpoint(DEFAULT_MODEL)["vocab"]).words[:300]
+GRAMMAR = Grammar.of(WORDS, END)
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +57,26 @@ def _model(arch: str, ending: bool, seed: int = 0, cell: str = "lstm", cond: str
     return model
 
 
-def reference_beam(model, feats: torch.Tensor, K: int, max_len: int, alpha: float, top_k: int) -> list[Decoded]:
+def allowed(words: list[int], rules: bool) -> torch.Tensor:
+    """(V,) bool: the words that may follow ``words`` by fluency.defects itself (the one definition): none that
+    makes a defect, and <end> only where the words end soundly."""
+    ok = torch.ones(len(WORDS), dtype=torch.bool)
+    if rules and words:
+        said = [WORDS[w] for w in words]
+        for w in range(len(WORDS)):
+            broken = defects(said) if w == END else defects([*said, WORDS[w]]) - {"bad_ending"}
+            ok[w] = not broken
+    return ok
+
+
+def reference_beam(model, feats: torch.Tensor, K: int, max_len: int, alpha: float, top_k: int,
+                   rules: bool = False) -> list[Decoded]:
     """Textbook beam search for ONE image, hypotheses as Python lists, always run to max_len.
 
     Each step: expand every live hypothesis, sort all candidates by score; an <end> candidate among the K
     best is finished; the K best non-<end> candidates live on. At max_len words the live ones finish as they
-    are. Finished ones are ranked by logprob / (number of scored tokens) ** alpha.
+    are. Finished ones are ranked by logprob / (number of scored tokens) ** alpha. With ``rules``, a
+    hypothesis is expanded only by the words ``allowed`` after it.
     """
     state = model.init_state(feats.unsqueeze(0))
     live = [(0.0, [], state, [])]  # (score, words, state after the last word, alphas)
@@ -63,7 +86,7 @@ def reference_beam(model, feats: torch.Tensor, K: int, max_len: int, alpha: floa
         for score, words, st, alphas in live:
             last = torch.tensor([words[-1] if words else START])
             logp, st2, a = model.step(last, st)
-            vals, ids = logp[0].topk(K + 1)
+            vals, ids = logp[0].masked_fill(~allowed(words, rules), float("-inf")).topk(K + 1)
             for v, w in zip(vals.tolist(), ids.tolist(), strict=True):
                 cands.append((score + v, words, w, st2, alphas + ([a[0]] if a is not None else [])))
         cands.sort(key=lambda c: -c[0])
@@ -78,12 +101,13 @@ def reference_beam(model, feats: torch.Tensor, K: int, max_len: int, alpha: floa
 
 
 @pytest.mark.parametrize("arch", ["attention", "basic"])
-@pytest.mark.parametrize("ending", [False, True])
-def test_beam_one_equals_greedy(real_grids, arch, ending):
+@pytest.mark.parametrize(("ending", "rules"), [(False, True), (True, True), (True, False)])
+def test_beam_one_equals_greedy(real_grids, arch, ending, rules):
     model = _model(arch, ending)
     feats = model.features_of_kind(real_grids, model.feature_kind)
-    g = greedy(model, feats, START, END, max_len=12)
-    b = beam_search(model, feats, START, END, beam_size=1, max_len=12)
+    opts = {"block_ngram": 3, "grammar": GRAMMAR} if rules else {"block_ngram": 0}
+    g = greedy(model, feats, START, END, max_len=12, **opts)
+    b = beam_search(model, feats, START, END, beam_size=1, max_len=12, **opts)
     for gd, (bd,) in zip(g, b, strict=True):
         assert bd.tokens == gd.tokens
         assert bd.logprob == pytest.approx(gd.logprob, abs=1e-5)
@@ -95,16 +119,22 @@ def test_beam_one_equals_greedy(real_grids, arch, ending):
 
 
 @pytest.mark.parametrize("arch", ["attention", "basic"])
-@pytest.mark.parametrize(("K", "alpha", "ending"), [(3, 0.0, True), (5, 0.0, True), (3, 0.0, False), (5, 0.7, True)])
-def test_batched_beam_matches_reference(real_grids, arch, K, alpha, ending):
+@pytest.mark.parametrize(("K", "alpha", "ending", "rules"), [(3, 0.0, True, True), (5, 0.0, True, True),
+                                                             (3, 0.0, False, True), (5, 0.7, True, True),
+                                                             (5, 0.0, True, False)])
+def test_batched_beam_matches_reference(real_grids, arch, K, alpha, ending, rules):
+    """The batched search is the textbook one; with the sentence rules on, the textbook one with
+    ``fluency.defects`` itself deciding each hypothesis's next words."""
     model = _model(arch, ending)
     feats = model.features_of_kind(real_grids, model.feature_kind)
     max_len = 10
-    got = beam_search(model, feats, START, END, beam_size=K, max_len=max_len, length_penalty=alpha, top_k=K)
+    opts = {"block_ngram": 3, "grammar": GRAMMAR} if rules else {"block_ngram": 0}
+    got = beam_search(model, feats, START, END, beam_size=K, max_len=max_len, length_penalty=alpha, top_k=K,
+                      **opts)
     differs = 0
     with torch.no_grad():
         for i in range(feats.size(0)):
-            want = reference_beam(model, feats[i], K, max_len, alpha, top_k=K)
+            want = reference_beam(model, feats[i], K, max_len, alpha, top_k=K, rules=rules)
             assert [d.tokens for d in got[i]] == [d.tokens for d in want]
             for gd, wd in zip(got[i], want, strict=True):
                 assert gd.logprob == pytest.approx(wd.logprob, abs=1e-5)
@@ -112,7 +142,7 @@ def test_batched_beam_matches_reference(real_grids, arch, K, alpha, ending):
                     assert torch.allclose(gd.alphas, wd.alphas, atol=1e-6)
                 else:
                     assert gd.alphas is None
-            differs += got[i][0].tokens != greedy(model, feats[i : i + 1], START, END, max_len)[0].tokens
+            differs += got[i][0].tokens != greedy(model, feats[i : i + 1], START, END, max_len, **opts)[0].tokens
             if alpha == 0.0:  # ranked by raw log-prob, best first
                 assert [d.logprob for d in got[i]] == sorted((d.logprob for d in got[i]), reverse=True)
     assert differs > 0  # beam search found captions greedy did not: the beams are meaningful
@@ -124,10 +154,11 @@ def test_top_1_search_stops_early_with_the_same_best_caption(real_grids, arch, a
     """With top_k=1 an image stops once its best finished caption beats every live one: same best caption."""
     model = _model(arch, ending=True)
     feats = model.features_of_kind(real_grids, model.feature_kind)
-    best = beam_search(model, feats, START, END, beam_size=4, max_len=10, length_penalty=alpha, top_k=1)
+    best = beam_search(model, feats, START, END, beam_size=4, max_len=10, length_penalty=alpha, top_k=1,
+                       grammar=GRAMMAR)
     with torch.no_grad():
         for i in range(feats.size(0)):
-            want = reference_beam(model, feats[i], 4, 10, alpha, top_k=1)[0]
+            want = reference_beam(model, feats[i], 4, 10, alpha, top_k=1, rules=True)[0]
             assert best[i][0].tokens == want.tokens
             assert best[i][0].logprob == pytest.approx(want.logprob, abs=1e-5)
 
@@ -181,14 +212,65 @@ def test_search_twin_conforms_to_its_model(arch, cell, cond, precision):
                 else:
                     assert alpha is None and alpha_twin is None
                 tokens = logp.argmax(1)
-        if precision == "float32":
-            want = beam_search(model, feats, START, END, beam_size=3, max_len=10, top_k=3)
-            got = beam_search(twin, feats, START, END, beam_size=3, max_len=10, top_k=3)
+        if precision == "float32":  # the same search, sentence rules and all
+            want = beam_search(model, feats, START, END, beam_size=3, max_len=10, top_k=3, grammar=GRAMMAR)
+            got = beam_search(twin, feats, START, END, beam_size=3, max_len=10, top_k=3, grammar=GRAMMAR)
             for w, g in zip(want, got, strict=True):
                 assert [d.tokens for d in g] == [d.tokens for d in w]
                 assert [d.logprob for d in g] == pytest.approx([d.logprob for d in w], abs=1e-4)
                 if arch == "attention":
                     assert all(torch.allclose(gd.alphas, wd.alphas, atol=1e-5) for gd, wd in zip(g, w, strict=True))
+
+
+def _broken(captions: list[list[int]], max_len: int) -> int:
+    """How many captions are broken sentences (one cut at max_len words may end anywhere: judged without it)."""
+    return sum(bool(defects([WORDS[w] for w in c]) - ({"bad_ending"} if len(c) == max_len else set()))
+               for c in captions)
+
+
+@pytest.mark.parametrize("arch", ["attention", "basic"])
+def test_every_search_path_writes_sound_sentences(real_grids, arch):
+    """Greedy, beam, constrained beam, and the bfloat16 / int8 twins' beams: with the rules (the defaults plus the
+    vocabulary's grammar) no caption is broken; without them, many are (so the rules are what makes the
+    difference)."""
+    model = _model(arch, ending=True)
+    feats = model.features_of_kind(real_grids, model.feature_kind)
+    B, V = feats.size(0), len(WORDS)
+    constraints = Constraints.of([[[WORDS.index("dog"), WORDS.index("dogs")]]] * B, [[WORDS.index("red")]] * B, V)
+    searchers = [model, model.for_search("bfloat16"), model.for_search("int8")]
+
+    def captions(rules: dict) -> list[list[int]]:
+        out = [d.tokens for d in greedy(model, feats, START, END, max_len=12, **rules)]
+        for m in searchers:
+            out += [h.tokens for hyps in beam_search(m, feats, START, END, beam_size=3, max_len=12, top_k=3,
+                                                      **rules) for h in hyps]
+        hyps = beam_search(model, feats, START, END, beam_size=3, max_len=12, constraints=constraints, **rules)
+        assert all({WORDS.index("dog"), WORDS.index("dogs")} & set(h[0].tokens) for h in hyps)
+        return out + [h[0].tokens for h in hyps]
+
+    assert _broken(captions({"block_ngram": 0}), 12) > 0
+    assert _broken(captions({"grammar": GRAMMAR}), 12) == 0
+
+
+def test_a_banned_form_never_says_a_word_to_say(real_grids):
+    """A word to say with a banned form ("bicycle": bicycle, bicycles, bicyclist; people banned): a model that
+    prefers the banned form above all says the word by another form, never by the banned one; with the banned
+    form in the constraint's tokens (built by hand) as well as left out of it (``Constraints.of``)."""
+    model = _model("attention", ending=True)
+    feats = model.features_of_kind(real_grids, model.feature_kind)
+    B, V = feats.size(0), len(WORDS)
+    bicycle, bicycles, bicyclist = 150, 151, 152
+    with torch.no_grad():
+        model.L_o.bias[bicyclist] += 6.0  # the model's favourite word, wherever it may go
+    plain = beam_search(model, feats, START, END, beam_size=3, max_len=12)
+    assert sum(bicyclist in h[0].tokens for h in plain) > B // 2
+    made = Constraints.of([[[bicycle, bicycles, bicyclist]]] * B, [[bicyclist]] * B, V)
+    assert not (made.tokens == bicyclist).any()
+    by_hand = Constraints(torch.tensor([[[bicycle, bicycles, bicyclist]]] * B), made.banned)
+    for cons in (made, by_hand):
+        for hyps in beam_search(model, feats, START, END, beam_size=3, max_len=12, top_k=3, constraints=cons):
+            assert bicyclist not in hyps[0].tokens and {bicycle, bicycles} & set(hyps[0].tokens)
+            assert all(bicyclist not in h.tokens for h in hyps)
 
 
 def test_precision_resolution():

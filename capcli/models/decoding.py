@@ -1,6 +1,9 @@
 """Decoding captions from a model, shared by both architectures (they expose init_state/step).
 
-Greedy decoding lives here; batched beam search over all images of a batch at once too.
+Greedy decoding lives here; batched beam search over all images of a batch at once too. Both write sound
+sentences by default: no n words in a row said twice (``block_ngram``), and, given the vocabulary's ``Grammar``
+(``grammar.py``: no caption ending on "with" or inside "a black", no "a lamps"), its rules; as masks on each
+step's log-probs, so the readable models and their search twins (``packed.py``) follow the same rules.
 """
 
 from __future__ import annotations
@@ -11,6 +14,24 @@ from dataclasses import dataclass
 import torch
 
 from .base import Searchable
+from .grammar import Grammar
+
+
+def block_repeats(logp: torch.Tensor, seqs: torch.Tensor, n: int) -> None:
+    """Mask in place the words that would say some ``n`` words in a row a second time: logp (R, V), each row's
+    words so far seqs (R, t). (Its last n-1 words are followed by none of the words that followed them before.)"""
+    t = seqs.size(1)
+    if n < 2 or t < n:
+        return
+    earlier = seqs.unfold(1, n - 1, 1)[:, : t - n + 1]  # (R, t-n+1, n-1): each earlier run of n-1 words
+    match = (earlier == seqs[:, t - n + 1:].unsqueeze(1)).all(2)  # (R, t-n+1): ... that is the last n-1 words
+    pen = torch.zeros(match.shape, device=logp.device).masked_fill_(match, float("-inf"))
+    logp.scatter_add_(1, seqs[:, n - 1:], pen)  # (the word that followed it)
+
+
+def _check_rules(block_ngram: int) -> None:
+    if block_ngram == 1 or block_ngram < 0:
+        raise ValueError(f"block_ngram must be 0 (off) or at least 2 (got {block_ngram})")
 
 
 @dataclass
@@ -24,23 +45,37 @@ class Decoded:
 
 @torch.no_grad()
 def greedy(model: Searchable, features: torch.Tensor, start_id: int, end_id: int,
-           max_len: int = 20, banned: Sequence[int] = ()) -> list[Decoded]:
+           max_len: int = 20, banned: Sequence[int] = (), block_ngram: int = 3,
+           grammar: Grammar | None = None) -> list[Decoded]:
     """Most likely word at each step, for a batch of features; stops at <end> or ``max_len`` words.
 
-    ``banned`` token ids (e.g. <unk>, <pad>, <start>) are never generated.
+    ``banned`` token ids (e.g. <unk>, <pad>, <start>) are never generated; nor words that repeat ``block_ngram``
+    words in a row (0: off) or break the ``grammar``'s rules (see the module docstring).
     """
-    B = features.size(0)
+    _check_rules(block_ngram)
+    B, dev = features.size(0), features.device
     state = model.init_state(features)
-    tokens = torch.full((B,), start_id, dtype=torch.long, device=features.device)
+    tokens = torch.full((B,), start_id, dtype=torch.long, device=dev)
     out: list[list[int]] = [[] for _ in range(B)]
-    logp = torch.zeros(B, device=features.device)
+    logp = torch.zeros(B, device=dev)
     alphas: list[torch.Tensor] = []
-    done = torch.zeros(B, dtype=torch.bool, device=features.device)
-    for _ in range(max_len + 1):
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    grammar = grammar.to(dev) if grammar is not None else None
+    seqs = torch.zeros(B, 0, dtype=torch.long, device=dev)
+    phrase = torch.zeros(B, dtype=torch.long, device=dev)
+    for t in range(max_len + 1):
         step_logp, state, alpha = model.step(tokens, state)  # (B, V)
+        step_logp = step_logp.float()  # (this step's own tensor: masked in place)
         if banned:
-            step_logp = step_logp.index_fill(1, torch.tensor(banned, device=step_logp.device), float("-inf"))
+            step_logp.index_fill_(1, torch.tensor(banned, device=dev), float("-inf"))
+        last = tokens if t else None
+        block_repeats(step_logp, seqs, block_ngram)
+        if grammar is not None:
+            grammar.mask(step_logp, last, phrase)
         best, tokens = step_logp.max(-1)
+        if grammar is not None:
+            phrase = grammar.advance(phrase, last, tokens)
+        seqs = torch.cat([seqs, tokens.unsqueeze(1)], 1)
         logp += torch.where(done, torch.zeros_like(best), best)
         if alpha is not None:
             alphas.append(alpha)
@@ -73,7 +108,10 @@ class Constraints:
     ``tokens`` (B, C, T): for each image up to C constraints, each met by any one of its T token ids (a word and
     its plural, say); -1 pads. A constraint with no token (all -1) is met from the start, so images with fewer
     constraints than C share the batch. The constraints' token sets must be disjoint.
-    ``banned`` (B, V) bool or None: words never generated for that image (on top of the search's ``banned``).
+    ``banned`` (B, V) bool or None: words never generated for that image (on top of the search's ``banned``), in
+    any move: staying in a beam set or meeting a constraint. A banned token never meets a constraint: ``of``
+    leaves it out of the image's constraints (one left with no token is met from the start), and a search masks
+    it in every move all the same (it may be among ``tokens`` built by hand).
     """
 
     tokens: torch.Tensor
@@ -87,8 +125,10 @@ class Constraints:
         T = max((len(t) for c in per_image for t in c), default=1)
         tok = torch.full((len(per_image), C, T), -1, dtype=torch.long)
         for b, cons in enumerate(per_image):
+            ban = set(banned[b]) if banned is not None else set()
             for c, ids in enumerate(cons):
-                tok[b, c, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+                ids = [i for i in ids if i not in ban]  # "bicyclist" does not say bicycle where people are banned
+                tok[b, c, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         ban = None
         if banned is not None and any(banned):
             ban = torch.zeros(len(per_image), vocab_size, dtype=torch.bool)
@@ -115,8 +155,7 @@ class _Sets:
     def __init__(self, cons: Constraints | None, dev: torch.device) -> None:
         C = cons.count if cons is not None else 0
         self.C, self.S = C, 1 << C
-        self.active = cons is not None and (C > 0 or cons.banned is not None)
-        self.banned = cons.banned if cons is not None else None  # (B, V) | None
+        self.banned = cons.banned if cons is not None else None  # (B, V) | None: masked in every move
         self.tokens = cons.tokens if cons is not None and C > 0 else None  # (B, C, T)
         self._stay_bias: torch.Tensor | None = None
         if self.tokens is None:
@@ -133,15 +172,12 @@ class _Sets:
         self.penalty = missing.float() * self.MISSING  # (S,)
 
     def stay_bias(self, V: int, dev: torch.device) -> torch.Tensor:
-        """(B, S, V): -inf for an image's banned words and for the words of the constraints a set has not met
-        (such a word is no "stay" move: it changes the set, see ``transitions``), else 0."""
+        """(B, S, V): -inf for the words of the constraints a set has not met (such a word is no "stay" move: it
+        changes the set, see ``transitions``), else 0."""
+        assert self.tokens is not None
         if self._stay_bias is None:
-            B = self.banned.size(0) if self.banned is not None else self.tokens.size(0)  # type: ignore[union-attr]
-            bias = torch.zeros(B, self.S, V, device=dev)
-            if self.banned is not None:
-                bias.masked_fill_(self.banned[:, None, :V], float("-inf"))
+            bias = torch.zeros(self.tokens.size(0), self.S, V, device=dev)
             for c in range(self.C):
-                assert self.tokens is not None
                 tok = self.tokens[:, c]  # (B, T)
                 rows, cols = torch.nonzero(tok >= 0, as_tuple=True)
                 for s in range(self.S):
@@ -186,7 +222,8 @@ class _Sets:
 def beam_search(model: Searchable, features: torch.Tensor, start_id: int, end_id: int, beam_size: int = 3,
                 max_len: int = 20, length_penalty: float = 0.0, top_k: int = 1,
                 banned: Sequence[int] = (), with_alphas: bool = True,
-                constraints: Constraints | None = None) -> list[list[Decoded]]:
+                constraints: Constraints | None = None, block_ngram: int = 3,
+                grammar: Grammar | None = None) -> list[list[Decoded]]:
     """Beam search over ALL images of a batch at once; per image its ``top_k`` best captions, best first.
 
     The B x K live hypotheses are one flat batch of B*K rows for ``model.step``. At every step each image's
@@ -203,14 +240,20 @@ def beam_search(model: Searchable, features: torch.Tensor, start_id: int, end_id
     its constraints met (:class:`_Sets`, 2^C beams), all in the same flat batch; with none, this is the plain
     search, step for step.
 
+    No caption repeats ``block_ngram`` words in a row (0: off), nor breaks the ``grammar``'s rules (the
+    vocabulary's: see ``grammar.py``); both are masks on every step's log-probs, plain and constrained alike.
+
     Everything stays on the features' device: a few host syncs per step (to find endings, drop finished images).
     """
     if beam_size < 1 or not 1 <= top_k <= beam_size:
         raise ValueError(f"need beam_size >= 1 and 1 <= top_k <= beam_size (got {beam_size}, {top_k})")
     if max_len < 1:
         raise ValueError("max_len must be at least 1")
+    _check_rules(block_ngram)
     search = _BeamSearch(model, features, start_id, end_id, beam_size, max_len, length_penalty, top_k, banned,
                          with_alphas, constraints)
+    search.block_ngram = block_ngram
+    search.grammar = grammar.to(features.device) if grammar is not None else None
     return search.run()
 
 
@@ -246,6 +289,9 @@ class _BeamSearch:
         self.fin_tok = torch.zeros(B, K, max_len, dtype=torch.long, device=dev)
         self.fin_att: torch.Tensor | None = None
         self.ban = torch.tensor(banned, device=dev) if banned else None
+        self.block_ngram = 0
+        self.grammar: Grammar | None = None
+        self.phrase = torch.zeros(B, S, dtype=torch.long, device=dev)  # (Bact, H): see Grammar
 
     def merge(self, rows: torch.Tensor, norm: torch.Tensor, logp: torch.Tensor, length: torch.Tensor,
               tok: torch.Tensor, al: torch.Tensor | None) -> None:
@@ -273,7 +319,7 @@ class _BeamSearch:
         Bact, S, M = self.live.shape
         V, K2 = logp.size(1), 2 * self.K
         lp = logp.view(Bact, S, M, V)
-        stay = lp + self.sets.stay_bias(V, self.dev)[self.img].unsqueeze(2) if self.sets.active else lp
+        stay = lp + self.sets.stay_bias(V, self.dev)[self.img].unsqueeze(2) if self.sets.tokens is not None else lp
         # The 2K best continuations of each set are among the 2K best words of each of its hypotheses.
         word_top, word_idx = stay.topk(K2, dim=3)  # (Bact, S, M, 2K)
         scores = (self.live.unsqueeze(3) + word_top).view(Bact, S, M * K2)
@@ -319,6 +365,7 @@ class _BeamSearch:
             logp = logp.float()  # scores add up in float32, also under autocast
             if self.ban is not None:  # words never to generate, e.g. <unk> (logp is this step's own tensor)
                 logp.index_fill_(1, self.ban, float("-inf"))
+            self.rules(logp, t)
             if logp.size(1) < 2 * K:
                 raise ValueError(f"beam size {K} is too large for a vocabulary of {logp.size(1)} words")
             alpha = alpha.float() if alpha is not None and self.with_alphas else None
@@ -333,6 +380,9 @@ class _BeamSearch:
             keep = (ends.long() * 2 * K + rank).argsort(dim=2)[:, :, :K]  # (Bact, S, K)
             self.live = top.gather(2, keep)
             parent, word = parent.gather(2, keep).view(Bact, S * K), word.gather(2, keep).view(Bact, S * K)
+            if self.grammar is not None:
+                last = self.seqs[:, :, -1].gather(1, parent) if t else None
+                self.phrase = self.grammar.advance(self.phrase.gather(1, parent), last, word)
             self.seqs = torch.cat([self.seqs.gather(1, parent.unsqueeze(2).expand(-1, -1, t)),
                                    word.unsqueeze(2)], 2)
             if a_hist is not None:
@@ -340,6 +390,17 @@ class _BeamSearch:
             if t == self.max_len - 1 or not self.narrow(parent, word, S * M):
                 break
         return self.results()
+
+    def rules(self, logp: torch.Tensor, t: int) -> None:
+        """Mask in place (Bact*H, V) what no hypothesis may say next: its image's banned words, repeats, what
+        breaks the grammar."""
+        if self.sets.banned is not None:
+            Bact = self.img.size(0)
+            logp.view(Bact, -1, logp.size(1)).masked_fill_(self.sets.banned[self.img].unsqueeze(1), float("-inf"))
+        seqs = self.seqs.flatten(0, 1)  # (Bact*H, t)
+        block_repeats(logp, seqs, self.block_ngram)
+        if self.grammar is not None:
+            self.grammar.mask(logp, seqs[:, -1] if t else None, self.phrase.flatten())
 
     def narrow(self, parent: torch.Tensor, word: torch.Tensor, H: int) -> bool:
         """Stop images whose top_k-th best finished caption no live hypothesis can still beat; reorder the state
@@ -354,6 +415,7 @@ class _BeamSearch:
         kept = torch.arange(Bact, device=self.dev) if everyone else torch.nonzero(going).flatten()
         if not everyone:
             self.img, self.live, self.seqs, word = self.img[kept], self.live[kept], self.seqs[kept], word[kept]
+            self.phrase = self.phrase[kept]
             self.att = self.att[kept] if self.att is not None else None
         self.tokens = word.flatten()
         index = (kept.unsqueeze(1) * H + parent[kept]).flatten()  # (Bact'*S*K,) parent row of each hypothesis

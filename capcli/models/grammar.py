@@ -1,0 +1,85 @@
+"""The caption search's sentence rules for one vocabulary: ``capcli/fluency.py``'s definition of a broken
+sentence, turned once into token masks that every search path applies to each step's log-probs.
+
+Per hypothesis the search keeps one small number, its noun phrase: 0 outside one, 1 after "a" / "an" (and that
+phrase's colours and adjectives so far), 2 after another opener ("the", "his", ...). Then:
+
+- no ``<end>`` after a bad-ending word ("with", "the", "is"), nor inside a noun phrase ("a man in a black");
+- inside a noun phrase, none of the words that cannot go on with it ("a black is", "the in"); "and" goes on after
+  a colour ("a black and white dog");
+- after "a" / "an" and their modifiers, no plural ("a lamps", "a small dogs"): a word forced into the caption
+  takes the form that fits its article.
+
+A mask is a row of a table (phrase x "the last word is a colour", V) picked per hypothesis: no Python per word.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .. import fluency
+
+
+@dataclass
+class Grammar:
+    """Token masks of a vocabulary's words (see the module docstring); ``Grammar.of(vocab.words, end_id)``."""
+
+    end_id: int
+    end_after: torch.Tensor  # (V,) bool: <end> never follows these
+    opener: torch.Tensor  # (V,) long: 1 "a" / "an", 2 another opener, 0 none
+    goes_on: torch.Tensor  # (V,) bool: modifiers (colours, adjectives): a noun phrase goes on through them
+    colour: torch.Tensor  # (V,) bool
+    and_id: int  # -1 where the vocabulary has no "and"
+    table: torch.Tensor  # (3 * 2, V) bool: masked words by (phrase, last word is a colour)
+
+    @classmethod
+    def of(cls, words: Sequence[str], end_id: int) -> Grammar:
+        """The rules for a vocabulary (its words in token-id order)."""
+        V = len(words)
+
+        def mask(names: frozenset[str]) -> torch.Tensor:
+            return torch.tensor([w in names for w in words], dtype=torch.bool)
+
+        end_after = mask(fluency.BAD_ENDINGS)
+        opener = torch.tensor([(1 if w in fluency.SINGULAR_ARTICLES else 2) if w in fluency.OPENERS else 0
+                               for w in words], dtype=torch.long)
+        stops = mask(fluency.NOT_IN_NOUN_PHRASE)
+        stops[end_id] = True  # the phrase's noun is missing
+        plural = torch.tensor([fluency.is_plural(w) for w in words], dtype=torch.bool)
+        and_id = words.index("and") if "and" in words else -1
+        table = torch.zeros(3, 2, V, dtype=torch.bool)
+        for phrase in (1, 2):
+            for after_colour in (0, 1):
+                row = stops | plural if phrase == 1 else stops.clone()
+                if after_colour and and_id >= 0:
+                    row[and_id] = False
+                table[phrase, after_colour] = row
+        return cls(end_id, end_after, opener, mask(fluency.MODIFIERS), mask(fluency.COLOURS), and_id,
+                   table.view(6, V))
+
+    def to(self, device: torch.device | str) -> Grammar:
+        if self.table.device == torch.device(device):
+            return self
+        return Grammar(self.end_id, self.end_after.to(device), self.opener.to(device), self.goes_on.to(device),
+                       self.colour.to(device), self.and_id, self.table.to(device))
+
+    def mask(self, logp: torch.Tensor, last: torch.Tensor | None, phrase: torch.Tensor) -> None:
+        """Mask in place the words each hypothesis may not say next: logp (R, V), its last word (R,) (None before
+        the first word) and noun phrase (R,)."""
+        if last is None:
+            return
+        V = logp.size(1)
+        key = phrase * 2 + self.colour[last].long()
+        logp.masked_fill_(self.table[key, :V], float("-inf"))
+        logp[:, self.end_id].masked_fill_(self.end_after[last], float("-inf"))
+
+    def advance(self, phrase: torch.Tensor, last: torch.Tensor | None, word: torch.Tensor) -> torch.Tensor:
+        """The noun phrase (R,) after ``word`` (R,), from the one before it (``phrase``, after word ``last``)."""
+        opens = self.opener[word]
+        goes_on = self.goes_on[word]
+        if last is not None and self.and_id >= 0:
+            goes_on = goes_on | ((word == self.and_id) & self.colour[last])
+        return torch.where(opens > 0, opens, torch.where((phrase > 0) & goes_on, phrase, 0))
