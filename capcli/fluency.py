@@ -1,0 +1,131 @@
+"""What makes a caption a broken sentence: the one definition, for the caption search's rules
+(``models/decoding.py``), for measuring captions (``scripts/fluency_report.py``) and for the confidence model.
+
+A caption is a list of lower-case word tokens (``vocab.tokenize``). Its defects:
+
+- ``repeated_trigram``: three words in a row said twice ("on a ramp on a ramp");
+- ``bad_ending``: it ends on a word that needs another after it: an article, a preposition, a conjunction, an
+  auxiliary, a possessive, or a colour or adjective without its noun ("a man in a black");
+- ``orphan_modifier``: an article, or an article's colour or adjective, followed by a word that cannot begin or
+  continue a noun phrase ("a black is playing", "a in the");
+- ``article_number``: "a" / "an" before a plural ("a lamps", "a small dogs").
+
+The word lists below are data, reviewed against Flickr8k's reference captions (train + val: the lists flag few
+of the people's own sentences, see tests/test_fluency.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+DEFECTS = ("repeated_trigram", "bad_ending", "orphan_modifier", "article_number")
+
+ARTICLES = frozenset(["a", "an", "the"])
+SINGULAR_ARTICLES = frozenset(["a", "an"])
+# Prepositions that need their object ("up", "down", "out", "off", "by", "outside", "inside", "behind", "around",
+# "over", "away", "together": also adverbs, a caption may end on them: "a dog jumps over").
+PREPOSITIONS = frozenset([
+    "in", "on", "at", "of", "with", "to", "through", "into", "near", "from", "for", "under", "across", "along",
+    "beside", "towards", "toward", "onto", "above", "against", "between", "during", "after", "before", "upon",
+    "among", "amongst", "atop", "beneath", "below", "within", "without", "like", "via", "underneath", "past",
+    "than", "about", "while", "whilst",
+])
+CONJUNCTIONS = frozenset(["and", "or", "but", "as", "that", "who", "which", "where", "because", "if", "so", "nor",
+                          "while", "whilst", "whose", "when"])
+AUXILIARIES = frozenset(["is", "are", "am", "was", "were", "be", "been", "being", "has", "have", "had", "does",
+                         "do", "can", "will"])
+# Possessives and determiners that need their noun ("her" also stands alone: "looking at her").
+# ("other", "another", "both" end sentences: "each other", "one another", "they both".)
+DETERMINERS = frozenset(["its", "his", "their", "my", "your", "our", "'s", "some", "each", "every", "several",
+                         "many", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "these",
+                         "those", "no", "few"])
+COLOURS = frozenset([
+    "white", "black", "brown", "red", "blue", "yellow", "green", "orange", "pink", "purple", "grey", "gray", "tan",
+    "golden", "colorful", "colourful", "striped", "blond", "blonde", "silver", "beige", "maroon",
+    "multicolored", "multi-colored", "spotted", "plaid", "camouflage", "teal", "turquoise",
+])
+# Adjectives that begin a noun phrase and, in a caption, are not its last word ("a man holds a small").
+ADJECTIVES = frozenset([
+    "little", "small", "large", "big", "young", "old", "older", "tall", "long", "wooden", "grassy", "snowy",
+    "sandy", "rocky", "muddy", "wet", "shallow", "busy", "crowded", "empty", "giant", "huge", "tiny", "smiling",
+    "bright", "asian", "elderly", "professional", "shirtless", "curly", "wide", "open", "various", "different",
+])
+# Plain words that end in "s" but are no plural ("a bus", "a sports car"), and plurals without an "s".
+SINGULAR_S = frozenset([
+    "bus", "gas", "canvas", "christmas", "news", "series", "species", "lens", "sports", "its", "his", "this",
+    "is", "was", "has", "does", "as", "us", "yes", "plus", "across", "always", "perhaps", "towards", "whereas",
+    "overseas", "afterwards", "backwards", "upwards", "downwards", "sideways", "outdoors", "indoors", "upstairs",
+    "downstairs", "nervous", "famous", "various", "dangerous", "jealous", "curious", "serious", "previous",
+    "gorgeous", "enormous", "tennis", "dress", "chess", "glass", "grass", "mattress", "walrus", "cactus", "circus",
+    "octopus", "bonus", "lotus", "iris", "chaos", "atlas", "bias", "alias", "texas", "kansas", "paris", "vegas",
+    "los", "arkansas", "athletics", "gymnastics", "physics", "mathematics", "aerobics", "acrobatics", "politics",
+    "economics", "electronics", "graphics", "overalls", "pants", "shorts", "jeans", "glasses", "sunglasses",
+    "goggles", "scissors", "trousers", "pajamas", "tights", "leggings", "binoculars", "headphones",
+    "mens", "womens", "kids", "childrens",  # "a kids pool"
+])
+PLURALS_WITHOUT_S = frozenset(["men", "women", "children", "people", "feet", "teeth", "geese", "mice", "oxen"])
+
+# Words that open a noun phrase: after them, and after their colours and adjectives, comes its noun.
+OPENERS = ARTICLES | frozenset(["its", "his", "their", "my", "your", "our", "'s"])
+MODIFIERS = COLOURS | ADJECTIVES
+# Words a caption never ends on, wherever they stand (a modifier may end it outside a noun phrase: "is black").
+# (Prepositions that are also adverbs end sentences: "from above", "walks past".)
+BAD_ENDINGS = ARTICLES | CONJUNCTIONS | AUXILIARIES | DETERMINERS | (
+    PREPOSITIONS - {"above", "below", "past", "underneath", "along", "beneath", "about"})
+# Words that cannot follow an opener or its modifiers: the phrase's noun is missing ("a black is", "the in").
+# ("and" goes on after a colour: "a black and white dog".)
+NOT_IN_NOUN_PHRASE = OPENERS | PREPOSITIONS | CONJUNCTIONS | AUXILIARIES | frozenset(
+    ["some", "another", "each", "every", "several", "many", "both", "these", "those", "this", "no"])
+
+
+def is_plural(word: str) -> bool:
+    """Whether a word reads as a plural (or a verb's -s form: "a runs" is broken just the same)."""
+    if word in PLURALS_WITHOUT_S:
+        return True
+    if word in SINGULAR_S or len(word) < 4 or not word.endswith("s") or "'" in word:
+        return False
+    return not word.endswith(("ss", "us", "is", "ous", "ics"))
+
+
+def repeats_trigram(words: Sequence[str], n: int = 3) -> bool:
+    """Whether some n words in a row occur twice in ``words``."""
+    seen = set()
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i: i + n])
+        if gram in seen:
+            return True
+        seen.add(gram)
+    return False
+
+
+def _noun_phrase_defects(words: Sequence[str]) -> set[str]:
+    """The defects of the noun phrases that openers begin: the opener's modifiers run on (and "and" after a colour),
+    then must come a word that can be its noun; after "a" / "an" not a plural. A phrase the caption ends in is
+    one bad ending."""
+    found: set[str] = set()
+    for i, w in enumerate(words):
+        if w not in OPENERS:
+            continue
+        j = i + 1
+        while j < len(words) and (words[j] in MODIFIERS or (words[j] == "and" and words[j - 1] in COLOURS)):
+            j += 1
+        if j == len(words):
+            if j > i + 1:
+                found.add("bad_ending")  # "a man in a black"
+            continue
+        if words[j] in NOT_IN_NOUN_PHRASE:
+            found.add("orphan_modifier")
+        elif w in SINGULAR_ARTICLES and is_plural(words[j]):
+            found.add("article_number")
+    return found
+
+
+def defects(words: Sequence[str]) -> frozenset[str]:
+    """The names (of ``DEFECTS``) of what is broken in a caption's words; empty for a sound sentence."""
+    words = [w.lower() for w in words]
+    found = _noun_phrase_defects(words)
+    if repeats_trigram(words):
+        found.add("repeated_trigram")
+    if words and words[-1] in BAD_ENDINGS:
+        found.add("bad_ending")
+    return frozenset(found)
