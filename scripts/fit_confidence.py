@@ -34,6 +34,7 @@ from capcli.chair import chair
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 JUDGED = ROOT / "data" / "judged" / "flickr8k-val-judged.jsonl"
+COCO_JUDGED = ROOT / "data" / "judged" / "coco-mini-judged-report-only.jsonl"  # never fitted on
 PLOT = ROOT / "docs" / "reliability.png"
 SAMPLE = 150  # photos judged from each familiarity stratum
 FOLDS = 10
@@ -272,6 +273,9 @@ def fit_and_measure(val: list[dict[str, Any]], coco: list[dict[str, Any]] | None
         model.measured["coco_mini_chair_report_only"] = scores(p_coco, chair_right(coco)) | {
             "caption_chair_s": round(1 - sum(chair_right(coco)) / len(coco), 4),
             "offered": [offered_chair(coco, p_coco, m) for m in (0.3, 0.5)]}
+        coco_judged = judged(coco, COCO_JUDGED)  # judged by the same rule, only ever reported on
+        model.measured["coco_mini_judged_report_only"] = scores(
+            [model.probability(features(r)) for r, _ in coco_judged], [RIGHT[label] for _, label in coco_judged])
     atomic.write_json(confidence.ASSET, model.to_dict())
     plot(confidence.calibration_bins(p_cv, y), model.measured["judged_cross_validated"]["ece"], len(rows), PLOT)
     print(json.dumps({k: v for k, v in model.measured.items() if not k.startswith("bins")}, indent=1))
