@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .checkpoint import load_checkpoint
-from .confidence import ConfidenceModel, for_checkpoint
+from .confidence import ConfidenceModel, evidence_of, for_checkpoint
 from .encoders import Encoder, create_encoder, get_spec
 from .errors import CapcliError, CheckpointError, ImageError, UsageError
 from .familiar import Familiarity
@@ -187,8 +187,20 @@ class Captioner:
             else:
                 results = search(self._search_model, feats, opts, with_alphas=return_alphas)
         plans = plans if plans is not None else [None] * len(results)
-        return [self._record(hyps, plan, opts.top_k, return_alphas)
-                for hyps, plan in zip(results, plans, strict=True)]
+        records = [self._record(hyps, plan, opts.top_k, return_alphas)
+                   for hyps, plan in zip(results, plans, strict=True)]
+        if self.confidence is not None and plans[0] is not None:
+            self._add_confidence(feats, records)
+        return records
+
+    def _add_confidence(self, feats: torch.Tensor, records: list[dict[str, Any]]) -> None:
+        """Each record's ``confidence`` from its caption, labels and evidence (the photo's familiarity, its words'
+        log-probabilities read back through the float32 model: one decoder pass for the batch)."""
+        assert self.confidence is not None
+        with torch.inference_mode():
+            evidence = evidence_of(self.model, self.vocab, self.familiarity, feats, [r["caption"] for r in records])
+        for rec, ev in zip(records, evidence, strict=True):
+            rec["confidence"] = round(self.confidence(rec["caption"], rec["logprob"], rec["labels"], ev), 4)
 
     def _text(self, tokens: list[int], plan: Plan | None) -> str:
         if self.grounder is None:
@@ -203,8 +215,6 @@ class Captioner:
                                    for h in hyps]
         if plan is not None:
             rec["labels"] = [{"word": w, "p": p} for w, p in plan.labels]
-            if self.confidence is not None:
-                rec["confidence"] = round(self.confidence(rec["caption"], rec["logprob"], rec["labels"]), 4)
         if return_alphas and best.alphas is not None:
             rec["words"] = rec["caption"].split()  # one per row of alphas (a word per token)
             rec["alphas"] = best.alphas.float().numpy()  # (L, N)

@@ -1,21 +1,28 @@
-"""Confidence: the calibrated probability that a caption names no object that is not in the photo.
+"""Confidence: the calibrated probability that a caption is right, judged by looking at the photo.
 
-The label is CHAIR's (:mod:`capcli.chair`): a caption is right (1) when every COCO object it names is named by
-the photo's reference captions too. A logistic regression over a handful of features of the record, all known
-at captioning time, gives the probability:
+The label is a person's: captions of Flickr8k val photos were judged right / partly / wrong by looking at each
+photo (``data/judged/``, over-sampling the photos least like the training photos, where the errors are). A
+logistic regression over features of the captioned photo, all known at captioning time, gives the probability
+that a caption is *right* (every thing and doing it names is in the photo):
 
 - ``mean_logprob``: the caption's log-probability per token (``logprob / (words + 1)``, the end token counted);
-- ``words``: the caption's length;
+- ``min_word_logprob``: the least log-probability of one of its words (or the end) when the caption is read back
+  through the model (teacher forcing, :func:`word_logprobs`); a word the search was made to say, or a word the
+  model doubted, is where captions go wrong;
+- ``unfamiliar``: how far the photo is from the model's training photos (:mod:`capcli.familiar`: the distance to
+  its k-th nearest training photo over the threshold beyond which a photo counts as outside, so 1 is the edge);
+  off its training photos the decoder writes Flickr8k's habits, not the photo;
 - ``top_label``: the evidence of the photo's top grounding label (0 without labels);
-- ``objects``, ``objects_not_person``: how many COCO objects it names (people are rarely made up, benches,
-  balls and dogs are);
-- ``names_table_word``: whether it names a word the ImageNet word table covers;
-- ``min_label_evidence``: ``log(e + 0.001)`` of the least evidence among those words (``e`` is the word's label
-  evidence, 0 when it is not among the labels), 0 when it names none.
+- ``names_top_label``: whether the caption names its top label (the encoder and the caption agree);
+- ``min_label_evidence``: ``log(e + 0.001)`` of the least evidence among the caption's ImageNet-table words
+  (``e``: the word's label evidence, 0 when it is not among the labels), 0 when it names none;
+- ``objects_not_person``: how many COCO objects besides people it names (benches, balls and dogs are made up);
+- ``defects``: how many fluency defects it has (:func:`capcli.fluency.defects`: "a group of a group of");
+- ``words``: its length.
 
-It is fitted on one half of Flickr8k val (``scripts/fit_confidence.py``), its calibration measured on the other
-half, and stored in ``assets/confidence-flickr8k-attention.json`` with the SHA-256 of the checkpoint file it was
-fitted for: only that checkpoint (the shipped default), captioned with grounding on, gets a ``confidence``.
+It is fitted on the judged photos by ``scripts/fit_confidence.py`` (numbers cross-validated there) and stored in
+``assets/confidence-flickr8k-attention.json`` with the SHA-256 of the checkpoint file it was fitted for: only that
+checkpoint (the shipped default), captioned with grounding on, gets a ``confidence``.
 """
 
 from __future__ import annotations
@@ -27,15 +34,34 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .chair import chair, objects_in
+from .chair import objects_in
 from .errors import CheckpointError
+from .fluency import defects
+
+if TYPE_CHECKING:
+    import torch
+
+    from .familiar import Familiarity
+    from .models.base import CaptionModel
+    from .vocab import Vocabulary
 
 ASSET = Path(__file__).resolve().parent / "assets" / "confidence-flickr8k-attention.json"
-FEATURES = ("mean_logprob", "words", "top_label", "objects", "objects_not_person", "names_table_word",
-            "min_label_evidence")
+FEATURES = ("mean_logprob", "min_word_logprob", "unfamiliar", "top_label", "names_top_label", "min_label_evidence",
+            "objects_not_person", "defects", "words")
 _FLOOR = 1e-3  # evidence floor inside the log
+_WORD_FLOOR = -12.0  # a word's log-probability below this says no more (a forced word is often -20)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What confidence reads of a captioned photo besides its record: the photo's familiarity and the model's
+    probability of each word. Either may be unknown (None): its feature then takes the fitted mean, so it
+    moves the probability neither way."""
+
+    distance: float | None = None  # familiarity distance over the familiarity threshold (1: the edge)
+    word_logprobs: tuple[float, ...] | None = None  # per token of the caption and its end, teacher-forced
 
 
 @functools.cache
@@ -46,22 +72,61 @@ def _table_forms() -> dict[str, str]:
     return {f: w for w, info in load_word_table().words.items() for f in info.forms}
 
 
-def features(caption: str, logprob: float, labels: Sequence[Mapping[str, Any]] | None) -> dict[str, float]:
-    """The features of one captioned record (its ``caption``, ``logprob`` and grounding ``labels``)."""
+def features(caption: str, logprob: float, labels: Sequence[Mapping[str, Any]] | None,
+             evidence: Evidence = Evidence()) -> dict[str, float]:
+    """The features of one captioned record (its ``caption``, ``logprob`` and grounding ``labels``); those
+    ``evidence`` does not know are NaN (the model reads them as their mean)."""
     tokens = caption.split()
-    objects = objects_in(caption)
-    evidence = {str(lab["word"]): float(lab["p"]) for lab in labels or []}
+    evidence_of = {str(lab["word"]): float(lab["p"]) for lab in labels or []}
+    top = max(evidence_of, key=evidence_of.__getitem__, default=None)
     forms = _table_forms()
-    named = [evidence.get(forms[t], 0.0) for t in tokens if t in forms]
+    named_words = {forms[t] for t in tokens if t in forms}
+    named = [evidence_of.get(w, 0.0) for w in named_words]
+    wl = evidence.word_logprobs
     return {
         "mean_logprob": logprob / (len(tokens) + 1),
-        "words": float(len(tokens)),
-        "top_label": max(evidence.values(), default=0.0),
-        "objects": float(len(objects)),
-        "objects_not_person": float(len(objects - {"person"})),
-        "names_table_word": float(bool(named)),
+        "min_word_logprob": max(min(wl), _WORD_FLOOR) if wl else math.nan,
+        "unfamiliar": evidence.distance if evidence.distance is not None else math.nan,
+        "top_label": evidence_of[top] if top is not None else 0.0,
+        "names_top_label": float(top is not None and top in named_words),
         "min_label_evidence": math.log(min(named) + _FLOOR) if named else 0.0,
+        "objects_not_person": float(len(objects_in(caption) - {"person"})),
+        "defects": float(len(defects(tokens))),
+        "words": float(len(tokens)),
     }
+
+
+def word_logprobs(model: CaptionModel, feats: torch.Tensor, captions: Sequence[Sequence[int]],
+                  start_id: int, end_id: int) -> list[tuple[float, ...]]:
+    """The model's log-probability of each token of each caption and of its end, read back by teacher forcing
+    (one decoder pass). ``feats``: what the model consumes, one row per caption; ``captions``: token ids without
+    ``<start>``/``<end>``."""
+    import torch
+
+    seqs = [[start_id, *c, end_id] for c in captions]
+    lengths = torch.tensor([len(s) for s in seqs])
+    padded = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        padded[i, : len(s)] = torch.tensor(s)
+    with torch.inference_mode():
+        logits, _ = model(feats.float(), padded.to(feats.device), lengths)
+        lp = torch.log_softmax(logits.float(), -1).gather(2, padded[:, 1:, None].to(feats.device))[..., 0].cpu()
+    return [tuple(round(x, 4) for x in lp[i, : len(s) - 1].tolist()) for i, s in enumerate(seqs)]
+
+
+def evidence_of(model: CaptionModel, vocab: Vocabulary, familiarity: Familiarity | None, feats: torch.Tensor,
+                captions: Sequence[str]) -> list[Evidence]:
+    """The :class:`Evidence` of a batch of captioned photos: ``feats`` what the model consumed (grid (B, N, D) or
+    pooled (B, D)), ``captions`` the records' text. The text is read back, not the search's tokens, as the fit
+    script does: a word grounding put in place of its vocabulary relative reads as ``<unk>``, low, like any
+    forced word."""
+    distances: list[float | None] = [None] * len(captions)
+    if familiarity is not None:
+        pooled = feats.float().mean(1) if feats.dim() == 3 else feats.float()
+        distances = (familiarity.distance(pooled) / familiarity.threshold).tolist()
+    tokens = [vocab.encode(c, add_special=False) for c in captions]
+    per_word = word_logprobs(model, feats, tokens, vocab.start_id, vocab.end_id)
+    return [Evidence(None if d is None else round(d, 4), w) for d, w in zip(distances, per_word, strict=True)]
 
 
 def file_sha256(path: str | Path) -> str:
@@ -82,7 +147,7 @@ class ConfidenceModel:
     means: list[float]
     stds: list[float]
     checkpoint_sha256: str = ""  # the checkpoint file it was fitted for
-    measured: dict[str, Any] = field(default_factory=dict)  # ECE, n, base rate... on the held-apart photos
+    measured: dict[str, Any] = field(default_factory=dict)  # what the fit script measured (cross-validated)
 
     def __post_init__(self) -> None:
         if list(self.features) != list(FEATURES):
@@ -110,13 +175,15 @@ class ConfidenceModel:
             raise CheckpointError(f"cannot read confidence model {path}: {e}") from None
 
     def probability(self, x: Mapping[str, float]) -> float:
-        """P(no hallucinated object) for one record's :func:`features`."""
+        """P(the caption is right) for one record's :func:`features` (a NaN feature counts as its mean)."""
         z = self.intercept + sum(c * (x[k] - m) / s for k, c, m, s in
-                                 zip(self.features, self.coef, self.means, self.stds, strict=True))
+                                 zip(self.features, self.coef, self.means, self.stds, strict=True)
+                                 if not math.isnan(x[k]))
         return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
 
-    def __call__(self, caption: str, logprob: float, labels: Sequence[Mapping[str, Any]] | None) -> float:
-        return self.probability(features(caption, logprob, labels))
+    def __call__(self, caption: str, logprob: float, labels: Sequence[Mapping[str, Any]] | None,
+                 evidence: Evidence = Evidence()) -> float:
+        return self.probability(features(caption, logprob, labels, evidence))
 
 
 def for_checkpoint(path: str | Path | None, asset: Path = ASSET) -> ConfidenceModel | None:
@@ -128,19 +195,6 @@ def for_checkpoint(path: str | Path | None, asset: Path = ASSET) -> ConfidenceMo
 
 
 # ------------------------------------------------------------------------------------- fitting and measuring
-def held_apart(file_name: str) -> bool:
-    """Whether a photo is in the half of Flickr8k val that calibration is measured on (never fitted on):
-    a fixed split by the SHA-1 of the file name, so any run, test or refit sees the same halves."""
-    return int(hashlib.sha1(file_name.encode("utf-8")).hexdigest(), 16) % 2 == 1
-
-
-def outcomes(captions: Mapping[int, str], references: Mapping[int, Sequence[str]]) -> dict[int, float]:
-    """The label confidence predicts, per image: 1.0 when its caption names no COCO object that none of its
-    references names (CHAIR, :func:`capcli.chair.chair`), else 0.0."""
-    per = chair(captions, references).per_image
-    return {i: 0.0 if per[i].hallucinated else 1.0 for i in captions}
-
-
 def calibration_bins(p: Sequence[float], y: Sequence[float], bins: int = 10) -> list[tuple[int, float, float]]:
     """Per equal-width bin of predicted probability: (count, mean prediction, observed rate); empty bins kept as
     (0, nan, nan)."""
@@ -159,22 +213,38 @@ def expected_calibration_error(p: Sequence[float], y: Sequence[float], bins: int
     return sum(n / total * abs(mp - rate) for n, mp, rate in calibration_bins(p, y, bins) if n)
 
 
-def fit(rows: Sequence[Mapping[str, float]], y: Sequence[float], l2: float = 1e-2) -> ConfidenceModel:
-    """A logistic regression on standardised :data:`FEATURES`, L2 penalty ``l2`` (not on the intercept), by
-    L-BFGS."""
+def ranking_auc(p: Sequence[float], y: Sequence[float]) -> float:
+    """The chance that a random right caption gets more confidence than a random wrong one (ties half)."""
+    right = [q for q, t in zip(p, y, strict=True) if t]
+    wrong = [q for q, t in zip(p, y, strict=True) if not t]
+    wins = sum((a > b) + 0.5 * (a == b) for a in right for b in wrong)
+    return wins / (len(right) * len(wrong))
+
+
+def fit(rows: Sequence[Mapping[str, float]], y: Sequence[float], l2: float = 1e-2,
+        prior: ConfidenceModel | None = None) -> ConfidenceModel:
+    """A logistic regression on standardised :data:`FEATURES`, L2 penalty ``l2`` (not on the intercept) on the
+    coefficients' distance from ``prior``'s (from zero without one), by L-BFGS. Every feature must be known (no
+    NaN) in the rows fitted on. A ``prior`` fitted on many more photos for a narrower label keeps what it knows
+    where a few hundred judged captions cannot tell."""
     import torch
 
     x = torch.tensor([[r[k] for k in FEATURES] for r in rows], dtype=torch.float64)
+    if x.isnan().any():
+        raise ValueError("fit: every feature must be known in the rows fitted on")
     t = torch.tensor(list(y), dtype=torch.float64)
     mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
     z = (x - mu) / sd
-    w = torch.zeros(z.size(1), dtype=torch.float64, requires_grad=True)
+    w0 = torch.zeros(z.size(1), dtype=torch.float64)
+    if prior is not None:  # the prior's coefficients per raw unit, in this standardisation
+        w0 = torch.tensor(prior.coef, dtype=torch.float64) / torch.tensor(prior.stds, dtype=torch.float64) * sd
+    w = w0.clone().requires_grad_(True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=500, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, t) + l2 * (w * w).sum() / 2
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, t) + l2 * ((w - w0) ** 2).sum() / 2
         loss.backward()
         return loss
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capcli.caption import DEFAULT_MODEL
+from capcli.captioner import DEFAULT_MODEL
 from capcli.checkpoint import load_checkpoint
 from capcli.encoders import create_encoder, get_spec
 from capcli.errors import UsageError
