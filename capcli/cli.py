@@ -568,9 +568,11 @@ def _publish(run: Captioned, request: PublishRequest, model: Path | None) -> int
         done = f"would write {c['would-write']}" if request.dry_run else f"wrote {c['written']}"
         console.print(f"metadata ({', '.join(request.hows)}): {done}, skipped {c['skipped']} (a person's words; "
                       f"--overwrite replaces them), failed {c['failed']}", highlight=False, soft_wrap=True)
-    if rep.held_back:
-        console.print(f"[yellow]{len(rep.held_back)} record(s) below --min-confidence {request.min_confidence}: "
-                      "marked low_confidence in the output, kept out of metadata and sidecars[/]", highlight=False)
+    if rep.held_back or rep.labelled:
+        console.print(f"[yellow]{len(rep.held_back) + len(rep.labelled)} record(s) below --min-confidence "
+                      f"{request.min_confidence}: marked low_confidence in the output; metadata and sidecars got "
+                      f"their labels ('Image may contain: ...') for {len(rep.labelled)}, nothing for "
+                      f"{len(rep.held_back)} (no label with the evidence)[/]", highlight=False)
     if rep.gallery is not None:
         console.print(f"gallery -> {escape(display(str(rep.gallery)))}", highlight=False, soft_wrap=True)
     return len(rep.failed)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import gallery, metadata
+from .alttext import NO_DESCRIPTION, label_alt_text
 from .caption import Captioned, collect_inputs
 from .errors import UsageError
 from .images import is_image_file
@@ -79,7 +80,8 @@ class PublishReport:
     """What publishing did: one result per photo and target, the records held back, the gallery written."""
 
     results: list[PublishResult] = field(default_factory=list)
-    held_back: list[str] = field(default_factory=list)  # record paths below --min-confidence
+    held_back: list[str] = field(default_factory=list)  # below --min-confidence, no label to say instead
+    labelled: list[str] = field(default_factory=list)  # below --min-confidence, published as "Image may contain: ..."
     gallery: Path | None = None
 
     def counts(self) -> dict[str, int]:
@@ -118,14 +120,21 @@ def pair_records(inputs: Sequence[str | Path], records: Sequence[dict[str, Any]]
 
 def publish_records(items: Sequence[tuple[Path, dict[str, Any]]], request: PublishRequest,
                     model: str) -> PublishReport:
-    """Publish paired records (records marked ``low_confidence`` are held back from metadata and sidecars)."""
+    """Publish paired records. A record marked ``low_confidence`` gives metadata and sidecars its labels' alt text
+    (``Image may contain: cat``, :func:`capcli.alttext.label_alt_text`) instead of its caption, or nothing when no
+    label has the evidence; the output and the gallery keep its caption."""
     report = PublishReport()
     kept = []
     for photo, rec in items:
-        if rec.get("low_confidence") or is_low_confidence(rec, request.min_confidence):
+        if not (rec.get("low_confidence") or is_low_confidence(rec, request.min_confidence)):
+            kept.append((photo, rec))
+            continue
+        honest = label_alt_text(rec.get("labels"))  # what the evidence supports, in place of a doubtful caption
+        if honest == NO_DESCRIPTION:
             report.held_back.append(str(rec.get("path", photo.name)))
         else:
-            kept.append((photo, rec))
+            report.labelled.append(str(rec.get("path", photo.name)))
+            kept.append((photo, {**rec, "caption": honest}))
     opts = PublishOptions(Provenance(model=model), overwrite=request.overwrite, dry_run=request.dry_run,
                           naming=request.naming)
     for how in request.hows:

@@ -264,9 +264,10 @@ def test_min_confidence_keeps_a_low_record_out_of_sidecars(work):
             rec["confidence"] = confidence[rec["path"]]
     out.write_text(json.dumps(recs))
     report = publish_output(out, [photos], PublishRequest(sidecars=("xmp",), min_confidence=0.5), model="attention")
-    assert report.held_back == ["chelsea.jpg"]
-    assert not (photos / "chelsea.xmp").exists()
-    assert all((photos / f"{Path(n).stem}.xmp").is_file() for n in PHOTOS if n != "chelsea.jpg")
+    # the cat's doubtful caption is not published: the label its evidence supports is, in its place
+    assert report.labelled == ["chelsea.jpg"] and report.held_back == []
+    assert all((photos / f"{Path(n).stem}.xmp").is_file() for n in PHOTOS)
+    assert "Image may contain: cat" in (photos / "chelsea.xmp").read_text()
     kept = records(out)
     assert kept["chelsea.jpg"]["low_confidence"] is True and kept["chelsea.jpg"]["caption"]
     assert not any("low_confidence" in r for n, r in kept.items() if n != "chelsea.jpg")
@@ -274,7 +275,8 @@ def test_min_confidence_keeps_a_low_record_out_of_sidecars(work):
     r = run(str(photos), "-o", str(out), "--resume", "--sidecar", "txt", "--min-confidence", "0.5")
     assert r.exit_code == 0, r.output
     assert "1 record(s) below --min-confidence 0.5" in r.output
-    assert not (photos / "chelsea.txt").exists() and (photos / "coffee.txt").is_file()
+    assert (photos / "chelsea.txt").read_text().startswith("Image may contain: cat")
+    assert (photos / "coffee.txt").read_text().strip() == kept["coffee.jpg"]["caption"]
     r = run(str(photos), "-o", str(out), "--resume", "--min-confidence", "1.5")
     assert r.exit_code == 2 and "--min-confidence 1.5" in r.output
 
@@ -392,6 +394,6 @@ def test_publishing_takes_the_runs_own_records_and_pairs(tmp_path):
     assert (photos / "chelsea.txt").read_text().strip() == run.pairs[PHOTOS.index("chelsea.jpg")][1]["caption"]
     # --min-confidence marks the records in the output, rewritten in its layout
     report = publish_captioned(run, PublishRequest(min_confidence=1.0), model="attention")
-    assert sorted(report.held_back) == PHOTOS
+    assert sorted(report.held_back + report.labelled) == PHOTOS
     assert [r.get("low_confidence") for r in read_records(out)] == [True] * len(PHOTOS)
     assert out.read_text().splitlines()[0] == ",".join(CSV_FIELDS)
