@@ -143,8 +143,15 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
     path = Path(path)
     if path.suffix.lower() in RAW_EXTENSIONS:
         return _load_raw(path, min_size)
+    with open_photo(path) as f:
+        return decode_image(f, path.name, min_size)
+
+
+def decode_image(f: BinaryIO, name: str, min_size: int | None = None) -> Image.Image:
+    """An open photo (a file, or ``io.BytesIO`` of bytes read from a tar or a table) as an upright RGB image, or
+    :class:`ImageError` naming it ``name``; ``min_size`` as :func:`load_image`."""
     try:
-        with warnings.catch_warnings(), open_photo(path) as f:
+        with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             # Pillow warns on stderr, with its own file paths, about metadata it cannot parse ("Corrupt EXIF data",
             # "Tag data larger than file"); the photo still decodes, and the caption does not need it
@@ -152,7 +159,7 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
             with Image.open(f) as im:
                 w, h = im.size
                 if w * h > MAX_PIXELS:
-                    raise ImageError(f"{path.name}: {w}x{h} pixels is too large (possible decompression bomb)")
+                    raise ImageError(f"{name}: {w}x{h} pixels is too large (possible decompression bomb)")
                 if min_size is not None:
                     im.draft(im.mode, (min_size, min_size))  # JPEG: DCT scaling; HEIC: a thumbnail; others: no-op
                 im.load()
@@ -161,11 +168,11 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{path.name}: too large (possible decompression bomb)") from e
+        raise ImageError(f"{name}: too large (possible decompression bomb)") from e
     except UnidentifiedImageError as e:
-        raise ImageError(f"{path.name}: not an image file") from e
+        raise ImageError(f"{name}: not an image file") from e
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{path.name}: cannot decode ({e})") from e
+        raise ImageError(f"{name}: cannot decode ({e})") from e
 
 
 def _load_raw(path: Path, min_size: int | None) -> Image.Image:
