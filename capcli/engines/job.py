@@ -1,0 +1,163 @@
+"""``capcli caption`` on either engine, for every input and output kind: list the inputs, open the output (its
+one writer, locked for the run), skip what an earlier run did (``--resume``) and what is another shard's
+(``--shard I/N``), caption the rest on the engine chosen, write each record as it comes, count.
+
+Outputs: ``.parquet`` (a folder of parts, :mod:`capcli.parquet_out`; local or ``s3://``) or the caption
+command's .json/.jsonl/.csv. Records of tar and table samples carry their key as ``path`` and their shard or
+table as ``source``. A record whose key was done already is never written twice: a job killed at any point and
+resumed ends with every key exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import lock
+from ..errors import UsageError
+from ..names import display, record_key
+from ..parquet_out import Kept, ParquetWriter
+from ..progress import NULL, Progress
+from ..samples import Unit, is_remote, list_units, read_unit
+from .base import Provenance, SearchOptions, sha256_bytes
+from .local import caption_local
+from .ray_engine import RayOptions, caption_ray, require_ray, start_ray, stop_ray
+
+ENGINES = ("local", "ray")
+
+
+@dataclass
+class CaptionJob:
+    inputs: Sequence[str | Path]
+    out: str
+    options: SearchOptions = field(default_factory=SearchOptions)
+    engine: str = "local"
+    ray: RayOptions = field(default_factory=RayOptions)
+    recursive: bool = False
+    resume: bool = False
+    shard: tuple[int, int] | None = None
+    threads: int = 2  # local engine: decoding threads
+    device: str = "auto"  # the Ray actors' (the local engine uses the Captioner's)
+    precision: str = "auto"
+    grounding: str = "auto"
+    part_rows: int = 1000  # .parquet: records per part
+
+
+def is_parquet(out: str | Path) -> bool:
+    return str(out).lower().rstrip("/").endswith(".parquet")
+
+
+def _open_writer(job: CaptionJob) -> tuple[Any, Kept]:
+    """The output's writer and what it holds already (captioned keys, by source)."""
+    if is_parquet(job.out):
+        w = ParquetWriter(job.out, job.resume, part_rows=job.part_rows)
+        return w, w.kept
+    if is_remote(job.out):
+        raise UsageError(f"{display(job.out)}: an s3:// output must be .parquet")
+    from ..caption import open_writer
+
+    w = open_writer(Path(job.out), job.resume)
+    kept = Kept()
+    for rec in w.kept:
+        kept.add(record_key(rec), str(rec.get("source", "")))
+    return w, kept
+
+
+def _todo(units: list[Unit], kept: Kept) -> tuple[list[tuple[Unit, frozenset[str]]], int]:
+    """Each unit with the keys it must skip (done already), less the photo files done; and how many are done."""
+    out, skipped = [], 0
+    for u in units:
+        if u.kind == "files":
+            files = tuple((k, p) for k, p in u.files if k not in kept.keys)
+            skipped += len(u.files) - len(files)
+            if files:
+                out.append((Unit("files", u.source, files), frozenset()))
+        else:
+            skip = frozenset(kept.by_source.get(display(u.source), ()))
+            skipped += len(skip)
+            out.append((u, skip))
+    return out, skipped
+
+
+def _provenance(captioner: Any, job: CaptionJob) -> Provenance:
+    source = Path(str(captioner.source))
+    digest = sha256_bytes(source.read_bytes()) if source.is_file() else hashlib.sha256(b"").hexdigest()
+    return Provenance.of(source.name, digest, job.options, captioner.precision, captioner.grounder is not None)
+
+
+def _records(captioner: Any, job: CaptionJob, todo: list[tuple[Unit, frozenset[str]]],
+             provenance: Provenance) -> Iterator[list[dict[str, Any]]]:
+    if job.engine == "ray":
+        started = start_ray(job.ray)
+        try:
+            yield from caption_ray(captioner, todo, job.shard, job.options, provenance, job.ray, device=job.device,
+                                   precision=job.precision, grounding=job.grounding)
+        finally:
+            stop_ray(started)
+    else:
+        samples = (s for u, skip in todo for s in read_unit(u, skip, job.shard))
+        yield from caption_local(captioner, samples, job.options, provenance, threads=job.threads)
+
+
+def run_caption_job(captioner: Any, job: CaptionJob, progress: Progress = NULL) -> Any:
+    """Caption ``job.inputs`` into ``job.out`` on ``job.engine``; returns a ``CaptionSummary``. What is done is in
+    the output even when this is interrupted; a second run writing the same local output fails at once."""
+    from ..caption import CaptionSummary, _left_out
+
+    if job.engine not in ENGINES:
+        raise UsageError(f"--engine {job.engine!r}: use one of {', '.join(ENGINES)}")
+    if job.engine == "ray":
+        require_ray()
+    o = job.options
+    captioner._check(o.beam_size, o.top_k, o.max_len, o.length_penalty)
+    listing = list_units(job.inputs, job.recursive)
+    local_out = not is_remote(job.out)
+    summary = (_left_out(listing.left_out, listing.files, Path(job.out)) if local_out else CaptionSummary(job.out))
+    if not listing.units:
+        raise UsageError(f"no photos, tar shards or tables found in {', '.join(display(str(p)) for p in job.inputs)}")
+    held = lock.exclusive(lock.sidecar(job.out), job.out) if local_out else contextlib.nullcontext()
+    with held:
+        writer, kept = _open_writer(job)
+        todo, summary.skipped = _todo(listing.units, kept)
+        total = sum(len(u.files) for u, _ in todo) if all(u.kind == "files" for u, _ in todo) else None
+        _write_all(captioner, job, todo, writer, summary, total, progress)
+    return summary
+
+
+def _write_all(captioner: Any, job: CaptionJob, todo: list[tuple[Unit, frozenset[str]]], writer: Any,
+               summary: Any, total: int | None, progress: Progress) -> None:
+    from ..errors import OutputError
+
+    t0 = time.perf_counter()
+    progress.start("captioning", total=total if job.shard is None else None, unit="img")
+    try:
+        for records in _records(captioner, job, todo, _provenance(captioner, job)):
+            for rec in records:
+                writer.write(rec)
+                if "error" in rec:
+                    summary.failed += 1
+                    summary.failures.append((rec["path"], rec["error"]))
+                    progress.warn(f"{rec['path']}: {rec['error']}")
+                else:
+                    summary.captioned += 1
+            if summary.failed:
+                progress.advance(len(records), failed=summary.failed)
+            else:
+                progress.advance(len(records))
+    except OutputError:
+        writer.abort()
+        raise
+    except BaseException:
+        with contextlib.suppress(OutputError):
+            writer.close()  # keep what is done (Ctrl-C, a failure)
+        raise
+    else:
+        writer.close()
+    finally:
+        progress.done()
+        summary.seconds = time.perf_counter() - t0
