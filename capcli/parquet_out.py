@@ -89,7 +89,7 @@ class ParquetWriter:
         info = self.fs.get_file_info(self.root)
         if info.type == pafs.FileType.File:
             raise UsageError(f"{display(out)} is a file; a .parquet output is a folder of parts (give a new name)")
-        if info.type == pafs.FileType.NotFound:
+        if info.type == pafs.FileType.NotFound and not is_remote(out):  # (an object store has no folders)
             self.fs.create_dir(self.root, recursive=True)
         parts = self._parts()
         if parts and not resume:

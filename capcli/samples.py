@@ -77,12 +77,21 @@ def is_remote(uri: str) -> bool:
     return "://" in uri
 
 
+def as_uri(path: str | Path) -> str:
+    """An input or output as text: a ``Path`` made of an ``s3://`` URI (``s3:/bucket/key``) given back its ``//``."""
+    text = str(path)
+    return "s3://" + text[len("s3:/"):] if text.startswith("s3:/") and not text.startswith("s3://") else text
+
+
 def filesystem(uri: str) -> tuple[Any, str]:
     """(pyarrow filesystem, path in it) for a local path or an ``s3://`` URI (``AWS_ENDPOINT_URL`` is honoured)."""
     import os
 
-    import pyarrow.fs as pafs
-
+    try:
+        import pyarrow.fs as pafs
+    except ImportError:
+        raise UsageError(f"{display(uri)}: tar shards, tables, .parquet and s3:// need pyarrow: "
+                         'pip install "capcli[ray]" (or pip install pyarrow)') from None
     if not is_remote(uri):
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     if not uri.startswith("s3://"):
@@ -116,7 +125,7 @@ def list_units(inputs: Sequence[str | Path], recursive: bool = False) -> Listing
     listing = Listing()
     photos: list[str | Path] = []
     for raw in inputs:
-        text = str(raw)
+        text = as_uri(raw)
         kind = _kind(text)
         if is_remote(text):
             listing.units += _remote_units(text, kind)
@@ -204,6 +213,21 @@ def _file_sample(key: str, path: str, source: str) -> Sample:
             return Sample(key, source, data=f.read())
     except OSError as e:
         return Sample(key, source, error=f"cannot read ({str(e).splitlines()[0]})")
+
+
+def with_bytes(sample: Sample) -> Sample:
+    """A photo file's sample with its bytes read (for a reader on another machine), or the reason they cannot be."""
+    from .errors import ImageError
+    from .images import open_photo
+
+    try:
+        with open_photo(Path(sample.path or "")) as f:
+            return Sample(sample.key, sample.source, data=f.read())
+    except ImageError as e:
+        text, name = str(e), Path(sample.path or "").name
+        return Sample(sample.key, sample.source, error=text[len(name) + 2:] if text.startswith(f"{name}: ") else text)
+    except OSError as e:
+        return Sample(sample.key, sample.source, error=f"cannot read ({e.strerror or e})")
 
 
 def split_member(name: str) -> tuple[str, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import posixpath
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -18,7 +19,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import ImageError
-from ..images import decode_image, load_image
+from ..images import RAW_EXTENSIONS, decode_image, load_image
 from ..names import display, path_fields
 from ..samples import Sample
 
@@ -60,6 +61,8 @@ def decode_sample(sample: Sample, size: int) -> Any:
         return sample.error
     name = posixpath.basename(sample.key) or sample.key
     try:
+        if sample.data is not None and posixpath.splitext(name)[1].lower() in RAW_EXTENSIONS:
+            return _raw_from_bytes(sample.data, name, size)
         if sample.data is not None:
             return decode_image(io.BytesIO(sample.data), name, size)
         return load_image(sample.path or "", size)
@@ -68,6 +71,17 @@ def decode_sample(sample: Sample, size: int) -> Any:
         return text[len(name) + 2:] if text.startswith(f"{name}: ") else text
     except Exception as e:  # noqa: BLE001 - any decoder surprise is that photo's error, never the job's
         return f"cannot read ({type(e).__name__}: {e})"
+
+
+def _raw_from_bytes(data: bytes, name: str, size: int) -> Any:
+    """A camera RAW file's bytes through a temporary file of its name (LibRaw reads files; RAW photos are few)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="capcli-raw-") as tmp:
+        path = os.path.join(tmp, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        return load_image(path, size)
 
 
 def record_of(sample: Sample, result: dict[str, Any] | str, provenance: Provenance) -> dict[str, Any]:

@@ -95,8 +95,10 @@ def _records(captioner: Any, job: CaptionJob, todo: list[tuple[Unit, frozenset[s
     if job.engine == "ray":
         started = start_ray(job.ray)
         try:
+            # the precision this machine resolved, so every node searches alike (a GPU resolves its own)
+            precision = job.precision if job.ray.gpus_per_worker else captioner.precision
             yield from caption_ray(captioner, todo, job.shard, job.options, provenance, job.ray, device=job.device,
-                                   precision=job.precision, grounding=job.grounding)
+                                   precision=precision, grounding="auto" if captioner.grounder else "off")
         finally:
             stop_ray(started)
     else:
@@ -161,3 +163,43 @@ def _write_all(captioner: Any, job: CaptionJob, todo: list[tuple[Unit, frozenset
     finally:
         progress.done()
         summary.seconds = time.perf_counter() - t0
+
+
+def wants_job(inputs: Sequence[str | Path], out: str | Path, engine: str) -> bool:
+    """Whether ``capcli caption`` runs through :func:`run_caption_job` (the Ray engine, a tar, table or s3://
+    input, a .parquet or s3:// output) rather than the folder captioner of :mod:`capcli.caption`."""
+    from ..samples import TABLE_SUFFIXES, TAR_SUFFIXES, as_uri
+
+    def special(p: str | Path) -> bool:
+        text = as_uri(p)
+        return is_remote(text) or (text.lower().endswith(TAR_SUFFIXES + TABLE_SUFFIXES) and Path(text).is_file())
+
+    return engine != "local" or is_parquet(out) or is_remote(as_uri(out)) or any(special(p) for p in inputs)
+
+
+def check_job_options(attention_maps: Any, publishing: bool) -> None:
+    """What the job path does not do: attention maps and writing into photos need photo files in folders."""
+    if attention_maps is not None:
+        raise UsageError("--attention-maps works with photo folders on the local engine and a .json/.jsonl/.csv "
+                         "output")
+    if publishing:
+        raise UsageError("--sidecar, --embed and --html work with photo folders on the local engine and a "
+                         ".json/.jsonl/.csv output")
+
+
+def caption_job_command(captioner: Any, inputs: Sequence[str | Path], out: str | Path, *, engine: str,
+                        workers: int | None, gpus_per_worker: float, address: str | None, beam: int, top_k: int,
+                        max_len: int, batch_size: int, length_penalty: float, recursive: bool, resume: bool,
+                        shard: tuple[int, int] | None, device: str, precision: str, grounding: str,
+                        attention_maps: Any, publishing: bool, progress: Progress) -> Any:
+    """``capcli caption``'s options as a :class:`CaptionJob`, run (the CLI's one call into this module)."""
+    from ..samples import as_uri
+
+    check_job_options(attention_maps, publishing)
+    options = SearchOptions(beam_size=beam, max_len=max_len, top_k=top_k, length_penalty=length_penalty,
+                            batch_size=batch_size)
+    ray = RayOptions(address=address, workers=workers if engine == "ray" else None, gpus_per_worker=gpus_per_worker)
+    job = CaptionJob([as_uri(p) for p in inputs], as_uri(out), options, engine=engine, ray=ray, recursive=recursive,
+                     resume=resume, shard=shard, threads=2 if workers is None or engine == "ray" else max(workers, 1),
+                     device=device, precision=precision, grounding=grounding)
+    return run_caption_job(captioner, job, progress)

@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CapcliError
-from ..samples import Sample, Unit, is_remote, read_unit
+from ..samples import Sample, Unit, is_remote, read_unit, with_bytes
 from .base import Provenance, SearchOptions, caption_samples
 
 RAY_PIN = "ray[data]>=2.60,<2.61"
+BLOCK_BYTES = 4 << 20
 INSTALL = 'the Ray engine needs Ray: pip install "capcli[ray]" (or: pip install "ray[data]==2.60.*" pyarrow)'
 
 
@@ -140,12 +141,14 @@ def _read_rows(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
     per column whatever the unit)."""
     unit, skip, shard = pickle.loads(row["unit"])
     for s in read_unit(unit, skip, shard):
-        yield {"key": s.key, "source": s.source, "data": s.data or b"", "path": s.path or "", "error": s.error or ""}
+        if s.path is not None:  # a file on this node: its bytes travel, so an actor on any node can caption it
+            s = with_bytes(s)
+        yield {"key": s.key, "source": s.source, "data": s.data or b"", "path": "", "error": s.error or ""}
 
 
 def caption_ray(captioner: Any, units: Sequence[tuple[Unit, frozenset[str]]], shard: tuple[int, int] | None,
-                options: SearchOptions, provenance: Provenance, opts: RayOptions,
-                device: str = "cpu", precision: str = "auto", grounding: str = "auto") -> Iterator[list[dict[str, Any]]]:
+                options: SearchOptions, provenance: Provenance, opts: RayOptions, device: str = "cpu",
+                precision: str = "auto", grounding: str = "auto") -> Iterator[list[dict[str, Any]]]:
     """Records of the samples of ``units`` (each with the keys to skip), a list per finished batch, in the order
     batches finish. Ray must be started (:func:`start_ray`)."""
     import ray
@@ -153,24 +156,26 @@ def caption_ray(captioner: Any, units: Sequence[tuple[Unit, frozenset[str]]], sh
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # capcli shows the whole job's progress itself
     ctx.print_on_execution_start = False
+    # Blocks of a few MB (~100 photos) rather than Ray's 128 MB: one actor task captions one block, so small blocks
+    # let an actor decode one while it captions another, and stream records (and progress) as they are done.
+    ctx.target_max_block_size = BLOCK_BYTES
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     threads = opts.threads or min(4, os.cpu_count() or 1)
     source = Path(str(captioner.source))
     model = ray.put(source.read_bytes())
     items = [{"unit": pickle.dumps((u, skip, shard))} for u, skip in units]
-    pinned: dict[str, Any] = {}
+    pinned = None
     if any(not is_remote(u.source) or u.kind == "files" and not is_remote(u.files[0][1]) for u, _ in units):
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
         # this machine's files are on this node only (a shared filesystem would do, but cannot be assumed)
-        here = ray.get_runtime_context().get_node_id()
-        pinned["scheduling_strategy"] = NodeAffinitySchedulingStrategy(here, soft=False)
+        pinned = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.flat_map(_read_rows, num_cpus=1, ray_remote_args_fn=lambda: pinned)
+    ds = ds.flat_map(_read_rows, num_cpus=1, label_selector=pinned)
+    # two calls at once per actor, really in two threads: one decodes while the other holds the model
+    pool = ray.data.ActorPoolStrategy(size=_pool_size(opts, threads), max_concurrent_calls_per_actor=2,
+                                      enable_true_multi_threading=True)
     ds = ds.map_batches(
-        CaptionActor, batch_size=options.batch_size, batch_format="numpy", zero_copy_batch=True,
-        compute=ray.data.ActorPoolStrategy(size=_pool_size(opts, threads)),
-        num_cpus=threads, num_gpus=opts.gpus_per_worker or None, ray_remote_args_fn=lambda: {"max_concurrency": 2},
+        CaptionActor, batch_size=options.batch_size, batch_format="numpy", zero_copy_batch=True, compute=pool,
+        num_cpus=threads, num_gpus=opts.gpus_per_worker or None,
         fn_constructor_kwargs=dict(model=[model], name=source.name, device="cuda" if opts.gpus_per_worker else device,
                                    precision=precision, grounding=grounding, options=options, provenance=provenance,
                                    threads=threads, decode_threads=opts.decode_threads))
