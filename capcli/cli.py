@@ -573,16 +573,12 @@ def caption(
     if job:
         from .engines.job import caption_job_command
 
-        s = caption_job_command(captioner, paths, out, engine=engine, workers=workers, gpus_per_worker=gpus_per_worker,
-                                address=address, beam=beam, top_k=top_k, max_len=max_len, batch_size=batch_size,
-                                length_penalty=length_penalty, recursive=recursive, resume=resume, shard=shard_ij,
-                                device=device, precision=precision, grounding=grounding,
-                                attention_maps=attention_maps, publishing=request.wanted, progress=RichProgress())
-        _caption_summary(s, out)
-        if strict and s.failed:
-            _error(f"{s.failed} image(s) failed (--strict)")
-            raise typer.Exit(1)
-        return
+        return _caption_job_summary(caption_job_command(
+            captioner, paths, out, engine=engine, workers=workers, gpus_per_worker=gpus_per_worker, address=address,
+            beam=beam, top_k=top_k, max_len=max_len, batch_size=batch_size, length_penalty=length_penalty,
+            recursive=recursive, resume=resume, shard=shard_ij, device=device, precision=precision,
+            grounding=grounding, attention_maps=attention_maps, publishing=request.wanted, progress=RichProgress()),
+            out, strict)
     try:
         s = caption_files(captioner, paths, out, beam_size=beam, batch_size=batch_size,
                           workers=2 if workers is None else workers,
@@ -597,6 +593,14 @@ def caption(
                 f"{s.n_unsupported} file(s) skipped as unsupported" if s.unsupported else "",
                 f"{n_publish_failed} metadata write(s) failed" if n_publish_failed else ""]
         _error(f"{' and '.join(w for w in what if w)} (--strict)")
+        raise typer.Exit(1)
+
+
+def _caption_job_summary(s: CaptionSummary, out: Path, strict: bool) -> None:
+    """The summary of a job run by capcli.engines.job (tars, tables, s3://, .parquet, --engine ray)."""
+    _caption_summary(s, out)
+    if strict and s.failed:
+        _error(f"{s.failed} image(s) failed (--strict)")
         raise typer.Exit(1)
 
 

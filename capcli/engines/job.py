@@ -167,14 +167,26 @@ def _write_all(captioner: Any, job: CaptionJob, todo: list[tuple[Unit, frozenset
 
 def wants_job(inputs: Sequence[str | Path], out: str | Path, engine: str) -> bool:
     """Whether ``capcli caption`` runs through :func:`run_caption_job` (the Ray engine, a tar, table or s3://
-    input, a .parquet or s3:// output) rather than the folder captioner of :mod:`capcli.caption`."""
+    input, a .parquet or s3:// output) rather than the folder captioner of :mod:`capcli.caption`; UsageError or
+    EngineError (one line) when what that needs is not installed."""
     from ..samples import TABLE_SUFFIXES, TAR_SUFFIXES, as_uri
 
     def special(p: str | Path) -> bool:
         text = as_uri(p)
         return is_remote(text) or (text.lower().endswith(TAR_SUFFIXES + TABLE_SUFFIXES) and Path(text).is_file())
 
-    return engine != "local" or is_parquet(out) or is_remote(as_uri(out)) or any(special(p) for p in inputs)
+    if engine not in ENGINES:
+        raise UsageError(f"--engine {engine!r}: use one of {', '.join(ENGINES)}")
+    if engine == "ray":
+        require_ray()  # one line saying what to install, before the model is loaded
+    wanted = engine != "local" or is_parquet(out) or is_remote(as_uri(out)) or any(special(p) for p in inputs)
+    if wanted:
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise UsageError('tar shards, tables, .parquet and s3:// need pyarrow: pip install "capcli[ray]" (or '
+                             "pip install pyarrow)") from None
+    return wanted
 
 
 def check_job_options(attention_maps: Any, publishing: bool) -> None:
