@@ -184,3 +184,20 @@ def test_killed_job_resumed_recomputes_only_the_rest(tmp_path, example_photos, c
     s = run_caption_job(captioner, CaptionJob([shard], out, SearchOptions(batch_size=2), resume=True))
     assert (s.captioned, s.skipped) == (12, 8)
     assert sorted(r["path"] for r in read_parquet_records(out)) == sorted(keys)
+
+
+def test_cli_captions_a_tar_into_parquet(tmp_path, example_photos):
+    from typer.testing import CliRunner
+
+    from capcli.cli import app
+
+    shard = tmp_path / "00000.tar"
+    keys = make_shard(shard, example_photos[:2])
+    out = tmp_path / "caps.parquet"
+    r = CliRunner().invoke(app, ["caption", str(shard), "-o", str(out), "--device", "cpu"], prog_name="capcli")
+    assert r.exit_code == 0, r.output
+    assert "captioned 2, failed 0" in r.output
+    assert sorted(x["path"] for x in read_parquet_records(str(out))) == keys
+    r = CliRunner().invoke(app, ["caption", str(shard), "-o", str(out), "--attention-maps", str(tmp_path / "m")],
+                           prog_name="capcli")
+    assert r.exit_code == 2 and "--attention-maps works with photo folders" in r.output
