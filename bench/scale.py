@@ -11,7 +11,8 @@ shards of 1000 photos written first, as img2dataset's output is read). For each 
   apart: Ray's start, the actors' model load and the first batch);
 - start-up: ``ray.init`` of a local Ray (reported apart), and the time to the first records;
 - CPU-seconds per photo: user + system CPU of this process and every process it started (the Ray nodes, their
-  workers), read from /proc just before Ray stops.
+  workers), read from /proc as records arrive and at the end, before Ray stops (a process that ended since
+  counts what it had used when last seen).
 
 The last line is ``ratio X.XX``: Ray's steady-state photos/s over the local engine's (target >= 0.6, goal 0.8).
 The machine should be quiet: another job on its cores changes every figure.
@@ -35,8 +36,9 @@ from capcli.progress import Progress  # noqa: E402
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """User + system CPU of ``root`` and its live descendants, and of their reaped children."""
+def tree_cpu(root: int, seen: dict[int, float]) -> float:
+    """User + system CPU of ``root``, its live descendants and their reaped children; ``seen`` keeps each
+    process's latest figure, so a process gone since (an actor Ray ended) still counts what it used."""
     parents: dict[int, int] = {}
     times: dict[int, float] = {}
     for entry in os.listdir("/proc"):
@@ -48,18 +50,20 @@ def tree_cpu_seconds(root: int) -> float:
             continue
         parents[int(entry)] = int(fields[1])
         times[int(entry)] = sum(int(x) for x in fields[11:15]) / TICK  # utime stime cutime cstime
-    total, todo = 0.0, [root]
+    todo = [root]
     while todo:
         pid = todo.pop()
-        total += times.get(pid, 0.0)
+        seen[pid] = max(seen.get(pid, 0.0), times.get(pid, 0.0))
         todo += [p for p, parent in parents.items() if parent == pid]
-    return total
+    return sum(seen.values())
 
 
 class Clock(Progress):
     """When the first records reached the writer, and how many; the time of the last."""
 
     def __init__(self) -> None:
+        self.procs: dict[int, float] = {}
+        self.cpu0 = tree_cpu(os.getpid(), self.procs)
         self.t0 = time.perf_counter()
         self.first: tuple[float, int] | None = None
         self.last = self.t0
@@ -69,11 +73,12 @@ class Clock(Progress):
     def advance(self, n: int = 1, **fields: object) -> None:
         self.n += n
         self.last = time.perf_counter()
+        tree_cpu(os.getpid(), self.procs)
         if self.first is None:
             self.first = (self.last, self.n)
 
     def done(self) -> None:
-        self.cpu_end = tree_cpu_seconds(os.getpid())  # before Ray stops: its processes still count
+        self.cpu_end = tree_cpu(os.getpid(), self.procs) - self.cpu0  # before Ray stops its processes
 
     def steady(self) -> float:
         t1, n1 = self.first or (self.t0, 0)
@@ -99,10 +104,8 @@ def run(engine: str, inputs: list, args: argparse.Namespace, captioner: object) 
     ray_opts = RayOptions(workers=args.workers, threads=args.threads, decode_threads=args.decode_threads)
     with tempfile.TemporaryDirectory() as tmp:
         clock = Clock()
-        cpu0 = tree_cpu_seconds(os.getpid())
         s = run_caption_job(captioner, CaptionJob(inputs, f"{tmp}/out.parquet", SearchOptions(
             batch_size=args.batch_size), engine=engine, ray=ray_opts, threads=args.decode_threads), clock)
-        clock.cpu_end -= cpu0
         wall = time.perf_counter() - clock.t0
         first = (clock.first[0] - clock.t0) if clock.first else float("nan")
         print(f"{engine:5s}: {s.captioned} captioned, {s.failed} failed in {wall:.1f} s; first records after "

@@ -577,7 +577,7 @@ def caption(
             captioner, paths, out, engine=engine, workers=workers, gpus_per_worker=gpus_per_worker, address=address,
             beam=beam, top_k=top_k, max_len=max_len, batch_size=batch_size, length_penalty=length_penalty,
             recursive=recursive, resume=resume, shard=shard_ij, device=device, precision=precision,
-            grounding=grounding, attention_maps=attention_maps, publishing=request.wanted, progress=RichProgress()),
+            attention_maps=attention_maps, publishing=request.wanted, progress=RichProgress()),
             out, strict)
     try:
         s = caption_files(captioner, paths, out, beam_size=beam, batch_size=batch_size,

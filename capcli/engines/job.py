@@ -42,9 +42,7 @@ class CaptionJob:
     resume: bool = False
     shard: tuple[int, int] | None = None
     threads: int = 2  # local engine: decoding threads
-    device: str = "auto"  # the Ray actors' (the local engine uses the Captioner's)
-    precision: str = "auto"
-    grounding: str = "auto"
+    precision: str = "auto"  # as asked (Ray's GPU actors resolve it themselves; CPU actors take the driver's choice)
     part_rows: int = 1000  # .parquet: records per part
 
 
@@ -97,7 +95,9 @@ def _records(captioner: Any, job: CaptionJob, todo: list[tuple[Unit, frozenset[s
         try:
             # the precision this machine resolved, so every node searches alike (a GPU resolves its own)
             precision = job.precision if job.ray.gpus_per_worker else captioner.precision
-            yield from caption_ray(captioner, todo, job.shard, job.options, provenance, job.ray, device=job.device,
+            # an actor runs where Ray puts it: on a GPU it was given one (--gpus-per-worker), else on its CPUs
+            device = "cuda" if job.ray.gpus_per_worker else "cpu"
+            yield from caption_ray(captioner, todo, job.shard, job.options, provenance, job.ray, device=device,
                                    precision=precision, grounding="auto" if captioner.grounder else "off")
         finally:
             stop_ray(started)
@@ -202,7 +202,7 @@ def check_job_options(attention_maps: Any, publishing: bool) -> None:
 def caption_job_command(captioner: Any, inputs: Sequence[str | Path], out: str | Path, *, engine: str,
                         workers: int | None, gpus_per_worker: float, address: str | None, beam: int, top_k: int,
                         max_len: int, batch_size: int, length_penalty: float, recursive: bool, resume: bool,
-                        shard: tuple[int, int] | None, device: str, precision: str, grounding: str,
+                        shard: tuple[int, int] | None, device: str, precision: str,
                         attention_maps: Any, publishing: bool, progress: Progress) -> Any:
     """``capcli caption``'s options as a :class:`CaptionJob`, run (the CLI's one call into this module)."""
     from ..samples import as_uri
@@ -210,8 +210,10 @@ def caption_job_command(captioner: Any, inputs: Sequence[str | Path], out: str |
     check_job_options(attention_maps, publishing)
     options = SearchOptions(beam_size=beam, max_len=max_len, top_k=top_k, length_penalty=length_penalty,
                             batch_size=batch_size)
+    if engine == "ray" and device.startswith("cuda") and not gpus_per_worker:
+        gpus_per_worker = 1.0  # --device cuda: GPU actors, one GPU each
     ray = RayOptions(address=address, workers=workers if engine == "ray" else None, gpus_per_worker=gpus_per_worker)
     job = CaptionJob([as_uri(p) for p in inputs], as_uri(out), options, engine=engine, ray=ray, recursive=recursive,
                      resume=resume, shard=shard, threads=2 if workers is None or engine == "ray" else max(workers, 1),
-                     device=device, precision=precision, grounding=grounding)
+                     precision=precision)
     return run_caption_job(captioner, job, progress)

@@ -30,7 +30,7 @@ from ..samples import Sample, Unit, is_remote, read_unit, with_bytes
 from .base import Provenance, SearchOptions, caption_samples
 
 RAY_PIN = "ray[data]>=2.60,<2.61"
-BLOCK_BYTES = 4 << 20
+BLOCK_BYTES = 1 << 20
 INSTALL = 'the Ray engine needs Ray: pip install "capcli[ray]" (or: pip install "ray[data]==2.60.*" pyarrow)'
 
 
@@ -156,7 +156,7 @@ def caption_ray(captioner: Any, units: Sequence[tuple[Unit, frozenset[str]]], sh
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # capcli shows the whole job's progress itself
     ctx.print_on_execution_start = False
-    # Blocks of a few MB (~100 photos) rather than Ray's 128 MB: one actor task captions one block, so small blocks
+    # Blocks of 1 MB (~50 small JPEGs) rather than Ray's 128 MB: one actor task captions one block, so small blocks
     # let an actor decode one while it captions another, and stream records (and progress) as they are done.
     ctx.target_max_block_size = BLOCK_BYTES
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -176,7 +176,7 @@ def caption_ray(captioner: Any, units: Sequence[tuple[Unit, frozenset[str]]], sh
     ds = ds.map_batches(
         CaptionActor, batch_size=options.batch_size, batch_format="numpy", zero_copy_batch=True, compute=pool,
         num_cpus=threads, num_gpus=opts.gpus_per_worker or None,
-        fn_constructor_kwargs=dict(model=[model], name=source.name, device="cuda" if opts.gpus_per_worker else device,
+        fn_constructor_kwargs=dict(model=[model], name=source.name, device=device,
                                    precision=precision, grounding=grounding, options=options, provenance=provenance,
                                    threads=threads, decode_threads=opts.decode_threads))
     try:
