@@ -2,8 +2,8 @@
 one record per sample out, failures as records (an engine never raises for one photo).
 
 Both engines (``local``: this process; ``ray``: actors of a Ray cluster) caption through :func:`caption_samples`,
-so they give the same captions key for key. Photos are decoded (no larger than the encoder needs) in a few
-threads beside the encoder, then captioned by ``Captioner.caption_images``.
+so they give the same captions key for key. Photos are decoded (no larger than the encoder needs) and resized in
+a few threads beside the encoder, then encoded and searched as ``Captioner.caption_paths`` does.
 """
 
 from __future__ import annotations
@@ -55,17 +55,19 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode_sample(sample: Sample, size: int) -> Any:
-    """A sample's photo as an upright RGB PIL image no smaller than ``size``, or the reason it has none (str)."""
+def decode_sample(sample: Sample, spec: Any) -> Any:
+    """A sample's photo as the encoder's input (``spec.preprocess``: upright, RGB, resized, a uint8 (3, S, S)
+    tensor), or the reason it has none (str). Pure PIL and numpy: cheap in a decoding thread."""
     if sample.error is not None:
         return sample.error
     name = posixpath.basename(sample.key) or sample.key
+    size = spec.input_size
     try:
         if sample.data is not None and posixpath.splitext(name)[1].lower() in RAW_EXTENSIONS:
-            return _raw_from_bytes(sample.data, name, size)
+            return spec.preprocess(_raw_from_bytes(sample.data, name, size))
         if sample.data is not None:
-            return decode_image(io.BytesIO(sample.data), name, size)
-        return load_image(sample.path or "", size)
+            return spec.preprocess(decode_image(io.BytesIO(sample.data), name, size))
+        return spec.preprocess(load_image(sample.path or "", size))
     except ImageError as e:
         text = str(e)
         return text[len(name) + 2:] if text.startswith(f"{name}: ") else text
@@ -95,19 +97,35 @@ def record_of(sample: Sample, result: dict[str, Any] | str, provenance: Provenan
     return rec
 
 
+def encode_and_search(captioner: Any, images: Sequence[Any], options: SearchOptions) -> list[dict[str, Any]]:
+    """Decoded photos ((3, S, S) uint8 tensors) -> one record each, as ``Captioner.caption_paths`` runs them:
+    stacked channels-last (the encoder's faster layout), encoded ``batch_size`` at a time, then one batched
+    search over them all (bigger products: faster per photo). The one place the engines reach into the
+    Captioner (its ``caption_bytes`` to come takes this place)."""
+    import numpy as np
+    import torch
+
+    encoded = []
+    for s in range(0, len(images), options.batch_size):
+        chunk = images[s: s + options.batch_size]
+        batch = torch.from_numpy(np.stack([t.permute(1, 2, 0).numpy() for t in chunk])).permute(0, 3, 1, 2)
+        encoded.append(captioner._encode(batch))
+    feats = torch.cat([f for f, _ in encoded])
+    plans = None if captioner.grounder is None else [p for _, ps in encoded for p in ps or []]
+    return captioner._decode(feats, plans, options.beam_size, options.max_len, options.top_k,
+                             options.length_penalty, False)
+
+
 def caption_samples(captioner: Any, samples: Sequence[Sample], options: SearchOptions, provenance: Provenance,
                     decoded: Sequence[Any] | None = None) -> list[dict[str, Any]]:
     """One record per sample, in order. ``decoded``: what :func:`decode_sample` gave for each sample, when the
     caller decoded them beforehand (in threads, overlapping the previous batch); else they are decoded here."""
-    size = captioner.spec.input_size
-    images = list(decoded) if decoded is not None else [decode_sample(s, size) for s in samples]
+    images = list(decoded) if decoded is not None else [decode_sample(s, captioner.spec) for s in samples]
     ok = [i for i, im in enumerate(images) if not isinstance(im, str)]
     results: list[dict[str, Any] | str] = list(images)
     if ok:
         try:
-            done = captioner.caption_images([images[i] for i in ok], beam_size=options.beam_size,
-                                            max_len=options.max_len, top_k=options.top_k,
-                                            length_penalty=options.length_penalty, batch_size=options.batch_size)
+            done = encode_and_search(captioner, [images[i] for i in ok], options)
         except Exception as e:  # noqa: BLE001 - a batch the model cannot take: its rows say why, the job goes on
             done = [f"cannot caption ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"] * len(ok)
         for i, rec in zip(ok, done, strict=True):

@@ -18,7 +18,7 @@ GROUP_BATCHES = 4  # encoder batches per captioning call: decoding of the next g
 def caption_local(captioner: Any, samples: Iterable[Sample], options: SearchOptions, provenance: Provenance,
                   threads: int = 2) -> Iterator[list[dict[str, Any]]]:
     """Records of ``samples``, a list per group of ``GROUP_BATCHES x batch_size`` samples, in input order."""
-    size = captioner.spec.input_size
+    spec = captioner.spec
     group = options.batch_size * GROUP_BATCHES
     it = iter(samples)
     pool = ThreadPoolExecutor(max(threads, 1), thread_name_prefix="capcli-decode")
@@ -27,7 +27,7 @@ def caption_local(captioner: Any, samples: Iterable[Sample], options: SearchOpti
     def submit() -> None:
         chunk = list(islice(it, group))
         if chunk:
-            ahead.append((chunk, [pool.submit(decode_sample, s, size) for s in chunk]))
+            ahead.append((chunk, [pool.submit(decode_sample, s, spec) for s in chunk]))
 
     try:
         submit()

@@ -5,7 +5,8 @@
   this machine's disk are read on this machine's node; ``s3://`` units anywhere.
 - caption: ``map_batches`` with :class:`CaptionActor`, a pool of ``workers`` actors. Each loads the model once,
   from its bytes in Ray's object store (a node needs no copy of a local checkpoint), decodes its batch in threads
-  while the previous batch is encoded (two batches in flight per actor, the model behind a lock), and returns one
+  while the previous batch is encoded (two batches in flight per actor, the model behind a lock; a batch is
+  ``GROUP_BATCHES`` encoder batches, searched at once as the local engine does), and returns one
   JSON record per row: a photo that fails is an error row, never an exception (an exception aborts a Ray job).
 - write: the driver, the output's one writer, iterates the results and writes them as they come.
 
@@ -28,6 +29,7 @@ from typing import Any
 from ..errors import CapcliError
 from ..samples import Sample, Unit, is_remote, read_unit, with_bytes
 from .base import Provenance, SearchOptions, caption_samples
+from .local import GROUP_BATCHES
 
 RAY_PIN = "ray[data]>=2.60,<2.61"
 BLOCK_BYTES = 1 << 20
@@ -129,8 +131,8 @@ class CaptionActor:
         samples = [Sample(str(k), str(s), bytes(d) if len(d) else None, str(p) or None, str(e) or None)
                    for k, s, d, p, e in zip(batch["key"], batch["source"], batch["data"], batch["path"],
                                             batch["error"], strict=True)]
-        size = self.captioner.spec.input_size
-        decoded = [f.result() for f in [self.pool.submit(decode_sample, s, size) for s in samples]]
+        spec = self.captioner.spec
+        decoded = [f.result() for f in [self.pool.submit(decode_sample, s, spec) for s in samples]]
         with self.model_lock:
             records = caption_samples(self.captioner, samples, self.options, self.provenance, decoded=decoded)
         return {"record": [json.dumps(r, ensure_ascii=False) for r in records]}
@@ -174,8 +176,8 @@ def caption_ray(captioner: Any, units: Sequence[tuple[Unit, frozenset[str]]], sh
     pool = ray.data.ActorPoolStrategy(size=_pool_size(opts, threads), max_concurrent_calls_per_actor=2,
                                       enable_true_multi_threading=True)
     ds = ds.map_batches(
-        CaptionActor, batch_size=options.batch_size, batch_format="numpy", zero_copy_batch=True, compute=pool,
-        num_cpus=threads, num_gpus=opts.gpus_per_worker or None,
+        CaptionActor, batch_size=options.batch_size * GROUP_BATCHES, batch_format="numpy", zero_copy_batch=True,
+        compute=pool, num_cpus=threads, num_gpus=opts.gpus_per_worker or None,
         fn_constructor_kwargs=dict(model=[model], name=source.name, device=device,
                                    precision=precision, grounding=grounding, options=options, provenance=provenance,
                                    threads=threads, decode_threads=opts.decode_threads))
