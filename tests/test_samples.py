@@ -23,6 +23,7 @@ from capcli.parquet_out import ParquetWriter, read_parquet_records  # noqa: E402
 from capcli.samples import Unit, list_units, read_unit, split_member  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "photos"
 
 
 def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -201,3 +202,17 @@ def test_cli_captions_a_tar_into_parquet(tmp_path, example_photos):
     r = CliRunner().invoke(app, ["caption", str(shard), "-o", str(out), "--attention-maps", str(tmp_path / "m")],
                            prog_name="capcli")
     assert r.exit_code == 2 and "--attention-maps works with photo folders" in r.output
+
+
+def test_job_gives_caption_paths_captions(tmp_path, example_photos, captioner):
+    """The job path (any input kind, either engine) captions as capcli caption always did, record for record."""
+    want = {Path(r["path"]).name: r for r in captioner.caption_paths(example_photos)}
+    out = tmp_path / "caps.jsonl"
+    s = run_caption_job(captioner, CaptionJob([EXAMPLES], str(out)))
+    assert (s.captioned, s.failed) == (len(example_photos), 0)
+    got = {r["path"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(got) == set(want)
+    for name, rec in want.items():
+        assert (got[name]["caption"], got[name]["logprob"], got[name]["labels"], got[name].get("confidence")) == (
+            rec["caption"], rec["logprob"], rec["labels"], rec.get("confidence")), name
+        assert got[name]["source"] == str(EXAMPLES) and got[name]["model"] == "flickr8k-attention.pt"
