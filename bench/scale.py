@@ -14,7 +14,9 @@ shards of 1000 photos written first, as img2dataset's output is read). For each 
   workers), read from /proc as records arrive and at the end, before Ray stops (a process that ended since
   counts what it had used when last seen).
 
-The last line is ``ratio X.XX``: Ray's steady-state photos/s over the local engine's (target >= 0.6, goal 0.8).
+The last line is ``ratio X.XX``: Ray's steady-state photos/s over the local engine's (target >= 0.6, goal 0.8);
+with few photos Ray may hand all records over at the end, and then the whole job's rate (its actors' start-up
+included) stands in: use ``--n 1000`` or more.
 The machine should be quiet: another job on its cores changes every figure.
 """
 
@@ -81,8 +83,15 @@ class Clock(Progress):
         self.cpu_end = tree_cpu(os.getpid(), self.procs) - self.cpu0  # before Ray stops its processes
 
     def steady(self) -> float:
+        """Photos/s after the first records; the whole job's rate when the records came in one burst (Ray can
+        hand a small job's records over together at its end: then there is no steady state to see)."""
         t1, n1 = self.first or (self.t0, 0)
-        return (self.n - n1) / (self.last - t1) if self.last > t1 else 0.0
+        if self.n - n1 < self.n / 2 or self.last - t1 < 1.0:
+            return self.whole()
+        return (self.n - n1) / (self.last - t1)
+
+    def whole(self) -> float:
+        return self.n / (self.last - self.t0) if self.last > self.t0 else 0.0
 
 
 def write_shards(photos: list[Path], folder: Path, per_shard: int = 1000) -> list[Path]:
@@ -109,8 +118,8 @@ def run(engine: str, inputs: list, args: argparse.Namespace, captioner: object) 
         wall = time.perf_counter() - clock.t0
         first = (clock.first[0] - clock.t0) if clock.first else float("nan")
         print(f"{engine:5s}: {s.captioned} captioned, {s.failed} failed in {wall:.1f} s; first records after "
-              f"{first:.1f} s; steady {clock.steady():.1f} photos/s; {clock.cpu_end / max(clock.n, 1) * 1000:.0f} "
-              f"CPU-ms/photo", flush=True)
+              f"{first:.1f} s; steady {clock.steady():.1f} photos/s; whole job {clock.whole():.1f} photos/s; "
+              f"{clock.cpu_end / max(clock.n, 1) * 1000:.0f} CPU-ms/photo", flush=True)
     return clock
 
 
