@@ -545,7 +545,7 @@ def caption(
         "--min-confidence", help="Keep records whose confidence is below this out of metadata and sidecars "
         "(they stay in the output, marked low_confidence).")] = None,
     engine: Annotated[str, typer.Option(help="local (this process) | ray (a Ray cluster: --address or RAY_ADDRESS, "
-                                        "else a local Ray started and stopped here; pip install \"capcli[ray]\").")
+                                        "else a local Ray started and stopped here; pip install \"capcli\\[ray]\").")
                       ] = "local",
     gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", min=0.0, help="Ray engine: GPUs per "
                                                    "captioning actor (0: CPU actors).")] = 0.0,
