@@ -134,7 +134,7 @@ def _ours(path: Path, out: Path) -> bool:
     return os.path.realpath(path.parent) == os.path.realpath(out.parent)
 
 
-def _left_out(left_out: LeftOut, items: Sequence[InputFile], out: Path) -> CaptionSummary:
+def left_out_summary(left_out: LeftOut, items: Sequence[InputFile], out: Path) -> CaptionSummary:
     """A summary counting what the folders left out: the output and the photos' sidecars are not counted (the
     ``.xmp`` and ``.txt`` files ``--sidecar`` writes: ``a.xmp``, ``a.jpg.xmp``, ``a.txt``)."""
     sidecars = {sidecar_path(it.path, "xmp", n) for it in items for n in SIDECAR_NAMINGS}
@@ -179,7 +179,7 @@ def caption_files(captioner: Captioner, inputs: Sequence[str | Path], out: str |
     opts = captioner.search_options(beam_size, max_len, top_k, length_penalty)
     left_out = LeftOut()
     inputs_found = collect_inputs(inputs, recursive, left_out)
-    summary = _left_out(left_out, inputs_found, out)
+    summary = left_out_summary(left_out, inputs_found, out)
     if not inputs_found:
         said = [summary.left_out_text().removeprefix(", "), "" if recursive else "use --recursive for subfolders"]
         raise UsageError(f"no image files found in {', '.join(display(str(p)) for p in inputs)}"

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 
-from .checkpoint import load_checkpoint
+from .checkpoint import Checkpoint
 from .confidence import ConfidenceModel, evidence_of, for_checkpoint
 from .encoders import Encoder, create_encoder, get_spec
 from .errors import CapcliError, CheckpointError, ImageError, UsageError
@@ -128,25 +128,25 @@ class Captioner:
         """
         dev = _device(device)
         path = _checkpoint_path(checkpoint)
-        ckpt = load_checkpoint(path)
+        ckpt = Checkpoint.load(path)
         try:
-            vocab = Vocabulary.from_dict(ckpt["vocab"])
+            vocab = Vocabulary.from_dict(ckpt.vocab)
         except CapcliError as e:
             raise CheckpointError(f"{path}: {e}") from None
-        model = build(ckpt["config"])
+        model = build(ckpt.config)
         try:
-            model.load_state_dict(ckpt["model"])
+            model.load_state_dict(ckpt.model)
         except (RuntimeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: the model weights do not fit its config ({str(e).splitlines()[0]})") from e
-        spec = get_spec(ckpt["encoder"]["name"])
-        dim = ckpt["config"].get("feature_dim")
+        spec = get_spec(ckpt.encoder_name)
+        dim = ckpt.config.get("feature_dim")
         if dim is not None and dim != spec.feature_dim:
             raise CheckpointError(
                 f"{path}: the model expects {dim}-d features but {spec.name} gives {spec.feature_dim}")
         encoder = create_encoder(spec.name)
-        if ckpt.get("encoder_state"):
+        if ckpt.encoder_state:
             try:
-                encoder.load_state_dict(ckpt["encoder_state"])
+                encoder.load_state_dict(ckpt.encoder_state)
             except (RuntimeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{path}: its fine-tuned encoder weights do not fit {spec.name}") from e
             grounding = "off"
@@ -250,15 +250,25 @@ class Captioner:
                 tensors[i] = self.spec.preprocess(img)
             except ImageError as e:
                 errors.append((i, str(e).removeprefix(f"image {i}: ")))
-        group: list[_Encoded] = [([], errors, None)]
+        records = dict(zip(tensors, self.caption_tensors(list(tensors.values()), opts, batch_size, search_batch),
+                           strict=True))
+        records.update((i, {"error": err}) for i, err in errors)
+        return [records[i] for i in range(len(images))]
+
+    def caption_tensors(self, images: Sequence[torch.Tensor], options: SearchOptions, batch_size: int = 32,
+                        search_batch: int = SEARCH_BATCH) -> list[dict[str, Any]]:
+        """Caption photos already decoded and resized (``spec.preprocess``: uint8 (3, S, S) each): one record per
+        image, in order, encoded ``batch_size`` at a time (stacked channels-last, as the batch source stacks them)
+        and searched about ``search_batch`` at a time, as :meth:`caption_paths` does."""
+        group: list[_Encoded] = []
         records: list[tuple[int, dict[str, Any]]] = []
-        ids = list(tensors)
-        for s in range(0, len(ids), batch_size):
-            chunk = ids[s: s + batch_size]
-            group.append((chunk, [], self._encode(torch.stack([tensors[i] for i in chunk]))))
-            if sum(len(c) for c, _, f in group if f is not None) >= search_batch:
-                records += self._search_group(group, opts, False)
-        records += self._search_group(group, opts, False)
+        for s in range(0, len(images), batch_size):
+            ids = list(range(s, min(s + batch_size, len(images))))
+            batch = torch.stack([images[i].permute(1, 2, 0) for i in ids]).permute(0, 3, 1, 2)  # (B, 3, S, S)
+            group.append((ids, [], self._encode(batch)))
+            if sum(len(c) for c, _, _ in group) >= search_batch:
+                records += self._search_group(group, options, False)
+        records += self._search_group(group, options, False)
         return [rec for _, rec in sorted(records, key=lambda ir: ir[0])]
 
     def _search_group(self, group: list[_Encoded], opts: SearchOptions,

@@ -282,8 +282,10 @@ def features(
     out: Annotated[Path | None, typer.Option(help="Output folder (default: ROOT/features/DATASET/ENCODER).")] = None,
     shard_size: Annotated[int, typer.Option(min=1, help="Images per HDF5 shard.")] = 1000,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder forward pass.")] = 32,
-    workers: Annotated[int, typer.Option(min=0, help="Image decoders working beside the encoder (threads on "
-                                         "the CPU, processes with CUDA; 0: decode in turn).")] = 2,
+    workers: Annotated[int | None, typer.Option(min=0, help="Image decoders working beside the encoder (threads "
+                                                "on the CPU, processes with CUDA; 0: decode in turn; default 2). "
+                                                "--engine ray: captioning actors (default: sized to the cluster).")
+                       ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     weights: Annotated[Path | None, typer.Option(help="Encoder weights file (torchvision state dict).")] = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Extract the shards with unreadable images "
@@ -456,8 +458,10 @@ def caption(
         float, typer.Option("--length-penalty", min=0.0, help="Rank beams by logprob / len^ALPHA (0 = raw; 0-5).")
     ] = 0.0,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 32,
-    workers: Annotated[int, typer.Option(min=0, help="Image decoders working beside the encoder (threads on "
-                                         "the CPU, processes with CUDA; 0: decode in turn).")] = 2,
+    workers: Annotated[int | None, typer.Option(min=0, help="Image decoders working beside the encoder (threads "
+                                                "on the CPU, processes with CUDA; 0: decode in turn; default 2). "
+                                                "--engine ray: captioning actors (default: sized to the cluster).")
+                       ] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into subfolders.")] = False,
     attention_maps: Annotated[
         Path | None, typer.Option("--attention-maps", help="Write a PNG per image: where each word looked.")
@@ -492,23 +496,46 @@ def caption(
     min_confidence: Annotated[float | None, typer.Option(
         "--min-confidence", help="Keep records whose confidence is below this out of metadata and sidecars "
         "(they stay in the output, marked low_confidence).")] = None,
+    engine: Annotated[str, typer.Option(help="local (this process) | ray (a Ray cluster: --address or RAY_ADDRESS, "
+                                        "else a local Ray started and stopped here; pip install \"capcli\\[ray]\").")
+                      ] = "local",
+    gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", min=0.0, help="Ray engine: GPUs per "
+                                                   "captioning actor (0: CPU actors).")] = 0.0,
+    address: Annotated[str | None, typer.Option(help="Ray engine: the cluster to join (auto, HOST:6379, "
+                                                "ray://HOST:10001; default: RAY_ADDRESS).")] = None,
 ) -> None:
-    """Caption photos: files and folders in, one record per image out (caption, logprob, labels, or error)."""
+    """Caption photos: files and folders in, one record per image out (caption, logprob, labels, or error).
+
+    Also webdataset tar shards and parquet/CSV tables of photo paths or bytes, local or s3://, into .parquet."""
     from .caption import caption_files, parse_shard
     from .captioner import Captioner
+    from .engines.job import wants_job
     from .outputs import output_format
     from .publish import PublishRequest
 
-    output_format(out)  # fail on a bad -o before loading anything
+    job = wants_job(paths, out, engine)
+    if not job:
+        output_format(out)  # fail on a bad -o before loading anything
     shard_ij = parse_shard(shard) if shard is not None else None
     request = PublishRequest(sidecars=tuple(sidecar or ()), embed=embed, naming=sidecar_name, overwrite=overwrite,
                              dry_run=dry_run, html=html, min_confidence=min_confidence)
-    request.check(out, paths, recursive)
+    if not job:
+        request.check(out, paths, recursive)
     captioner = Captioner.load(model, device=device, precision=precision, grounding=grounding)
     console.print(f"model {escape(display(str(captioner.source)))}, search precision {captioner.precision}"
                   + (" (auto)" if precision == "auto" else ""), highlight=False, soft_wrap=True)
+    if job:
+        from .engines.job import caption_job_command
+
+        return _caption_job_summary(caption_job_command(
+            captioner, paths, out, engine=engine, workers=workers, gpus_per_worker=gpus_per_worker, address=address,
+            beam=beam, top_k=top_k, max_len=max_len, batch_size=batch_size, length_penalty=length_penalty,
+            recursive=recursive, resume=resume, shard=shard_ij, device=device, precision=precision,
+            attention_maps=attention_maps, publishing=request.wanted, progress=RichProgress()),
+            out, strict)
     try:
-        s = caption_files(captioner, paths, out, beam_size=beam, batch_size=batch_size, workers=workers,
+        s = caption_files(captioner, paths, out, beam_size=beam, batch_size=batch_size,
+                          workers=2 if workers is None else workers,
                           max_len=max_len, top_k=top_k, length_penalty=length_penalty, recursive=recursive,
                           attention_maps=attention_maps, resume=resume, shard=shard_ij, keep_records=request.wanted,
                           progress=RichProgress())
@@ -521,6 +548,14 @@ def caption(
                 f"{s.n_unsupported} file(s) skipped as unsupported" if s.unsupported else "",
                 f"{n_publish_failed} metadata write(s) failed" if n_publish_failed else ""]
         _error(f"{' and '.join(w for w in what if w)} (--strict)")
+        raise typer.Exit(1)
+
+
+def _caption_job_summary(s: CaptionSummary, out: Path, strict: bool) -> None:
+    """The summary of a job run by capcli.engines.job (tars, tables, s3://, .parquet, --engine ray)."""
+    _caption_summary(s, out)
+    if strict and s.failed:
+        _error(f"{s.failed} image(s) failed (--strict)")
         raise typer.Exit(1)
 
 
