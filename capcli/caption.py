@@ -29,8 +29,9 @@ from .errors import ImageError, OutputError, UsageError
 from .images import load_image
 from .metadata import SIDECAR_NAMINGS, sidecar_path
 from .names import display, name_bytes, path_fields, record_key
-from .outputs import Found, Writer, open_writer, output_format
+from .outputs import Found, Writer, open_writer, output_format, read_records
 from .progress import NULL, Progress
+from .provenance import Provenance
 from .search import SearchOptions
 from .walk import InputFile, LeftOut, walk_folder
 
@@ -188,11 +189,14 @@ def caption_files(captioner: Captioner, inputs: Sequence[str | Path], out: str |
     if shard is not None:
         items = [it for it in inputs_found if in_shard(it.key, shard)]
         summary.outside_shard = len(inputs_found) - len(items)
+    made_by = Provenance.of(captioner, beam_size, max_len, top_k, length_penalty)
     with lock.output(out):
+        if resume and out.is_file():
+            made_by.check_resume(read_records(out), str(out))
         writer = open_writer(out, resume)
         records = _caption_into(captioner, items, writer, summary, _Run(
-            opts, batch_size, workers, Path(attention_maps) if attention_maps is not None else None, keep_records),
-            progress)
+            opts, made_by, batch_size, workers, Path(attention_maps) if attention_maps is not None else None,
+            keep_records), progress)
     if records is not None:
         by_key = {record_key(r): r for r in records}  # (a photo's record as --resume matches it)
         summary.output = Captioned(out, records, writer.found,
@@ -205,6 +209,7 @@ class _Run:
     """How one ``caption_files`` run captions."""
 
     opts: SearchOptions
+    made_by: Provenance  # on every record
     batch_size: int
     workers: int
     maps: Path | None  # the attention maps' folder
@@ -225,7 +230,7 @@ def _caption_into(captioner: Captioner, items: list[InputFile], writer: Writer, 
         records = captioner.caption_paths([it.path for it in todo], batch_size=run.batch_size, workers=run.workers,
                                           progress=progress, return_alphas=run.maps is not None, options=run.opts)
         for item, rec in zip(todo, records, strict=True):
-            rec = _record_of(item, rec, captioner, summary, run.maps, progress)
+            rec = {**_record_of(item, rec, captioner, summary, run.maps, progress), **run.made_by.fields()}
             writer.write(rec)
             if kept is not None:
                 kept.append(rec)

@@ -16,6 +16,7 @@ is read.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .checkpoint import Checkpoint
-from .confidence import ConfidenceModel, evidence_of, for_checkpoint
+from .confidence import ConfidenceModel, evidence_of, file_sha256, for_checkpoint
 from .encoders import Encoder, create_encoder, get_spec
 from .errors import CapcliError, CheckpointError, ImageError, UsageError
 from .familiar import Familiarity
@@ -155,6 +156,11 @@ class Captioner:
         if cap.grounder is not None:  # fitted on grounded captions (their labels are features)
             cap.confidence = for_checkpoint(path)
         return cap
+
+    @functools.cached_property
+    def checkpoint_sha256(self) -> str:
+        """The SHA-256 of the checkpoint file (records name their model by it); empty for a model not from a file."""
+        return file_sha256(self.source) if self.source is not None and Path(self.source).is_file() else ""
 
     @property
     def has_attention(self) -> bool:

@@ -467,6 +467,9 @@ def caption(
         Path | None, typer.Option("--attention-maps", help="Write a PNG per image: where each word looked.")
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Keep OUT's records; caption only the rest.")] = False,
+    create_dirs: Annotated[bool, typer.Option("--create-dirs", help="Create -o's missing folders (without it a "
+                                              "missing folder is an error, as a mistyped path usually is).")
+                           ] = False,
     shard: Annotated[
         str | None, typer.Option(help="I/N: caption only shard I (0..N-1) of N, split by a hash of the path.")
     ] = None,
@@ -510,12 +513,13 @@ def caption(
     from .caption import caption_files, parse_shard
     from .captioner import Captioner
     from .engines.job import wants_job
-    from .outputs import output_format
+    from .outputs import check_paths, output_format
     from .publish import PublishRequest
 
     job = wants_job(paths, out, engine)
     if not job:
         output_format(out)  # fail on a bad -o before loading anything
+    check_paths(paths, out, create_dirs)
     shard_ij = parse_shard(shard) if shard is not None else None
     request = PublishRequest(sidecars=tuple(sidecar or ()), embed=embed, naming=sidecar_name, overwrite=overwrite,
                              dry_run=dry_run, html=html, min_confidence=min_confidence)

@@ -38,9 +38,10 @@ from typing import Any
 from . import atomic, lock
 from .errors import OutputError, UsageError, os_reason
 from .names import display
+from .provenance import FIELDS as PROVENANCE
 
 CSV_FIELDS = ("path", "caption", "logprob", "error", "alternatives", "labels", "confidence", "low_confidence",
-              "path_bytes")  # path_bytes stays last (README)
+              "model", "model_sha256", "search", "path_bytes")  # path_bytes stays last (README)
 CSV_HEADER = ",".join(CSV_FIELDS) + "\n"
 BOM = "\ufeff"  # at the start of a UTF-8 file (Excel saves CSV with one)
 JSON_SAVE_EVERY_S = 30.0
@@ -134,6 +135,7 @@ def _csv_record(row: dict[str, str], extras: Sequence[str]) -> dict[str, Any] | 
     rec: dict[str, Any] = {"path": row["path"]}
     if row.get("path_bytes"):
         rec["path_bytes"] = row["path_bytes"]
+    made_by = {f: row[f] for f in PROVENANCE if row.get(f)}  # absent from older CSVs
     if row.get("error"):
         rec["error"] = row["error"]
     else:
@@ -150,6 +152,7 @@ def _csv_record(row: dict[str, str], extras: Sequence[str]) -> dict[str, Any] | 
                 rec["low_confidence"] = True
         except (ValueError, json.JSONDecodeError):
             return None
+    rec.update(made_by)
     rec.update((c, row[c]) for c in extras)
     return rec
 
@@ -249,7 +252,7 @@ def _csv_row(rec: dict[str, Any]) -> dict[str, Any]:
             "labels": json.dumps(rec["labels"], ensure_ascii=False) if rec.get("labels") else "",
             "confidence": rec.get("confidence", ""),
             "low_confidence": "true" if rec.get("low_confidence") is True else "",
-            "path_bytes": rec.get("path_bytes", "")}
+            **{f: rec.get(f, "") for f in PROVENANCE}, "path_bytes": rec.get("path_bytes", "")}
 
 
 def _csv_line(values: Sequence[Any] | dict[str, Any], columns: Sequence[str]) -> bytes:
@@ -374,6 +377,30 @@ class _JsonWriter(Writer):
 
     def close(self) -> None:
         self.save()
+
+
+def check_paths(inputs: Sequence[str | Path], out: str | Path, create_dirs: bool = False) -> None:
+    """Before anything is loaded: every input exists (an s3:// one is checked when read), and so does the folder
+    ``out`` goes in, unless ``create_dirs`` (then it is made). A mistyped path is one error line, not a folder
+    made at the root of the disk."""
+    for raw in inputs:
+        p = str(raw)
+        if "://" not in p and not os.path.lexists(p):
+            raise UsageError(f"no such file or folder: {display(p)}")
+    if "://" in str(out):
+        return
+    parent = Path(out).parent
+    if parent.is_dir():
+        return
+    if parent.exists():
+        raise UsageError(f"cannot write {display(str(out))}: {display(str(parent))} is not a folder")
+    if not create_dirs:
+        raise UsageError(f"cannot write {display(str(out))}: the folder {display(str(parent))} does not exist "
+                         "(create it, or add --create-dirs)")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {display(str(parent))}: {os_reason(e)}") from None
 
 
 def open_writer(out: Path, resume: bool = False) -> Writer:

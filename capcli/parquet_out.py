@@ -9,8 +9,8 @@ so a crash loses at most the part in flight and never leaves half a part.
 Columns: ``key`` (the sample's key; a photo file's relative path), ``key_bytes`` (base64 of a key that is not
 UTF-8, else null: :mod:`capcli.names`), ``source`` (the shard, table or folder), ``caption``, ``logprob``,
 ``confidence``, ``labels`` (list of {word, p}), ``alternatives`` (list of {caption, logprob}), ``error``, and the
-provenance: ``model``, ``model_sha256``, ``search`` (JSON of the search options, precision, grounding, capcli
-version). One row per input.
+provenance: ``model``, ``model_sha256``, ``search`` (:mod:`capcli.provenance`: the search options, precision,
+grounding, capcli version). One row per input.
 
 Resume: the key, source and error columns of every part are read; error rows are dropped by rewriting their part
 without them under the same name (atomically: the part is either the old one or the new one, so no crash can
@@ -28,6 +28,7 @@ from typing import Any
 
 from .errors import OutputError, UsageError
 from .names import display, record_key
+from .provenance import FIELDS as PROVENANCE
 from .samples import filesystem, is_remote
 
 PART = re.compile(r"^part-(\d{6})\.parquet$")
@@ -86,6 +87,7 @@ class ParquetWriter:
         self.rows: list[dict[str, Any]] = []
         self.safe = 0  # records in whole parts, this run's and the earlier ones kept
         self.kept = Kept()
+        self.made_by: list[dict[str, Any]] = []  # the provenance of each kept part (--resume compares it)
         info = self.fs.get_file_info(self.root)
         if info.type == pafs.FileType.File:
             raise UsageError(f"{display(out)} is a file; a .parquet output is a folder of parts (give a new name)")
@@ -125,6 +127,8 @@ class ParquetWriter:
                 self._put(name, good)
             else:
                 self.fs.delete_file(path)
+        if good.num_rows and all(f in good.column_names for f in PROVENANCE):
+            self.made_by.append({f: good[f][0].as_py() for f in PROVENANCE})  # one row's: a part is one run's
         for k, kb, s in zip(*(good[c].to_pylist() for c in ("key", "key_bytes", "source")), strict=True):
             self.kept.add(record_key({"path": k, "path_bytes": kb}), s or "")
         self.safe += good.num_rows

@@ -517,3 +517,29 @@ def test_caption_bytes_gives_the_records_caption_paths_gives(example_photos, cap
     assert captioner.caption_bytes([]) == []
     with pytest.raises(UsageError, match="--top-k 4"):
         captioner.caption_bytes(data, top_k=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_every_record_names_its_model_and_search_and_resume_refuses_another(tmp_path, example_photos, suffix):
+    """Records carry the model (file name, SHA-256 prefix) and the search settings; --resume with another model or
+    other settings is one error line naming the difference, and the output is left as it was."""
+    import hashlib
+
+    two = [str(p) for p in sorted(example_photos)[:2]]
+    out = tmp_path / f"out{suffix}"
+    r = CliRunner().invoke(app, ["caption", two[0], "-o", str(out)], prog_name="capcli")
+    assert r.exit_code == 0, r.output
+    (rec,) = read_records(out)
+    sha = hashlib.sha256(DEFAULT_MODEL.read_bytes()).hexdigest()[:12]
+    assert (rec["model"], rec["model_sha256"]) == ("flickr8k-attention.pt", sha)
+    assert rec["search"].startswith("beam=3 max_len=20 top_k=1 length_penalty=0 grounding=auto precision=")
+    before = out.read_bytes()
+    for extra, says in ((["--beam", "1"], "beam 3, this run 1"), (["--model", "basic"], "model flickr8k-attention.pt"),
+                        (["--grounding", "off"], "grounding auto, this run off")):
+        r = CliRunner().invoke(app, ["caption", *two, "-o", str(out), "--resume", *extra], prog_name="capcli")
+        assert r.exit_code == 2 and r.stderr.count("error:") == 1 and says in r.stderr, (extra, r.output)
+        assert out.read_bytes() == before
+    r = CliRunner().invoke(app, ["caption", *two, "-o", str(out), "--resume"], prog_name="capcli")
+    assert r.exit_code == 0, r.output
+    assert [x["search"] for x in read_records(out)] == [rec["search"]] * 2

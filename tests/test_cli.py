@@ -212,3 +212,19 @@ def test_outputs_that_are_folders_or_under_a_file_are_one_error_line(tmp_path, e
         assert "--resume" not in r.stderr  # resuming cannot mend a path
     assert not (tmp_path / "ok.json").exists()  # the --html folder was refused before any captioning
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_mistyped_path_is_one_error_line_before_the_model_loads(tmp_path, example_photos) -> None:
+    """-o in a folder that does not exist, or an input that does not exist: one error line, before the model is
+    loaded (no "model ..." line), and no folder made; --create-dirs makes -o's folders."""
+    photo = str(next(p for p in example_photos if p.name == "chelsea.jpg"))
+    missing = tmp_path / "no" / "such"
+    r = _run("caption", photo, "-o", str(missing / "x.json"))
+    assert r.exit_code == 2 and r.stderr.count("error:") == 1, r.output
+    assert "does not exist" in r.stderr and "--create-dirs" in r.stderr
+    assert "model " not in r.stdout and not (tmp_path / "no").exists()
+    r = _run("caption", str(tmp_path / "nophotos"), "-o", str(tmp_path / "x.json"))
+    assert r.exit_code == 2 and "no such file or folder" in r.stderr and "model " not in r.stdout, r.output
+    r = _run("caption", photo, "-o", str(missing / "x.json"), "--create-dirs", "--grounding", "off")
+    assert r.exit_code == 0, r.output
+    assert (missing / "x.json").is_file()

@@ -8,19 +8,17 @@ a few threads beside the encoder, then encoded and searched as ``Captioner.capti
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import os
 import posixpath
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-from .. import __version__
 from ..errors import ImageError
 from ..images import RAW_EXTENSIONS, decode_image, load_image
 from ..names import display, path_fields
+from ..provenance import Provenance
 from ..samples import Sample
 
 
@@ -35,26 +33,6 @@ class EngineOptions:
     top_k: int = 1
     length_penalty: float = 0.0
     batch_size: int = 32  # images per encoder batch
-
-
-@dataclass(frozen=True)
-class Provenance:
-    """What made a caption: the model file (name and SHA-256), the search, the capcli version."""
-
-    model: str
-    model_sha256: str
-    search: str  # JSON: the EngineOptions less batch_size, the precision and grounding used
-
-    @classmethod
-    def of(cls, model_name: str, model_bytes_sha256: str, options: EngineOptions, precision: str,
-           grounding: bool) -> Provenance:
-        search = {k: v for k, v in asdict(options).items() if k != "batch_size"}
-        search.update(precision=precision, grounding="auto" if grounding else "off", capcli=__version__)
-        return cls(model_name, model_bytes_sha256, json.dumps(search, sort_keys=True))
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def decode_sample(sample: Sample, spec: Any) -> Any:
@@ -95,7 +73,7 @@ def record_of(sample: Sample, result: dict[str, Any] | str, provenance: Provenan
         rec["error"] = display(result)
     else:
         rec.update(result)
-    rec.update(model=provenance.model, model_sha256=provenance.model_sha256, search=provenance.search)
+    rec.update(provenance.fields())
     return rec
 
 

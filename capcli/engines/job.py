@@ -11,7 +11,6 @@ resumed ends with every key exactly once.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,8 +22,9 @@ from ..errors import UsageError
 from ..names import display, record_key
 from ..parquet_out import Kept, ParquetWriter
 from ..progress import NULL, Progress
+from ..provenance import Provenance
 from ..samples import Unit, is_remote, list_units, read_unit
-from .base import EngineOptions, Provenance, sha256_bytes
+from .base import EngineOptions
 from .local import caption_local
 from .ray_engine import RayOptions, caption_ray, require_ray, start_ray, stop_ray
 
@@ -50,15 +50,19 @@ def is_parquet(out: str | Path) -> bool:
     return str(out).lower().rstrip("/").endswith(".parquet")
 
 
-def _open_writer(job: CaptionJob) -> tuple[Any, Kept]:
-    """The output's writer and what it holds already (captioned keys, by source)."""
+def _open_writer(job: CaptionJob, made_by: Provenance) -> tuple[Any, Kept]:
+    """The output's writer and what it holds already (captioned keys, by source); a resume of captions made
+    another way is refused."""
     if is_parquet(job.out):
         w = ParquetWriter(job.out, job.resume, part_rows=job.part_rows)
+        made_by.check_resume(w.made_by, job.out)
         return w, w.kept
     if is_remote(job.out):
         raise UsageError(f"{display(job.out)}: an s3:// output must be .parquet")
-    from ..outputs import open_writer
+    from ..outputs import open_writer, read_records
 
+    if job.resume and Path(job.out).is_file():
+        made_by.check_resume(read_records(job.out), job.out)
     w = open_writer(Path(job.out), job.resume)
     kept = Kept()
     for rec in w.kept:
@@ -83,9 +87,8 @@ def _todo(units: list[Unit], kept: Kept) -> tuple[list[tuple[Unit, frozenset[str
 
 
 def _provenance(captioner: Any, job: CaptionJob) -> Provenance:
-    source = Path(str(captioner.source))
-    digest = sha256_bytes(source.read_bytes()) if source.is_file() else hashlib.sha256(b"").hexdigest()
-    return Provenance.of(source.name, digest, job.options, captioner.precision, captioner.grounder is not None)
+    o = job.options
+    return Provenance.of(captioner, o.beam_size, o.max_len, o.top_k, o.length_penalty)
 
 
 def _records(captioner: Any, job: CaptionJob, todo: list[tuple[Unit, frozenset[str]]],
@@ -125,7 +128,7 @@ def run_caption_job(captioner: Any, job: CaptionJob, progress: Progress = NULL) 
         raise UsageError(f"no photos, tar shards or tables found in {', '.join(display(str(p)) for p in job.inputs)}")
     held = lock.output(job.out) if local_out else contextlib.nullcontext()
     with held:
-        writer, kept = _open_writer(job)
+        writer, kept = _open_writer(job, _provenance(captioner, job))
         todo, summary.skipped = _todo(listing.units, kept)
         total = sum(len(u.files) for u, _ in todo) if all(u.kind == "files" for u, _ in todo) else None
         _write_all(captioner, job, todo, writer, summary, total, progress)

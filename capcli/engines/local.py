@@ -9,8 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from typing import Any
 
+from ..provenance import Provenance
 from ..samples import Sample
-from .base import EngineOptions, Provenance, caption_samples, decode_sample
+from .base import EngineOptions, caption_samples, decode_sample
 
 GROUP_BATCHES = 4  # encoder batches per captioning call: decoding of the next group overlaps this one's
 

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CapcliError
+from ..provenance import Provenance
 from ..samples import Sample, Unit, is_remote, read_unit, with_bytes
-from .base import EngineOptions, Provenance, caption_samples
+from .base import EngineOptions, caption_samples
 from .local import GROUP_BATCHES
 
 RAY_PIN = "ray[data]>=2.60,<2.61"
