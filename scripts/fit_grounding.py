@@ -20,10 +20,12 @@ caption breaks its plan), read from the cached features instead of the photos. T
 quantities on capcli's Python tokenisation: BLEU-4 pooled over the photos (the "closest" reference length), CIDEr-D
 with document frequencies from the scored photos' references (capcli/cider.py), CHAIR_s (capcli/chair.py).
 
-The rule (``sweep``): starting from the shipped policy, each threshold in turn takes the value from its grid that
-gives the lowest CHAIR_s among the values whose BLEU-4 and CIDEr are not below the plain captions' on the pooled
-out-of-fold photos and on each fold alone; ties go to the value that changes fewer captions (the conservative one).
-Two passes. coco-mini is never read.
+The rule (``sweep``): starting from the shipped policy, each threshold in turn (``--params``, in order) takes the
+value from its grid that gives the lowest CHAIR_s among the values whose BLEU-4 and CIDEr are not below the plain
+captions' on the pooled out-of-fold photos and on each fold alone. CHAIR_s differences under ``CHAIR_TIE`` are
+ties, settled by the margin (the worse fold's CIDEr gain: the fold models are weaker than the shipped one, and
+grounding gains less on a stronger model), then by fewer captions changed. ``--passes 0`` shows each value alone.
+coco-mini is never read.
 """
 
 from __future__ import annotations
