@@ -570,8 +570,9 @@ def _caption_summary(s: CaptionSummary, out: Path) -> None:
                      s.left_out_text()])
     nothing = s.failed and not s.captioned and not s.skipped  # (on --resume the photos already done count)
     colour = "red" if nothing else "yellow" if s.failed or s.unsupported else "green"
-    console.print(f"[{colour}]captioned {s.captioned}, failed {s.failed}[/]{extra} in {s.seconds:.1f} s "
-                  f"({s.rate:.1f} img/s) -> {escape(display(str(out)))}", highlight=False, soft_wrap=True)
+    console.print(f"[{colour}]captioned {s.captioned}, failed {s.failed}[/]{extra} in {s.seconds:.1f} s of "
+                  f"captioning ({s.rate:.1f} img/s; the model's loading apart) -> {escape(display(str(out)))}",
+                  highlight=False, soft_wrap=True)
     if nothing:
         _error("no image could be captioned")
         raise typer.Exit(1)

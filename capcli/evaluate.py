@@ -170,7 +170,7 @@ def evaluate_checkpoint(
 
     Images that cannot be read are left out (with a note), never scored as empty captions silently.
     """
-    from .caption import Captioner
+    from .captioner import Captioner
 
     ds = open_dataset(dataset)
     recs = split_records(ds, split)
@@ -200,6 +200,9 @@ def evaluate_checkpoint(
             f"no image of split {split!r} could be captioned"
             + (f" (first: {ds.path(first[0])}: {first[1]})" if first else "")
         )
+    empty = sum(1 for c in results.values() if not c.strip())
+    if empty:  # an undertrained model says <end> first: scored as it is, but never silently
+        progress.warn(f"{empty} of {len(results)} captions are empty (the model ends them at once: undertrained?)")
     refs = ds.references(*splits_of(split))
     scores = add_chair(score(results, refs, metrics=metrics, tokenizer=tokenizer, progress=progress), results, refs)
     if failed:

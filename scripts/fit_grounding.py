@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from capcli import paths
-from capcli.caption import Captioner
+from capcli.captioner import Captioner
 from capcli.chair import objects_in
 from capcli.cider import CiderD
 from capcli.features import FeatureStore

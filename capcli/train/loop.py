@@ -305,6 +305,9 @@ def _generate(model: nn.Module, x_groups: Iterator[tuple], groups: Sequence[torc
             for r, d in zip(rows.tolist(), out, strict=True):
                 hyps[int(ids[r])] = vocab.to_text(d.tokens)
         progress.advance(len(rows))
+    empty = sum(1 for h in hyps.values() if not h)
+    if empty:
+        progress.warn(f"validation: {empty} of {len(hyps)} captions are empty (scored as they are)")
     return hyps
 
 
