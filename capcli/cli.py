@@ -15,14 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     TaskProgressColumn,
     TextColumn,
-    TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.progress import Progress as RichBar
@@ -33,19 +29,15 @@ from . import __version__
 from .config import TrainConfig
 from .errors import PATH_ERRNOS, WRITE_ERRNOS, CapcliError, os_reason
 from .names import display
-from .progress import Progress
 from .runtime import tune_cpu_allocator
+from .terminal import RichProgress, console, err_console
+from .terminal import error_line as _error
 
 if TYPE_CHECKING:
     import torch
 
-    from .caption import Captioned, CaptionSummary
     from .chair import ChairScores
     from .evaluate import Evaluation
-    from .publish import PublishRequest
-
-console = Console()
-err_console = Console(stderr=True)
 
 _typer_type_label = TyperOption.display_type_rich
 
@@ -58,11 +50,6 @@ def _type_label(self: TyperOption, ctx):  # noqa: ANN001, ANN202 (typer's vendor
 
 
 TyperOption.display_type_rich = _type_label  # type: ignore[method-assign]
-
-
-def _error(message: str) -> None:
-    """One red ``error:`` line on stderr (a file name that is not UTF-8 shown with ``\\xNN``)."""
-    err_console.print(f"[bold red]error:[/] {escape(display(message))}", highlight=False, soft_wrap=True)
 
 
 class _Group(TyperGroup):
@@ -94,72 +81,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-class RichProgress(Progress):
-    """Renders library progress as a Rich progress bar with a rate and an ETA."""
-
-    def __init__(self, console: Console = err_console, unit_rate: bool = True) -> None:
-        self.console = console
-        self._bar: RichBar | None = None
-        self._task = None
-        self._t0 = 0.0
-        self._n = 0
-        self._total: int | None = None
-        self._unit = "img"
-
-    def start(self, description: str, total: int | None = None, unit: str = "img") -> None:
-        self.done()
-        self._unit, self._n, self._t0, self._total = unit, 0, time.perf_counter(), total
-        self._bar = RichBar(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TaskProgressColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA {task.fields[eta]}"),
-            TextColumn("{task.fields[info]}"),
-            console=self.console,
-            transient=False,
-        )
-        self._bar.start()
-        self._task = self._bar.add_task(description, total=total, rate="", info="", eta="-:--:--")
-
-    def advance(self, n: int = 1, **fields: object) -> None:
-        if self._bar is None:
-            return
-        self._n += n
-        dt = max(time.perf_counter() - self._t0, 1e-9)
-        info = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
-        self._bar.update(self._task, advance=n, rate=f"{self._n / dt:.1f} {self._unit}/s", info=info,
-                         eta=eta_text(self._n, self._total, dt))
-
-    def done(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
-
-    def info(self, message: str) -> None:
-        (self._bar.console if self._bar else self.console).print(message, highlight=False)
-
-    def warn(self, message: str) -> None:
-        (self._bar.console if self._bar else self.console).print(f"[yellow]warning:[/] {escape(display(message))}",
-                                                                 highlight=False)
-
-
-def eta_text(done: int, total: float | None, seconds: float) -> str:
-    """The time left at the run's own mean rate so far (done / seconds since the phase began).
-
-    Rich's own estimate averages the rate over its samples' span; items that arrive in bursts (a batch of
-    128 results at once) make that span milliseconds and the estimate absurd (``ETA 0:00:01`` for 7,000
-    images at 80 img/s), so the ETA is computed from the same rate the bar shows.
-    """
-    if not total or done <= 0 or seconds <= 0:
-        return "-:--:--"
-    left = max(total - done, 0) * seconds / done
-    h, rem = divmod(round(left), 3600)
-    return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
 
 
 def _version(value: bool) -> None:
@@ -282,10 +203,8 @@ def features(
     out: Annotated[Path | None, typer.Option(help="Output folder (default: ROOT/features/DATASET/ENCODER).")] = None,
     shard_size: Annotated[int, typer.Option(min=1, help="Images per HDF5 shard.")] = 1000,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder forward pass.")] = 32,
-    workers: Annotated[int | None, typer.Option(min=0, help="Image decoders working beside the encoder (threads "
-                                                "on the CPU, processes with CUDA; 0: decode in turn; default 2). "
-                                                "--engine ray: captioning actors (default: sized to the cluster).")
-                       ] = None,
+    workers: Annotated[int, typer.Option(min=0, help="Image decoders working beside the encoder (threads on "
+                                         "the CPU, processes with CUDA; 0: decode in turn).")] = 2,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     weights: Annotated[Path | None, typer.Option(help="Encoder weights file (torchvision state dict).")] = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Extract the shards with unreadable images "
@@ -445,177 +364,9 @@ def _add_chair_rows(table: Table, chair: ChairScores | None) -> None:
 
 
 # --- caption ---------------------------------------------------------------------------------------
-@app.command()
-def caption(
-    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders of images.")],
-    out: Annotated[Path, typer.Option("-o", "--out", help="Output file: .json, .jsonl or .csv.")],
-    model: Annotated[Path | None, typer.Option(
-        "--model", help="Checkpoint file, or a shipped model: attention (the default) | basic.")] = None,
-    beam: Annotated[int, typer.Option(min=1, help="Beam size (1 = greedy).")] = 3,
-    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Also list the K best beams as alternatives.")] = 1,
-    max_len: Annotated[int, typer.Option("--max-len", min=1, help="Longest caption, in words (1-100).")] = 20,
-    length_penalty: Annotated[
-        float, typer.Option("--length-penalty", min=0.0, help="Rank beams by logprob / len^ALPHA (0 = raw; 0-5).")
-    ] = 0.0,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 32,
-    workers: Annotated[int | None, typer.Option(min=0, help="Image decoders working beside the encoder (threads "
-                                                "on the CPU, processes with CUDA; 0: decode in turn; default 2). "
-                                                "--engine ray: captioning actors (default: sized to the cluster).")
-                       ] = None,
-    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into subfolders.")] = False,
-    attention_maps: Annotated[
-        Path | None, typer.Option("--attention-maps", help="Write a PNG per image: where each word looked.")
-    ] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Keep OUT's records; caption only the rest.")] = False,
-    create_dirs: Annotated[bool, typer.Option("--create-dirs", help="Create -o's missing folders (without it a "
-                                              "missing folder is an error, as a mistyped path usually is).")
-                           ] = False,
-    shard: Annotated[
-        str | None, typer.Option(help="I/N: caption only shard I (0..N-1) of N, split by a hash of the path.")
-    ] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Exit non-zero if any image failed or any file in the "
-                                         "folders was skipped as unsupported.")] = False,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-    precision: Annotated[str, typer.Option(
-        help="Search arithmetic: auto (int8 or bfloat16 products where the CPU computes them natively: 2-3x "
-        "faster) | float32 | bfloat16 | int8."
-    )] = "auto",
-    grounding: Annotated[str, typer.Option(
-        help="auto: ground captions in what the encoder's ImageNet head recognises (say confident objects, hold back "
-        "what it contradicts, add labels) where the model's encoder has that head | off.")] = "auto",
-    sidecar: Annotated[list[str] | None, typer.Option(
-        "--sidecar", help="Also write each caption to a sidecar beside its photo: xmp | txt (repeatable).")] = None,
-    sidecar_name: Annotated[str, typer.Option(
-        "--sidecar-name", help="XMP sidecar names: stem (photo.xmp, Lightroom) | ext (photo.jpg.xmp, darktable).")
-    ] = "stem",
-    embed: Annotated[bool, typer.Option("--embed", help="Also write each caption into its photo's XMP (metadata "
-                                        "only, atomically; RAW files: use --sidecar xmp).")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace captions a person wrote or edited in the "
-                                            "photos and sidecars too.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what --sidecar/--embed would write and where; "
-                                          "write nothing into photos or sidecars.")] = False,
-    html: Annotated[Path | None, typer.Option("--html", help="Also write a review gallery page here (one card "
-                                              "per photo, least confident first).")] = None,
-    min_confidence: Annotated[float | None, typer.Option(
-        "--min-confidence", help="Keep records whose confidence is below this out of metadata and sidecars "
-        "(they stay in the output, marked low_confidence).")] = None,
-    engine: Annotated[str, typer.Option(help="local (this process) | ray (a Ray cluster: --address or RAY_ADDRESS, "
-                                        "else a local Ray started and stopped here; pip install \"capcli\\[ray]\").")
-                      ] = "local",
-    gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", min=0.0, help="Ray engine: GPUs per "
-                                                   "captioning actor (0: CPU actors).")] = 0.0,
-    address: Annotated[str | None, typer.Option(help="Ray engine: the cluster to join (auto, HOST:6379, "
-                                                "ray://HOST:10001; default: RAY_ADDRESS).")] = None,
-) -> None:
-    """Caption photos: files and folders in, one record per image out (caption, logprob, labels, or error).
+from .cli_caption import caption  # noqa: E402 (the command's own module; registered here)
 
-    Also webdataset tar shards and parquet/CSV tables of photo paths or bytes, local or s3://, into .parquet."""
-    from .caption import caption_files, parse_shard
-    from .captioner import Captioner
-    from .engines.job import wants_job
-    from .outputs import check_paths, output_format
-    from .publish import PublishRequest
-
-    job = wants_job(paths, out, engine)
-    if not job:
-        output_format(out)  # fail on a bad -o before loading anything
-    check_paths(paths, out, create_dirs)
-    shard_ij = parse_shard(shard) if shard is not None else None
-    request = PublishRequest(sidecars=tuple(sidecar or ()), embed=embed, naming=sidecar_name, overwrite=overwrite,
-                             dry_run=dry_run, html=html, min_confidence=min_confidence)
-    if not job:
-        request.check(out, paths, recursive)
-    captioner = Captioner.load(model, device=device, precision=precision, grounding=grounding)
-    console.print(f"model {escape(display(str(captioner.source)))}, search precision {captioner.precision}"
-                  + (" (auto)" if precision == "auto" else ""), highlight=False, soft_wrap=True)
-    if job:
-        from .engines.job import caption_job_command
-
-        return _caption_job_summary(caption_job_command(
-            captioner, paths, out, engine=engine, workers=workers, gpus_per_worker=gpus_per_worker, address=address,
-            beam=beam, top_k=top_k, max_len=max_len, batch_size=batch_size, length_penalty=length_penalty,
-            recursive=recursive, resume=resume, shard=shard_ij, device=device, precision=precision,
-            attention_maps=attention_maps, publishing=request.wanted, progress=RichProgress()),
-            out, strict)
-    try:
-        s = caption_files(captioner, paths, out, beam_size=beam, batch_size=batch_size,
-                          workers=2 if workers is None else workers,
-                          max_len=max_len, top_k=top_k, length_penalty=length_penalty, recursive=recursive,
-                          attention_maps=attention_maps, resume=resume, shard=shard_ij, keep_records=request.wanted,
-                          progress=RichProgress())
-    except KeyboardInterrupt:
-        _interrupted(out)
-    _caption_summary(s, out)
-    n_publish_failed = _publish(s.output, request, model) if s.output is not None else 0
-    if strict and (s.failed or s.unsupported or n_publish_failed):
-        what = [f"{s.failed} image(s) failed" if s.failed else "",
-                f"{s.n_unsupported} file(s) skipped as unsupported" if s.unsupported else "",
-                f"{n_publish_failed} metadata write(s) failed" if n_publish_failed else ""]
-        _error(f"{' and '.join(w for w in what if w)} (--strict)")
-        raise typer.Exit(1)
-
-
-def _caption_job_summary(s: CaptionSummary, out: Path, strict: bool) -> None:
-    """The summary of a job run by capcli.engines.job (tars, tables, s3://, .parquet, --engine ray)."""
-    _caption_summary(s, out)
-    if strict and s.failed:
-        _error(f"{s.failed} image(s) failed (--strict)")
-        raise typer.Exit(1)
-
-
-def _caption_summary(s: CaptionSummary, out: Path) -> None:
-    """The caption command's summary line; exit 1 when no image could be captioned."""
-    extra = "".join([f", {s.skipped} already done" if s.skipped else "",
-                     f", {s.outside_shard} in other shards" if s.outside_shard else "",
-                     s.left_out_text()])
-    nothing = s.failed and not s.captioned and not s.skipped  # (on --resume the photos already done count)
-    colour = "red" if nothing else "yellow" if s.failed or s.unsupported else "green"
-    console.print(f"[{colour}]captioned {s.captioned}, failed {s.failed}[/]{extra} in {s.seconds:.1f} s of "
-                  f"captioning ({s.rate:.1f} img/s; the model's loading apart) -> {escape(display(str(out)))}",
-                  highlight=False, soft_wrap=True)
-    if nothing:
-        _error("no image could be captioned")
-        raise typer.Exit(1)
-
-
-def _interrupted(out: Path) -> None:
-    """Ctrl-C during captioning: what is kept, and how to go on."""
-    from .outputs import read_records
-
-    try:
-        kept = f"{len(read_records(out))} record(s) are kept in {escape(display(str(out)))}"
-    except (CapcliError, OSError):
-        kept = "nothing was written"
-    err_console.print(f"[yellow]interrupted:[/] {kept}; run the same command with --resume to caption the rest",
-                      highlight=False, soft_wrap=True)
-    raise typer.Exit(130)
-
-
-def _publish(run: Captioned, request: PublishRequest, model: Path | None) -> int:
-    """Run caption's publishing step on what the run captioned and render it: one line per file not written, then
-    the counts."""
-    from .captioner import SHIPPED_MODELS
-    from .publish import publish_captioned
-
-    name = "attention" if model is None else str(model) if str(model) in SHIPPED_MODELS else model.name
-    rep = publish_captioned(run, request, model=name)
-    for r in rep.results:
-        if r.status is not r.status.WRITTEN:
-            colour = {"failed": "red", "skipped": "yellow"}.get(r.status.value, "cyan")
-            console.print(f"[{colour}]{escape(display(r.describe()))}[/]", highlight=False, soft_wrap=True)
-    if request.hows:
-        c = rep.counts()
-        done = f"would write {c['would-write']}" if request.dry_run else f"wrote {c['written']}"
-        console.print(f"metadata ({', '.join(request.hows)}): {done}, skipped {c['skipped']} (a person's words; "
-                      f"--overwrite replaces them), failed {c['failed']}", highlight=False, soft_wrap=True)
-    if rep.held_back or rep.labelled:
-        console.print(f"[yellow]{len(rep.held_back) + len(rep.labelled)} record(s) below --min-confidence "
-                      f"{request.min_confidence}: marked low_confidence in the output; metadata and sidecars got "
-                      f"their labels ('Image may contain: ...') for {len(rep.labelled)}, nothing for "
-                      f"{len(rep.held_back)} (no label with the evidence)[/]", highlight=False)
-    if rep.gallery is not None:
-        console.print(f"gallery -> {escape(display(str(rep.gallery)))}", highlight=False, soft_wrap=True)
-    return len(rep.failed)
+app.command()(caption)
 
 
 # --- info ------------------------------------------------------------------------------------------

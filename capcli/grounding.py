@@ -283,7 +283,9 @@ class Grounder:
             ids += self.person_ids
         if plan.hold_animate:
             ids += self.animate_ids
-        return sorted(set(ids))
+        # a relative standing in for a word to say ("horse" saying zebra) is that word here, not the one held back
+        stand_ins = {t for w in plan.say + plan.say_any for t in self.alias.get(w, {})}
+        return sorted(set(ids) - stand_ins)
 
     def constraints(self, plans: list[Plan], device: torch.device) -> Constraints:
         """The search's per-photo rules: the words to say, the words never to say."""

@@ -158,7 +158,7 @@ def test_an_unknown_model_name_lists_the_shipped_ones(tmp_path) -> None:
 
 
 def test_the_eta_comes_from_the_rate_shown() -> None:
-    from capcli.cli import eta_text
+    from capcli.terminal import eta_text
 
     assert eta_text(0, 7091, 0.0) == "-:--:--" and eta_text(10, None, 1.0) == "-:--:--"
     # 128 of 7,091 images after 1.59 s (80.5 img/s): about 86 s to go, not 0:00:01
@@ -174,7 +174,7 @@ def test_the_progress_bar_eta_survives_a_burst() -> None:
 
     from rich.console import Console
 
-    from capcli.cli import RichProgress
+    from capcli.terminal import RichProgress
 
     buf = io.StringIO()
     bar = RichProgress(console=Console(file=buf, width=200))

@@ -95,7 +95,7 @@ def test_word_logprobs_read_back_the_search_score(example_photos) -> None:
     cap = Captioner.load(device="cpu", precision="float32", grounding="off")
     images = torch.stack([cap.spec.read(p) for p in example_photos[:3]])
     feats, _ = cap._encode(images)
-    recs = cap._decode(feats, None, 3, 20, 1, 0.0, False)
+    recs = cap._decode(feats, None, cap.search_options(3, 20, 1, 0.0), False)
     tokens = [cap.vocab.encode(r["caption"], add_special=False) for r in recs]
     per_word = confidence.word_logprobs(cap.model, feats, tokens, cap.vocab.start_id, cap.vocab.end_id)
     for r, t, w in zip(recs, tokens, per_word, strict=True):
