@@ -120,7 +120,7 @@ def test_outputs_list_every_file(photo_dir, ckpts, tmp_path, fmt):
         with out.open(newline="") as f:
             rows = list(csv.DictReader(f))
         assert list(rows[0]) == ["path", "caption", "logprob", "error", "alternatives", "labels", "confidence",
-                                "low_confidence", "path_bytes"]
+                                "low_confidence", "model", "model_sha256", "search", "path_bytes"]
         recs = read_records(out)
         assert [row["path"] for row in rows] == [rec["path"] for rec in recs]
     elif fmt == "json":
@@ -231,7 +231,8 @@ def test_resume_after_interrupt_captions_only_the_rest(photo_dir, captioner, ckp
     assert sorted(r["path"] for r in final) == sorted(everything)
     # and through the command line: only the broken files are left to try, and they fail again
     broken = [r for r in final if "error" in r]
-    r = _cli(str(photo_dir), "-o", str(out), "--model", str(ckpts["attention"]), "--resume")
+    r = _cli(str(photo_dir), "-o", str(out), "--model", str(ckpts["attention"]), "--resume", "--beam", "2",
+             "--max-len", "5")  # the search that made the records (another is refused: see provenance below)
     assert r.exit_code == 0 and f"captioned 0, failed {len(broken)}" in r.stdout, r.stdout
     assert f"{len(everything) - len(broken)} already done" in r.stdout
     assert sorted(read_records(out), key=str) == sorted(final, key=str)

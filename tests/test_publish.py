@@ -302,7 +302,7 @@ def test_min_confidence_marks_csv_records_and_an_older_csv_is_read_and_resumed(w
     assert "captioned 1, failed 0" in r.output and f"{len(low)} record(s) below --min-confidence" in r.output
     with old.open(newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0])[-2:] == ["low_confidence", "path_bytes"]
+    assert list(rows[0])[-5:] == ["low_confidence", "model", "model_sha256", "search", "path_bytes"]
     assert sorted(row["path"] for row in rows if row["low_confidence"] == "true") == low
     assert sorted(row["path"] for row in rows) == PHOTOS
     back = {rec["path"]: rec for rec in read_records(old)}
