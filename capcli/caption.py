@@ -14,7 +14,6 @@ modulo N: stable however the files are listed, and the N shards are disjoint and
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import time
@@ -25,11 +24,11 @@ from typing import Any
 
 from . import lock
 from .captioner import Captioner
-from .errors import ImageError, OutputError, UsageError
+from .errors import ImageError, UsageError
 from .images import load_image
 from .metadata import SIDECAR_NAMINGS, sidecar_path
 from .names import display, name_bytes, path_fields, record_key
-from .outputs import Found, Writer, open_writer, output_format, read_records
+from .outputs import Found, Writer, finishing, open_writer, output_format, read_records
 from .progress import NULL, Progress
 from .provenance import Provenance
 from .search import SearchOptions
@@ -224,25 +223,18 @@ def _caption_into(captioner: Captioner, items: list[InputFile], writer: Writer, 
     records = None
     kept = list(writer.kept) if run.keep_records else None
     try:
-        done = {record_key(r) for r in writer.kept}
-        todo = [it for it in items if it.key not in done]
-        summary.skipped = len(items) - len(todo)
-        records = captioner.caption_paths([it.path for it in todo], batch_size=run.batch_size, workers=run.workers,
-                                          progress=progress, return_alphas=run.maps is not None, options=run.opts)
-        for item, rec in zip(todo, records, strict=True):
-            rec = {**_record_of(item, rec, captioner, summary, run.maps, progress), **run.made_by.fields()}
-            writer.write(rec)
-            if kept is not None:
-                kept.append(rec)
-    except OutputError:
-        writer.abort()
-        raise
-    except BaseException:
-        with contextlib.suppress(OutputError):
-            writer.close()  # keep what is done (Ctrl-C, a failure)
-        raise
-    else:
-        writer.close()
+        with finishing(writer):
+            done = {record_key(r) for r in writer.kept}
+            todo = [it for it in items if it.key not in done]
+            summary.skipped = len(items) - len(todo)
+            records = captioner.caption_paths([it.path for it in todo], batch_size=run.batch_size,
+                                              workers=run.workers, progress=progress,
+                                              return_alphas=run.maps is not None, options=run.opts)
+            for item, rec in zip(todo, records, strict=True):
+                rec = {**_record_of(item, rec, captioner, summary, run.maps, progress), **run.made_by.fields()}
+                writer.write(rec)
+                if kept is not None:
+                    kept.append(rec)
     finally:
         if records is not None:
             records.close()  # stops the decoding now, also on error

@@ -403,6 +403,23 @@ def check_paths(inputs: Sequence[str | Path], out: str | Path, create_dirs: bool
         raise OutputError(f"cannot create {display(str(parent))}: {os_reason(e)}") from None
 
 
+@contextlib.contextmanager
+def finishing(writer: Any) -> Iterator[Any]:
+    """Run a block that writes into ``writer``, then close it: what is done is kept also after Ctrl-C or a
+    failure; a failed write (:class:`OutputError`) aborts it instead, leaving the file at its last whole record."""
+    try:
+        yield writer
+    except OutputError:
+        writer.abort()
+        raise
+    except BaseException:
+        with contextlib.suppress(OutputError):
+            writer.close()  # keep what is done (Ctrl-C, a failure)
+        raise
+    else:
+        writer.close()
+
+
 def open_writer(out: Path, resume: bool = False) -> Writer:
     """A writer of ``out`` in its format; with ``resume`` it keeps the records ``out`` holds (``kept``)."""
     fmt = output_format(out)

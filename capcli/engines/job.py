@@ -137,33 +137,25 @@ def run_caption_job(captioner: Any, job: CaptionJob, progress: Progress = NULL) 
 
 def _write_all(captioner: Any, job: CaptionJob, todo: list[tuple[Unit, frozenset[str]]], writer: Any,
                summary: Any, total: int | None, progress: Progress) -> None:
-    from ..errors import OutputError
+    from ..outputs import finishing
 
     t0 = time.perf_counter()
     progress.start("captioning", total=total if job.shard is None else None, unit="img")
     try:
-        for records in _records(captioner, job, todo, _provenance(captioner, job)):
-            for rec in records:
-                writer.write(rec)
-                if "error" in rec:
-                    summary.failed += 1
-                    summary.failures.append((rec["path"], rec["error"]))
-                    progress.warn(f"{rec['path']}: {rec['error']}")
+        with finishing(writer):
+            for records in _records(captioner, job, todo, _provenance(captioner, job)):
+                for rec in records:
+                    writer.write(rec)
+                    if "error" in rec:
+                        summary.failed += 1
+                        summary.failures.append((rec["path"], rec["error"]))
+                        progress.warn(f"{rec['path']}: {rec['error']}")
+                    else:
+                        summary.captioned += 1
+                if summary.failed:
+                    progress.advance(len(records), failed=summary.failed)
                 else:
-                    summary.captioned += 1
-            if summary.failed:
-                progress.advance(len(records), failed=summary.failed)
-            else:
-                progress.advance(len(records))
-    except OutputError:
-        writer.abort()
-        raise
-    except BaseException:
-        with contextlib.suppress(OutputError):
-            writer.close()  # keep what is done (Ctrl-C, a failure)
-        raise
-    else:
-        writer.close()
+                    progress.advance(len(records))
     finally:
         progress.done()
         summary.seconds = time.perf_counter() - t0
