@@ -7,6 +7,7 @@ red line on stderr and a non-zero exit status, never a traceback.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import shutil
 import time
@@ -24,6 +25,11 @@ from rich.progress import (
 from rich.progress import Progress as RichBar
 from rich.table import Table
 from typer.core import TyperGroup, TyperOption
+
+try:
+    from typer._click.exceptions import NoSuchOption  # typer vendors Click since 0.2x
+except ImportError:  # pragma: no cover - older typer, Click installed beside it
+    from click.exceptions import NoSuchOption
 
 from . import __version__
 from .config import TrainConfig
@@ -52,12 +58,22 @@ def _type_label(self: TyperOption, ctx):  # noqa: ANN001, ANN202 (typer's vendor
 TyperOption.display_type_rich = _type_label  # type: ignore[method-assign]
 
 
+def _near(name: str, options: list[str] | None) -> list[str]:
+    """The options a mistyped one may mean, compared without their dashes: Click's own match counts the shared
+    ``--`` and so offered ``--out`` for ``--bogus``."""
+    bare = name.lstrip("-")
+    return [o for o in options or [] if difflib.SequenceMatcher(None, bare, o.lstrip("-")).ratio() >= 0.6]
+
+
 class _Group(TyperGroup):
     """Turns library errors and Ctrl-C into one line and an exit status."""
 
     def invoke(self, ctx):  # noqa: ANN001 (typer's vendored click Context)
         try:
             return super().invoke(ctx)
+        except NoSuchOption as e:
+            e.possibilities = _near(e.option_name, e.possibilities)
+            raise
         except CapcliError as e:
             _error(str(e))
             raise typer.Exit(e.exit_code) from None

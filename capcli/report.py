@@ -75,20 +75,21 @@ def write_html(
             refs = "".join(f"<li>{esc(c)}</li>" for c in rec.captions)
             anchor = ' id="worst"' if rank == 1 else (' id="best"' if rank == len(ids) else "")
             detail = " ".join(
-                f"{k} {per(i, k):.3f}" for k in ("BLEU-4", "METEOR", "ROUGE-L") if k in scores.per_image.get(i, {})
+                f"{k} {100 * per(i, k):.1f}" for k in ("BLEU-4", "METEOR", "ROUGE-L")
+                if k in scores.per_image.get(i, {})
             )
             rows.append(
                 f'<tr{anchor} data-id="{i}"><td class="score">#{rank}</td><td class="img">{img}</td>'
                 f'<td><div class="cap">{esc(results[i])}</div>{_chair_badges(scores.chair, i)}'
                 f'<ul class="refs">{refs}</ul>'
                 f'<div class="score">image {i} · {esc(rec.file)}</div></td>'
-                f'<td class="score"><b>{esc(str(key))} {per(i, key):.3f}</b><br>{esc(detail)}</td></tr>'
+                f'<td class="score"><b>{esc(str(key))} {100 * per(i, key):.1f}</b><br>{esc(detail)}</td></tr>'
             )
             progress.advance(1)
     finally:
         progress.done()
     metric_rows = "".join(
-        f"<tr><th>{esc(k)}</th><td class=\"score\">{scores.values[k]:.4f}</td>"
+        f"<tr><th>{esc(k)}</th><td class=\"score\">{100 * scores.values[k]:.1f}</td>"
         f"<td>{'official' if scores.official.get(k) else '<span class=approx>approximate</span>'}</td></tr>"
         for k in METRIC_KEYS
         if k in scores.values
@@ -97,7 +98,8 @@ def write_html(
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">{GENERATOR}<title>{esc(title)}</title><style>{_CSS}</style></head>
 <body><h1>{esc(title)}</h1>
-<p>Dataset {esc(dataset.name)}, split {esc(split)}, {len(ids)} images.</p>
+<p>Dataset {esc(dataset.name)}, split {esc(split)}, {len(ids)} images; scores in percent, as the terminal shows
+them (the metrics JSON keeps the toolkit's fractions).</p>
 <table class="m">{metric_rows}{_chair_rows(scores.chair)}</table>
 {f'<ul class="notes">{notes}</ul>' if notes else ''}
 <p class="nav"><a href="#worst">worst</a><a href="#best">best</a>

@@ -228,3 +228,10 @@ def test_a_mistyped_path_is_one_error_line_before_the_model_loads(tmp_path, exam
     r = _run("caption", photo, "-o", str(missing / "x.json"), "--create-dirs", "--grounding", "off")
     assert r.exit_code == 0, r.output
     assert (missing / "x.json").is_file()
+
+
+def test_a_mistyped_option_suggests_only_options_that_look_like_it() -> None:
+    r = _run("caption", "x.jpg", "--bogus")
+    assert r.exit_code == 2 and "No such option: --bogus" in r.output and "Possible options" not in r.output
+    r = _run("caption", "x.jpg", "--reusme")
+    assert r.exit_code == 2 and "--resume" in r.output and "--out" not in r.output.split("No such option")[1]

@@ -379,6 +379,8 @@ def test_html_escapes_captions(small_flickr8k, tmp_path):
     s = ev.score(results, ds.references("val"), metrics=("bleu", "cider"), tokenizer="python")
     page = report.write_html(tmp_path / "r.html", ds, results, s, "val").read_text()
     assert "<script>alert" not in page and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; a dog" in page
+    # scores in percent with one decimal, as the terminal's table shows them
+    assert f'<th>CIDEr</th><td class="score">{100 * s.values["CIDEr"]:.1f}</td>' in page
 
 
 def test_write_results_and_metrics(tmp_path):
