@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,7 @@ class Card:
     labels: tuple[tuple[str, float], ...] = ()
     thumb: str = ""  # data URI, "" when the photo could not be read
     size: tuple[int, int] = (0, 0)  # thumbnail width, height
+    notes: tuple[str, ...] = ()  # what publishing did instead: held back, a person's words kept
 
 
 def score(record: dict[str, Any]) -> tuple[float | None, str]:
@@ -89,7 +90,8 @@ def score(record: dict[str, Any]) -> tuple[float | None, str]:
     return None, ""
 
 
-def make_card(photo: Path | None, record: dict[str, Any], thumb_px: int = THUMB_PX) -> Card:
+def make_card(photo: Path | None, record: dict[str, Any], thumb_px: int = THUMB_PX,
+              notes: Sequence[str] = ()) -> Card:
     """A card for one record; a photo that cannot be read gets a card without a thumbnail."""
     thumb, size = "", (0, 0)
     if photo is not None:
@@ -100,7 +102,7 @@ def make_card(photo: Path | None, record: dict[str, Any], thumb_px: int = THUMB_
     labels = tuple((str(lab["word"]), float(lab.get("p", 0.0))) for lab in record.get("labels") or [])
     return Card(key=str(record.get("path", photo.name if photo else "?")), caption=str(record.get("caption") or ""),
                 error=str(record.get("error") or ""), score=s, score_kind=kind, logprob=record.get("logprob"),
-                alternatives=alts, labels=labels, thumb=thumb, size=size)
+                alternatives=alts, labels=labels, thumb=thumb, size=size, notes=tuple(notes))
 
 
 def order(cards: Sequence[Card]) -> list[Card]:
@@ -117,6 +119,7 @@ def _card_html(card: Card) -> str:
         body.append(f'<p class="error">{e(card.error)}</p>')
     else:
         body.append(f'<p class="caption">{e(card.caption)}</p>')
+    body += [f'<p class="note">{e(n)}</p>' for n in card.notes]
     if card.score is not None:
         pct = round(100 * card.score)
         lp = f" · logprob {card.logprob:.2f}" if card.logprob is not None else ""
@@ -152,6 +155,7 @@ background:#8881}.noimg{aspect-ratio:4/3;display:grid;place-items:center;color:v
 .body{padding:10px 12px 12px}
 .name{font-size:.85rem;font-weight:500;margin:0 0 4px;color:var(--muted);overflow-wrap:anywhere}
 .caption{font-size:1.05rem;font-weight:600;margin:0 0 8px}.error{color:var(--bad);margin:0 0 8px}
+.note{color:var(--bad);font-size:.85rem;margin:0 0 6px}
 .meter{height:6px;border-radius:3px;background:#8883;overflow:hidden}.meter span{display:block;height:100%;
 background:var(--accent)}.score{font-size:.85rem;color:var(--muted);margin:4px 0 6px}
 .labels{list-style:none;padding:0;margin:0 0 6px;display:flex;flex-wrap:wrap;gap:4px}.labels li{font-size:.8rem;
@@ -191,12 +195,16 @@ def render(cards: Sequence[Card], title: str = "capcli captions") -> str:
 
 
 def build_gallery(items: Sequence[tuple[Path | None, dict[str, Any]]], title: str = "capcli captions",
-                  thumb_px: int = THUMB_PX) -> str:
-    """The page for ``(photo path, record)`` pairs (records as ``capcli caption`` writes them)."""
-    return render([make_card(photo, rec, thumb_px) for photo, rec in items], title)
+                  thumb_px: int = THUMB_PX, notes: Mapping[Path, Sequence[str]] | None = None) -> str:
+    """The page for ``(photo path, record)`` pairs (records as ``capcli caption`` writes them); ``notes``: what
+    publishing said of a photo (held back, a person's words kept), shown on its card."""
+    notes = notes or {}
+    return render([make_card(photo, rec, thumb_px, notes.get(photo, ()) if photo is not None else ())
+                   for photo, rec in items], title)
 
 
 def write_gallery(out: str | Path, items: Sequence[tuple[Path | None, dict[str, Any]]],
-                  title: str = "capcli captions", thumb_px: int = THUMB_PX) -> Path:
+                  title: str = "capcli captions", thumb_px: int = THUMB_PX,
+                  notes: Mapping[Path, Sequence[str]] | None = None) -> Path:
     """Write :func:`build_gallery`'s page to ``out`` atomically."""
-    return atomic.write_text(out, build_gallery(items, title, thumb_px))
+    return atomic.write_text(out, build_gallery(items, title, thumb_px, notes))

@@ -125,6 +125,7 @@ def publish_records(items: Sequence[tuple[Path, dict[str, Any]]], request: Publi
     label has the evidence; the output and the gallery keep its caption."""
     report = PublishReport()
     kept = []
+    notes: dict[Path, list[str]] = {}  # for the gallery's cards
     for photo, rec in items:
         if not (rec.get("low_confidence") or is_low_confidence(rec, request.min_confidence)):
             kept.append((photo, rec))
@@ -132,16 +133,21 @@ def publish_records(items: Sequence[tuple[Path, dict[str, Any]]], request: Publi
         honest = label_alt_text(rec.get("labels"))  # what the evidence supports, in place of a doubtful caption
         if honest == NO_DESCRIPTION:
             report.held_back.append(str(rec.get("path", photo.name)))
+            notes.setdefault(photo, []).append("below --min-confidence: kept out of metadata and sidecars")
         else:
             report.labelled.append(str(rec.get("path", photo.name)))
             kept.append((photo, {**rec, "caption": honest}))
+            notes.setdefault(photo, []).append(f'below --min-confidence: metadata and sidecars say "{honest}"')
     opts = PublishOptions(Provenance(model=model), overwrite=request.overwrite, dry_run=request.dry_run,
                           naming=request.naming)
     for how in request.hows:
         report.results += metadata.publish(kept, how, opts)
     report.results = metadata.covered_by_sidecars(report.results)
+    for r in report.results:
+        if r.status is Status.SKIPPED:
+            notes.setdefault(r.photo, []).append(f"{r.target.name}: {r.reason}")
     if request.html is not None:
-        report.gallery = gallery.write_gallery(request.html, list(items))
+        report.gallery = gallery.write_gallery(request.html, list(items), notes=notes)
     return report
 
 

@@ -263,9 +263,16 @@ def test_min_confidence_keeps_a_low_record_out_of_sidecars(work):
         if rec["path"] in confidence:
             rec["confidence"] = confidence[rec["path"]]
     out.write_text(json.dumps(recs))
-    report = publish_output(out, [photos], PublishRequest(sidecars=("xmp",), min_confidence=0.5), model="attention")
+    page = work / "review.html"
+    report = publish_output(out, [photos], PublishRequest(sidecars=("xmp",), min_confidence=0.5, html=page),
+                            model="attention")
     # the cat's doubtful caption is not published: the label its evidence supports is, in its place
     assert report.labelled == ["chelsea.jpg"] and report.held_back == []
+    # and the review page says so on the cat's card alone
+    import html as _html
+
+    note = _html.escape('below --min-confidence: metadata and sidecars say "Image may contain: cat"')
+    assert page.read_text().count(note) == 1
     assert all((photos / f"{Path(n).stem}.xmp").is_file() for n in PHOTOS)
     assert "Image may contain: cat" in (photos / "chelsea.xmp").read_text()
     kept = records(out)
