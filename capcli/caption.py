@@ -32,6 +32,7 @@ from .outputs import Found, Writer, finishing, open_writer, output_format, read_
 from .progress import NULL, Progress
 from .provenance import Provenance
 from .search import SearchOptions
+from .shots import RENDERINGS, originals_in_pairs
 from .walk import InputFile, LeftOut, walk_folder
 
 
@@ -227,19 +228,54 @@ def _caption_into(captioner: Captioner, items: list[InputFile], writer: Writer, 
             done = {record_key(r) for r in writer.kept}
             todo = [it for it in items if it.key not in done]
             summary.skipped = len(items) - len(todo)
-            records = captioner.caption_paths([it.path for it in todo], batch_size=run.batch_size,
+            twins = _same_shot(todo)  # a RAW/HEIC + JPEG pair is one shot: its JPEG is captioned, once
+            search = [it for it in todo if it.key not in twins.originals]
+            records = captioner.caption_paths([it.path for it in search], batch_size=run.batch_size,
                                               workers=run.workers, progress=progress,
                                               return_alphas=run.maps is not None, options=run.opts)
-            for item, rec in zip(todo, records, strict=True):
+            for item, rec in zip(search, records, strict=True):
                 rec = {**_record_of(item, rec, captioner, summary, run.maps, progress), **run.made_by.fields()}
-                writer.write(rec)
+                shot = [rec] + [_copy_of(orig, rec, summary) for orig in twins.of_jpeg.get(item.key, ())]
+                for r in shot:
+                    writer.write(r)
                 if kept is not None:
-                    kept.append(rec)
+                    kept += shot
     finally:
         if records is not None:
             records.close()  # stops the decoding now, also on error
         summary.seconds = time.perf_counter() - t0
     return kept
+
+
+@dataclass
+class _Shots:
+    """The pairs among the photos to caption: each original (RAW, HEIC) by key, and the originals of each JPEG."""
+
+    originals: set[str] = field(default_factory=set)
+    of_jpeg: dict[str, list[InputFile]] = field(default_factory=dict)
+
+
+def _same_shot(items: Sequence[InputFile]) -> _Shots:
+    paired = originals_in_pairs([it.path for it in items])
+    jpegs = {(it.path.parent, it.path.stem.casefold()): it for it in items
+             if it.path not in paired and it.path.suffix.lower() in RENDERINGS}
+    shots = _Shots()
+    for it in items:
+        if it.path in paired:
+            shots.originals.add(it.key)
+            shots.of_jpeg.setdefault(jpegs[(it.path.parent, it.path.stem.casefold())].key, []).append(it)
+    return shots
+
+
+def _copy_of(original: InputFile, rec: dict[str, Any], summary: CaptionSummary) -> dict[str, Any]:
+    """The record of a pair's original: its JPEG's caption (one shot, one caption), under its own name."""
+    copy = {**path_fields(original.key), **{k: v for k, v in rec.items() if k not in ("path", "path_bytes")}}
+    if "error" in copy:
+        summary.failed += 1
+        summary.failures.append((display(original.key), copy["error"]))
+    else:
+        summary.captioned += 1
+    return copy
 
 
 def _record_of(item: InputFile, rec: dict[str, Any], captioner: Captioner, summary: CaptionSummary,

@@ -374,6 +374,11 @@ def test_raw_and_heic_pairs_with_jpegs_are_one_shot_and_a_lone_heic_is_covered_b
         assert got[f"{shot}.xmp"] == got[f"{shot}.JPG"] == recs[f"{shot}.JPG"]["caption"]
     assert got["IMG_0003.xmp"] == recs["IMG_0003.HEIC"]["caption"]
     assert got["IMG_0001.DNG"] is None and got["IMG_0002.HEIC"] is None  # originals are never written into
+    # captioned once: each original's record is its JPEG's caption, and the run captioned 3 photos for 5 files
+    for shot, original in (("IMG_0001", "IMG_0001.DNG"), ("IMG_0002", "IMG_0002.HEIC")):
+        assert recs[original]["caption"] == recs[f"{shot}.JPG"]["caption"]
+        assert recs[original]["logprob"] == recs[f"{shot}.JPG"]["logprob"]
+    assert "captioned 5, failed 0" in r.output and "5/5" not in r.output and "3/3" in r.output, r.output
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "json"])
