@@ -72,8 +72,9 @@ class Status(StrEnum):
 
 
 @dataclass(frozen=True)
-class Provenance:
-    """Which tool, version and model wrote a caption."""
+class WrittenBy:
+    """Which tool, version and model wrote a caption into a photo or sidecar (its XMP fields; a caption record's
+    own provenance is :class:`capcli.provenance.Provenance`)."""
 
     model: str
     tool: str = "capcli"
@@ -86,7 +87,7 @@ class Fields:
 
     caption: str
     keywords: tuple[str, ...] = ()  # capcli's keywords (grounding labels), most likely first
-    provenance: Provenance | None = None
+    provenance: WrittenBy | None = None
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ class PublishResult:
 
 @dataclass(frozen=True)
 class PublishOptions:
-    provenance: Provenance
+    provenance: WrittenBy
     overwrite: bool = False  # replace a person's words too
     dry_run: bool = False
     naming: str = "stem"  # XMP sidecar name: "stem" (name.xmp) or "ext" (name.jpg.xmp)
@@ -126,7 +127,7 @@ class _Unembeddable(_Refused):
 
 
 # ------------------------------------------------------------------------------------------- records -> fields
-def record_fields(record: dict[str, Any], provenance: Provenance) -> Fields | None:
+def record_fields(record: dict[str, Any], provenance: WrittenBy) -> Fields | None:
     """The fields for a caption record (``{"caption", ["labels": [{"word", "p"}]]}``); None if it has no caption."""
     caption = (record.get("caption") or "").strip()
     if not caption or record.get("error"):
@@ -184,7 +185,7 @@ def read_fields(path: str | Path) -> Fields | None:
     if _OURS not in xmp:
         return None
     p = {k: str(xmp.get(f"Xmp.{PREFIX}.{k}", "")) for k in ("model", "tool", "version")}
-    return Fields(str(xmp[_OURS]), tuple(texts(xmp.get(_LABELS))), Provenance(**p))
+    return Fields(str(xmp[_OURS]), tuple(texts(xmp.get(_LABELS))), WrittenBy(**p))
 
 
 def _xmp_changes(fields: Fields, existing: dict[str, Any]) -> dict[str, Any]:
@@ -192,7 +193,7 @@ def _xmp_changes(fields: Fields, existing: dict[str, Any]) -> dict[str, Any]:
     old_ours = set(texts(existing.get(_LABELS)))
     kept = [k for k in texts(existing.get(_SUBJECT)) if k not in old_ours]
     subject = kept + [k for k in fields.keywords if k not in kept]
-    prov = fields.provenance or Provenance(model="")
+    prov = fields.provenance or WrittenBy(model="")
     return {
         _DESC: {_X_DEFAULT: fields.caption},
         _ALT: {_X_DEFAULT: fields.caption},

@@ -23,7 +23,7 @@ from .alttext import NO_DESCRIPTION, label_alt_text
 from .caption import Captioned, collect_inputs
 from .errors import UsageError
 from .images import is_image_file
-from .metadata import Provenance, PublishOptions, PublishResult, Status
+from .metadata import PublishOptions, PublishResult, Status, WrittenBy
 from .names import record_key
 from .outputs import read_output, rewrite_records
 
@@ -138,7 +138,7 @@ def publish_records(items: Sequence[tuple[Path, dict[str, Any]]], request: Publi
             report.labelled.append(str(rec.get("path", photo.name)))
             kept.append((photo, {**rec, "caption": honest}))
             notes.setdefault(photo, []).append(f'below --min-confidence: metadata and sidecars say "{honest}"')
-    opts = PublishOptions(Provenance(model=model), overwrite=request.overwrite, dry_run=request.dry_run,
+    opts = PublishOptions(WrittenBy(model=model), overwrite=request.overwrite, dry_run=request.dry_run,
                           naming=request.naming)
     for how in request.hows:
         report.results += metadata.publish(kept, how, opts)

@@ -18,9 +18,9 @@ from capcli.errors import UsageError
 from capcli.metadata import (
     TXT_RECORD,
     Fields,
-    Provenance,
     PublishOptions,
     Status,
+    WrittenBy,
     _sos_offset,
     counts,
     embed,
@@ -41,7 +41,7 @@ def _jpeg_scan(data: bytes) -> bytes:
 pyexiv2 = pytest.importorskip("pyexiv2")
 needs_exiftool = pytest.mark.skipif(shutil.which("exiftool") is None,
                                     reason="exiftool not installed (apt-get install libimage-exiftool-perl)")
-PROV = Provenance(model="flickr8k-attention")
+PROV = WrittenBy(model="flickr8k-attention")
 OPTS = PublishOptions(PROV)
 LABELS = {"chelsea": ["cat", "tabby"], "camera": ["tripod"], "coffee": ["espresso", "cup"]}
 
@@ -364,8 +364,8 @@ def test_data_after_a_jpegs_end_is_kept(photos):
 _EMBED_FOREVER = """
 import sys
 from pathlib import Path
-from capcli.metadata import Fields, Provenance, PublishOptions, embed
-photo, opts, i = Path(sys.argv[1]), PublishOptions(Provenance("m")), 0
+from capcli.metadata import Fields, WrittenBy, PublishOptions, embed
+photo, opts, i = Path(sys.argv[1]), PublishOptions(WrittenBy("m")), 0
 print("ready", flush=True)
 while True:
     i += 1
