@@ -154,7 +154,7 @@ class Captioner:
         cap = cls(model, encoder.for_inference(), vocab, dev, source=path, precision=precision, grounding=grounding,
                   familiarity=Familiarity.of_checkpoint(ckpt, path, spec.feature_dim))
         if cap.grounder is not None:  # fitted on grounded captions (their labels are features)
-            cap.confidence = for_checkpoint(path)
+            cap.confidence = for_checkpoint(path, sha256=cap.checkpoint_sha256)  # hashed once, for both
         return cap
 
     @functools.cached_property

@@ -186,12 +186,13 @@ class ConfidenceModel:
         return self.probability(features(caption, logprob, labels, evidence))
 
 
-def for_checkpoint(path: str | Path | None, asset: Path = ASSET) -> ConfidenceModel | None:
-    """The confidence model fitted for the checkpoint file at ``path``, or None (no calibration for it)."""
+def for_checkpoint(path: str | Path | None, asset: Path = ASSET, sha256: str | None = None) -> ConfidenceModel | None:
+    """The confidence model fitted for the checkpoint file at ``path`` (its SHA-256, if the caller has it), or
+    None (no calibration for it)."""
     if path is None or not asset.is_file() or not Path(path).is_file():
         return None
     model = ConfidenceModel.load(asset)
-    return model if model.checkpoint_sha256 == file_sha256(path) else None
+    return model if model.checkpoint_sha256 == (sha256 or file_sha256(path)) else None
 
 
 # ------------------------------------------------------------------------------------- fitting and measuring
