@@ -17,7 +17,6 @@ is read.
 from __future__ import annotations
 
 import functools
-import io
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from .errors import CapcliError, CheckpointError, ImageError, UsageError
 from .familiar import Familiarity
 from .grounding import MODES as GROUNDING_MODES
 from .grounding import Grounder, GroundingPolicy, Plan, grounded_search
-from .images import decode_image, to_rgb
+from .images import decode_bytes, to_rgb
 from .models import build
 from .models.base import CaptionModel, Searchable
 from .models.decoding import Decoded
@@ -240,7 +239,7 @@ class Captioner:
     def caption_bytes(self, images: Sequence[bytes], beam_size: int = 3, max_len: int = 20, top_k: int = 1,
                       length_penalty: float = 0.0, batch_size: int = 32, search_batch: int = SEARCH_BATCH,
                       options: SearchOptions | None = None) -> list[dict[str, Any]]:
-        """Caption photos given as the bytes of their files (JPEG, PNG, HEIC...: what :func:`decode_image` reads),
+        """Caption photos given as the bytes of their files (JPEG, PNG, HEIC...: what :func:`decode_bytes` reads),
         all in memory: one record per image, in order, ``{"error"}`` for bytes that are no readable photo.
 
         For a worker of a distributed engine: no file, folder or progress display, and the same records
@@ -252,7 +251,7 @@ class Captioner:
         errors: list[tuple[int, str]] = []
         for i, data in enumerate(images):
             try:
-                img = decode_image(io.BytesIO(data), f"image {i}", self.spec.input_size)
+                img = decode_bytes(data, f"image {i}", self.spec.input_size)
                 tensors[i] = self.spec.preprocess(img)
             except ImageError as e:
                 errors.append((i, str(e).removeprefix(f"image {i}: ")))

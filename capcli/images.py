@@ -147,6 +147,21 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
         return decode_image(f, path.name, min_size)
 
 
+def decode_bytes(data: bytes, name: str, min_size: int | None = None) -> Image.Image:
+    """A photo held in memory (a tar member, a table's bytes column) as :func:`load_image` reads a file: ``name``
+    says its format (a camera RAW goes through a temporary file of that name: LibRaw reads files, and RAW photos
+    are few) and names it in an :class:`ImageError`."""
+    if os.path.splitext(name)[1].lower() not in RAW_EXTENSIONS:
+        return decode_image(io.BytesIO(data), name, min_size)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="capcli-raw-") as tmp:
+        path = os.path.join(tmp, os.path.basename(name))
+        with open(path, "wb") as f:
+            f.write(data)
+        return load_image(path, min_size)
+
+
 def decode_image(f: BinaryIO, name: str, min_size: int | None = None) -> Image.Image:
     """An open photo file (or the bytes of one in memory) as an upright RGB image, or :class:`ImageError` whose
     reason starts with ``name``; ``min_size`` as for :func:`load_image`."""

@@ -8,15 +8,13 @@ a few threads beside the encoder, then encoded and searched as ``Captioner.capti
 
 from __future__ import annotations
 
-import io
-import os
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ImageError
-from ..images import RAW_EXTENSIONS, decode_image, load_image
+from ..images import decode_bytes, load_image
 from ..names import display, path_fields
 from ..provenance import Provenance
 from ..samples import Sample
@@ -43,27 +41,14 @@ def decode_sample(sample: Sample, spec: Any) -> Any:
     name = posixpath.basename(sample.key) or sample.key
     size = spec.input_size
     try:
-        if sample.data is not None and posixpath.splitext(name)[1].lower() in RAW_EXTENSIONS:
-            return spec.preprocess(_raw_from_bytes(sample.data, name, size))
         if sample.data is not None:
-            return spec.preprocess(decode_image(io.BytesIO(sample.data), name, size))
+            return spec.preprocess(decode_bytes(sample.data, name, size))
         return spec.preprocess(load_image(sample.path or "", size))
     except ImageError as e:
         text = str(e)
         return text[len(name) + 2:] if text.startswith(f"{name}: ") else text
     except Exception as e:  # noqa: BLE001 - any decoder surprise is that photo's error, never the job's
         return f"cannot read ({type(e).__name__}: {e})"
-
-
-def _raw_from_bytes(data: bytes, name: str, size: int) -> Any:
-    """A camera RAW file's bytes through a temporary file of its name (LibRaw reads files; RAW photos are few)."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="capcli-raw-") as tmp:
-        path = os.path.join(tmp, name)
-        with open(path, "wb") as f:
-            f.write(data)
-        return load_image(path, size)
 
 
 def record_of(sample: Sample, result: dict[str, Any] | str, provenance: Provenance) -> dict[str, Any]:

@@ -128,22 +128,23 @@ def run_caption_job(captioner: Any, job: CaptionJob, progress: Progress = NULL) 
         raise UsageError(f"no photos, tar shards or tables found in {', '.join(display(str(p)) for p in job.inputs)}")
     held = lock.output(job.out) if local_out else contextlib.nullcontext()
     with held:
-        writer, kept = _open_writer(job, _provenance(captioner, job))
+        made_by = _provenance(captioner, job)
+        writer, kept = _open_writer(job, made_by)
         todo, summary.skipped = _todo(listing.units, kept)
         total = sum(len(u.files) for u, _ in todo) if all(u.kind == "files" for u, _ in todo) else None
-        _write_all(captioner, job, todo, writer, summary, total, progress)
+        _write_all(captioner, job, todo, writer, summary, total, progress, made_by)
     return summary
 
 
 def _write_all(captioner: Any, job: CaptionJob, todo: list[tuple[Unit, frozenset[str]]], writer: Any,
-               summary: Any, total: int | None, progress: Progress) -> None:
+               summary: Any, total: int | None, progress: Progress, made_by: Provenance) -> None:
     from ..outputs import finishing
 
     t0 = time.perf_counter()
     progress.start("captioning", total=total if job.shard is None else None, unit="img")
     try:
         with finishing(writer):
-            for records in _records(captioner, job, todo, _provenance(captioner, job)):
+            for records in _records(captioner, job, todo, made_by):
                 for rec in records:
                     writer.write(rec)
                     if "error" in rec:
