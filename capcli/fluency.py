@@ -4,10 +4,11 @@
 A caption is a list of lower-case word tokens (``vocab.tokenize``). Its defects:
 
 - ``repeated_trigram``: three words in a row said twice ("on a ramp on a ramp");
+- ``repeated_word``: one word twice in a row ("a sheep sheep", "is is");
 - ``bad_ending``: it ends on a word that needs another after it: an article, a preposition, a conjunction, an
   auxiliary, a possessive, or a colour or adjective without its noun ("a man in a black");
-- ``orphan_modifier``: an article, or an article's colour or adjective, followed by a word that cannot begin or
-  continue a noun phrase ("a black is playing", "a in the");
+- ``orphan_modifier``: an article or a number, or its colour or adjective, followed by a word that cannot begin
+  or continue a noun phrase ("a black is playing", "a in the", "two little are sitting");
 - ``article_number``: "a" / "an" before a plural ("a lamps", "a small dogs").
 
 The word lists below are data, reviewed against Flickr8k's reference captions (train + val: the lists flag few
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-DEFECTS = ("repeated_trigram", "bad_ending", "orphan_modifier", "article_number")
+DEFECTS = ("repeated_trigram", "repeated_word", "bad_ending", "orphan_modifier", "article_number")
 
 ARTICLES = frozenset(["a", "an", "the"])
 SINGULAR_ARTICLES = frozenset(["a", "an"])
@@ -65,8 +66,10 @@ SINGULAR_S = frozenset([
 ])
 PLURALS_WITHOUT_S = frozenset(["men", "women", "children", "people", "feet", "teeth", "geese", "mice", "oxen"])
 
-# Words that open a noun phrase: after them, and after their colours and adjectives, comes its noun.
-OPENERS = ARTICLES | frozenset(["its", "his", "their", "my", "your", "our", "'s"])
+NUMBERS = frozenset(["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"])
+# Words that open a noun phrase: after them, and after their colours and adjectives, comes its noun ("two black
+# are" has none). A number may itself follow an opener ("the two dogs", "a two year old").
+OPENERS = ARTICLES | NUMBERS | frozenset(["its", "his", "their", "my", "your", "our", "'s"])
 MODIFIERS = COLOURS | ADJECTIVES
 # Words a caption never ends on, wherever they stand (a modifier may end it outside a noun phrase: "is black").
 # (Prepositions that are also adverbs end sentences: "from above", "walks past".)
@@ -74,7 +77,7 @@ BAD_ENDINGS = ARTICLES | CONJUNCTIONS | AUXILIARIES | DETERMINERS | (
     PREPOSITIONS - {"above", "below", "past", "underneath", "along", "beneath", "about"})
 # Words that cannot follow an opener or its modifiers: the phrase's noun is missing ("a black is", "the in").
 # ("and" goes on after a colour: "a black and white dog".)
-NOT_IN_NOUN_PHRASE = OPENERS | PREPOSITIONS | CONJUNCTIONS | AUXILIARIES | frozenset(
+NOT_IN_NOUN_PHRASE = (OPENERS - NUMBERS) | PREPOSITIONS | CONJUNCTIONS | AUXILIARIES | frozenset(
     ["some", "another", "each", "every", "several", "many", "both", "these", "those", "this", "no"])
 
 
@@ -126,6 +129,8 @@ def defects(words: Sequence[str]) -> frozenset[str]:
     found = _noun_phrase_defects(words)
     if repeats_trigram(words):
         found.add("repeated_trigram")
+    if any(a == b for a, b in zip(words, words[1:], strict=False)):
+        found.add("repeated_word")
     if words and words[-1] in BAD_ENDINGS:
         found.add("bad_ending")
     return frozenset(found)

@@ -12,6 +12,10 @@ from capcli.vocab import tokenize
 
 @pytest.mark.parametrize(("caption", "want"), [
     ("a dog runs on a ramp on a ramp", {"repeated_trigram"}),
+    ("a sheep sheep stands on a hill", {"repeated_word"}),
+    ("two little are sitting on a tree", {"orphan_modifier"}),
+    ("two are playing on the water", {"orphan_modifier"}),
+    ("two dogs are are running", {"repeated_word"}),
     ("a man in a black", {"bad_ending"}),
     ("a dog runs through the", {"bad_ending"}),
     ("a dog is running with", {"bad_ending"}),
@@ -37,6 +41,8 @@ def test_broken_captions(caption, want):
     "a bus drives past",
     "a boy in shorts jumps into a pool",
     "a man wearing sunglasses and a red hat",
+    "the two dogs run",  # a number may follow an article
+    "a two year old boy",
     "A Dog Runs",  # case does not matter
     "",
 ])

@@ -4,6 +4,7 @@ sentence, turned once into token masks that every search path applies to each st
 Per hypothesis the search keeps one small number, its noun phrase: 0 outside one, 1 after "a" / "an" (and that
 phrase's colours and adjectives so far), 2 after another opener ("the", "his", ...). Then:
 
+- no word twice in a row ("a sheep sheep");
 - no ``<end>`` after a bad-ending word ("with", "the", "is"), nor inside a noun phrase ("a man in a black");
 - inside a noun phrase, none of the words that cannot go on with it ("a black is", "the in"); "and" goes on after
   a colour ("a black and white dog");
@@ -74,6 +75,7 @@ class Grammar:
         V = logp.size(1)
         key = phrase * 2 + self.colour[last].long()
         logp.masked_fill_(self.table[key, :V], float("-inf"))
+        logp.scatter_(1, last[:, None], float("-inf"))  # not the same word again
         logp[:, self.end_id].masked_fill_(self.end_after[last], float("-inf"))
 
     def advance(self, phrase: torch.Tensor, last: torch.Tensor | None, word: torch.Tensor) -> torch.Tensor:
