@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .checkpoint import Checkpoint
-from .confidence import ConfidenceModel, evidence_of, file_sha256, for_checkpoint
+from .confidence import ConfidenceModel, Evidence, file_sha256, for_checkpoint
 from .encoders import Encoder, create_encoder, get_spec
 from .errors import CapcliError, CheckpointError, ImageError, UsageError
 from .familiar import Familiarity
@@ -178,8 +178,13 @@ class Captioner:
             grid = self.encoder(images.to(self.device, non_blocking=True))  # (B, N, D)
             plans = None
             if self.grounder is not None:
-                outside = self.familiarity.outside(grid) if self.familiarity is not None else None  # (B,)
-                plans = self.grounder.plans(self.encoder.imagenet_logits(grid), outside)
+                fam = self.familiarity
+                distance = fam.distance(grid.float().mean(1)) / fam.threshold if fam is not None else None  # (B,)
+                plans = self.grounder.plans(self.encoder.imagenet_logits(grid), None if distance is None
+                                            else distance > 1)
+                if distance is not None:
+                    for plan, d in zip(plans, distance.tolist(), strict=True):
+                        plan.distance = round(d, 4)
             return self.model.features_of_kind(grid, self.model.feature_kind), plans
 
     def _decode(self, feats: torch.Tensor, plans: list[Plan] | None, opts: SearchOptions,
@@ -195,17 +200,11 @@ class Captioner:
         records = [self._record(hyps, plan, opts.top_k, return_alphas)
                    for hyps, plan in zip(results, plans, strict=True)]
         if self.confidence is not None and plans[0] is not None:
-            self._add_confidence(feats, records)
+            for rec, plan in zip(records, plans, strict=True):
+                assert plan is not None
+                rec["confidence"] = round(self.confidence(rec["caption"], rec["logprob"], rec["labels"],
+                                                          Evidence.of(plan)), 4)
         return records
-
-    def _add_confidence(self, feats: torch.Tensor, records: list[dict[str, Any]]) -> None:
-        """Each record's ``confidence`` from its caption, labels and evidence (the photo's familiarity, its words'
-        log-probabilities read back through the float32 model: one decoder pass for the batch)."""
-        assert self.confidence is not None
-        with torch.inference_mode():
-            evidence = evidence_of(self.model, self.vocab, self.familiarity, feats, [r["caption"] for r in records])
-        for rec, ev in zip(records, evidence, strict=True):
-            rec["confidence"] = round(self.confidence(rec["caption"], rec["logprob"], rec["labels"], ev), 4)
 
     def _text(self, tokens: list[int], plan: Plan | None) -> str:
         if self.grounder is None:

@@ -6,9 +6,6 @@ logistic regression over features of the captioned photo, all known at captionin
 that a caption is *right* (every thing and doing it names is in the photo):
 
 - ``mean_logprob``: the caption's log-probability per token (``logprob / (words + 1)``, the end token counted);
-- ``min_word_logprob``: the least log-probability of one of its words (or the end) when the caption is read back
-  through the model (teacher forcing, :func:`word_logprobs`); a word the search was made to say, or a word the
-  model doubted, is where captions go wrong;
 - ``unfamiliar``: how far the photo is from the model's training photos (:mod:`capcli.familiar`: the distance to
   its k-th nearest training photo over the threshold beyond which a photo counts as outside, so 1 is the edge);
   off its training photos the decoder writes Flickr8k's habits, not the photo;
@@ -17,8 +14,14 @@ that a caption is *right* (every thing and doing it names is in the photo):
 - ``min_label_evidence``: ``log(e + 0.001)`` of the least evidence among the caption's ImageNet-table words
   (``e``: the word's label evidence, 0 when it is not among the labels), 0 when it names none;
 - ``objects_not_person``: how many COCO objects besides people it names (benches, balls and dogs are made up);
-- ``defects``: how many fluency defects it has (:func:`capcli.fluency.defects`: "a group of a group of");
+- ``person_doubt``: ``log(p + 0.001)`` of the photo's person evidence ``p`` (grounding's: the ImageNet classes
+  that come with people in Flickr8k's photos) when the caption names a person, 0 when it names none: a person
+  is what the decoder most often adds to a photo without one;
 - ``words``: its length.
+
+Not features: fluency defects (the search cannot write them, ``models/grammar.py``) and the words'
+log-probabilities read back through the model, which added nothing on the judged captions and cost a decoder pass
+(docs/research.md). Every feature is known once the photo is encoded and searched: confidence costs no model pass.
 
 It is fitted on the judged photos by ``scripts/fit_confidence.py`` (numbers cross-validated there) and stored in
 ``assets/confidence-flickr8k-attention.json`` with the SHA-256 of the checkpoint file it was fitted for: only that
@@ -38,30 +41,29 @@ from typing import TYPE_CHECKING, Any
 
 from .chair import objects_in
 from .errors import CheckpointError
-from .fluency import defects
 
 if TYPE_CHECKING:
-    import torch
-
-    from .familiar import Familiarity
-    from .models.base import CaptionModel
-    from .vocab import Vocabulary
+    from .grounding import Plan
 
 ASSET = Path(__file__).resolve().parent / "assets" / "confidence-flickr8k-attention.json"
-FEATURES = ("mean_logprob", "min_word_logprob", "unfamiliar", "top_label", "names_top_label", "min_label_evidence",
-            "objects_not_person", "defects", "words")
+FEATURES = ("mean_logprob", "unfamiliar", "top_label", "names_top_label", "min_label_evidence", "objects_not_person",
+            "person_doubt", "words")
 _FLOOR = 1e-3  # evidence floor inside the log
-_WORD_FLOOR = -12.0  # a word's log-probability below this says no more (a forced word is often -20)
 
 
 @dataclass(frozen=True)
 class Evidence:
-    """What confidence reads of a captioned photo besides its record: the photo's familiarity and the model's
-    probability of each word. Either may be unknown (None): its feature then takes the fitted mean, so it
-    moves the probability neither way."""
+    """What confidence reads of a captioned photo besides its record, both known once the photo is encoded (its
+    grounding :class:`~capcli.grounding.Plan` holds them). Either may be unknown (None): its feature then takes the
+    fitted mean, so it moves the probability neither way."""
 
     distance: float | None = None  # familiarity distance over the familiarity threshold (1: the edge)
-    word_logprobs: tuple[float, ...] | None = None  # per token of the caption and its end, teacher-forced
+    person: float | None = None  # P(a person is in view) from the ImageNet classes that come with people
+
+    @classmethod
+    def of(cls, plan: Plan) -> Evidence:
+        known = [None if math.isnan(x) else x for x in (plan.distance, plan.person)]
+        return cls(*known)
 
 
 @functools.cache
@@ -82,51 +84,18 @@ def features(caption: str, logprob: float, labels: Sequence[Mapping[str, Any]] |
     forms = _table_forms()
     named_words = {forms[t] for t in tokens if t in forms}
     named = [evidence_of.get(w, 0.0) for w in named_words]
-    wl = evidence.word_logprobs
+    objects = objects_in(caption)
+    person = evidence.person
     return {
         "mean_logprob": logprob / (len(tokens) + 1),
-        "min_word_logprob": max(min(wl), _WORD_FLOOR) if wl else math.nan,
         "unfamiliar": evidence.distance if evidence.distance is not None else math.nan,
         "top_label": evidence_of[top] if top is not None else 0.0,
         "names_top_label": float(top is not None and top in named_words),
         "min_label_evidence": math.log(min(named) + _FLOOR) if named else 0.0,
-        "objects_not_person": float(len(objects_in(caption) - {"person"})),
-        "defects": float(len(defects(tokens))),
+        "objects_not_person": float(len(objects - {"person"})),
+        "person_doubt": (math.nan if person is None else math.log(person + _FLOOR)) if "person" in objects else 0.0,
         "words": float(len(tokens)),
     }
-
-
-def word_logprobs(model: CaptionModel, feats: torch.Tensor, captions: Sequence[Sequence[int]],
-                  start_id: int, end_id: int) -> list[tuple[float, ...]]:
-    """The model's log-probability of each token of each caption and of its end, read back by teacher forcing
-    (one decoder pass). ``feats``: what the model consumes, one row per caption; ``captions``: token ids without
-    ``<start>``/``<end>``."""
-    import torch
-
-    seqs = [[start_id, *c, end_id] for c in captions]
-    lengths = torch.tensor([len(s) for s in seqs])
-    padded = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        padded[i, : len(s)] = torch.tensor(s)
-    with torch.inference_mode():
-        logits, _ = model(feats.float(), padded.to(feats.device), lengths)
-        lp = torch.log_softmax(logits.float(), -1).gather(2, padded[:, 1:, None].to(feats.device))[..., 0].cpu()
-    return [tuple(round(x, 4) for x in lp[i, : len(s) - 1].tolist()) for i, s in enumerate(seqs)]
-
-
-def evidence_of(model: CaptionModel, vocab: Vocabulary, familiarity: Familiarity | None, feats: torch.Tensor,
-                captions: Sequence[str]) -> list[Evidence]:
-    """The :class:`Evidence` of a batch of captioned photos: ``feats`` what the model consumed (grid (B, N, D) or
-    pooled (B, D)), ``captions`` the records' text. The text is read back, not the search's tokens, as the fit
-    script does: a word grounding put in place of its vocabulary relative reads as ``<unk>``, low, like any
-    forced word."""
-    distances: list[float | None] = [None] * len(captions)
-    if familiarity is not None:
-        pooled = feats.float().mean(1) if feats.dim() == 3 else feats.float()
-        distances = (familiarity.distance(pooled) / familiarity.threshold).tolist()
-    tokens = [vocab.encode(c, add_special=False) for c in captions]
-    per_word = word_logprobs(model, feats, tokens, vocab.start_id, vocab.end_id)
-    return [Evidence(None if d is None else round(d, 4), w) for d, w in zip(distances, per_word, strict=True)]
 
 
 def file_sha256(path: str | Path) -> str:

@@ -37,6 +37,7 @@ out-of-domain photos that the README reports on.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,6 +168,8 @@ class Plan:
     hold_animate: bool = False  # nothing alive in view: verbs of living things held back too
     labels: list[tuple[str, float]] = field(default_factory=list)
     say_any: list[str] = field(default_factory=list)  # the caption names at least one of these
+    person: float = math.nan  # P(a person is in view) from the classes that come with people (NaN: not computed)
+    distance: float = math.nan  # familiarity distance over its threshold, > 1 outside (NaN: no familiarity)
 
 
 class Grounder:
@@ -262,7 +265,7 @@ class Grounder:
             limit = p.hold_unfamiliar if unfamiliar else p.hold
             plan = Plan(say=say, hold=[w for w, e in zip(holds, hold_e[b].tolist(), strict=True) if e < limit],
                         hold_people=float(person[b]) < (p.person_unfamiliar if unfamiliar else p.person_p),
-                        labels=labels)
+                        labels=labels, person=round(float(person[b]), 4))
             plan.hold_animate = plan.hold_people and float(animal[b]) < p.animal
             if plan.hold_animate and not say:  # nothing alive to describe: name one of the things it sees
                 plan.say_any = [w for w, e in labels if e >= p.say_unfamiliar]

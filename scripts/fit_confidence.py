@@ -6,8 +6,8 @@
 
 ``collect`` captions the 1,000 Flickr8k val photos (and, with ``--coco``, the 159 coco-mini photos, only ever
 reported on) with the shipped model through the real ``Captioner`` (grounding on, CPU, default precision), with
-what confidence reads besides the record: the photo's familiarity distance and each word's log-probability read
-back by teacher forcing. ``sheets`` picks the photos to judge (:func:`judged_sample`: 150 of the least familiar
+what confidence reads besides the record: the photo's familiarity distance and person evidence (its grounding
+plan's). ``sheets`` picks the photos to judge (:func:`judged_sample`: 150 of the least familiar
 quarter of val, 150 of the rest) and draws contact sheets of them, 16 a sheet, each with its number and caption,
 for a person to judge (data/judged/README.md says how; the sheets are not kept). ``fit`` fits the logistic
 regression on the judged captions (data/judged/flickr8k-val-judged.jsonl), reports 10-fold cross-validated
@@ -74,7 +74,7 @@ def photo_list(which: str) -> list[dict[str, Any]]:
 
 def collect(items: list[dict[str, Any]], out: Path, batch: int = 16) -> None:
     """Caption ``items`` as ``capcli caption`` does (beam 3, grounding on) and append each record, with its
-    familiarity distance (over the threshold) and teacher-forced word log-probabilities, to ``out`` (resumable)."""
+    familiarity distance (over the threshold) and person evidence, to ``out`` (resumable)."""
     import torch
 
     from capcli import runtime
@@ -82,17 +82,16 @@ def collect(items: list[dict[str, Any]], out: Path, batch: int = 16) -> None:
 
     runtime.tune_cpu_allocator()
     cap = Captioner.load(device="cpu")
+    opts = cap.search_options(beam_size=3)
     done = {json.loads(line)["file"] for line in out.read_text().splitlines()} if out.is_file() else set()
     todo = [it for it in items if it["file"] not in done]
     with out.open("a", encoding="utf-8") as f:
         for s in range(0, len(todo), batch):
             chunk = todo[s: s + batch]
             feats, plans = cap._encode(torch.stack([cap.spec.read(it["path"]) for it in chunk]))
-            recs = cap._decode(feats, plans, 3, 20, 1, 0.0, False)
-            ev = confidence.evidence_of(cap.model, cap.vocab, cap.familiarity, feats, [r["caption"] for r in recs])
-            for it, r, e in zip(chunk, recs, ev, strict=True):
-                f.write(json.dumps(it | r | {"distance": e.distance, "word_logprobs": list(e.word_logprobs or ())})
-                        + "\n")
+            recs = cap._decode(feats, plans, opts, False)
+            for it, r, plan in zip(chunk, recs, plans, strict=True):
+                f.write(json.dumps(it | r | {"distance": plan.distance, "person": plan.person}) + "\n")
             f.flush()
             print(f"{s + len(chunk)}/{len(todo)}", flush=True)
 
@@ -102,7 +101,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def evidence(rec: dict[str, Any]) -> confidence.Evidence:
-    return confidence.Evidence(rec.get("distance"), tuple(rec["word_logprobs"]) if "word_logprobs" in rec else None)
+    return confidence.Evidence(rec.get("distance"), rec.get("person"))
 
 
 def features(rec: dict[str, Any]) -> dict[str, float]:

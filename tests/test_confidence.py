@@ -1,5 +1,5 @@
-"""Caption confidence: the shipped model, its features (teacher-forced word probabilities, familiarity, labels,
-fluency), the judged set it was fitted on, and the label-style alt text offered below --min-confidence.
+"""Caption confidence: the shipped model, its features (the caption's probability, familiarity, labels, person
+evidence), the judged set it was fitted on, and the label-style alt text offered below --min-confidence.
 
 Real forward passes of the shipped model on the example photos and on judged Flickr8k val photos; no mocks.
 """
@@ -63,44 +63,48 @@ def test_confidence_is_a_probability_on_the_example_photos(grounded, example_pho
 
 def test_features_follow_the_caption() -> None:
     labels = [{"word": "dog", "p": 0.8}, {"word": "bench", "p": 0.1}]
-    dog = confidence.features("a dog runs on a bench", -4.0, labels, Evidence(1.2, (-0.1, -3.0, -0.5)))
+    dog = confidence.features("a dog runs on a bench", -4.0, labels, Evidence(1.2, 0.3))
     assert dog["objects_not_person"] == 2 and dog["names_top_label"] == 1.0 and dog["top_label"] == 0.8
     assert dog["mean_logprob"] == pytest.approx(-4.0 / 7)
-    assert dog["min_word_logprob"] == -3.0 and dog["unfamiliar"] == 1.2
+    assert dog["unfamiliar"] == 1.2 and dog["person_doubt"] == 0.0  # no person named: the evidence does not count
     assert dog["min_label_evidence"] == pytest.approx(math.log(0.101))  # the bench's
     # a named word the labels do not back gets the evidence floor; a caption that misses the top label says so
     cat = confidence.features("a cat runs", -2.0, labels)
     assert cat["min_label_evidence"] == pytest.approx(math.log(1e-3)) and cat["names_top_label"] == 0.0
-    assert math.isnan(cat["min_word_logprob"]) and math.isnan(cat["unfamiliar"])  # no evidence: unknown
-    # a forced word's log-probability is floored: beyond it, it says no more
-    assert confidence.features("a cat", -30.0, None, Evidence(None, (-25.0, -1.0)))["min_word_logprob"] == -12.0
-    broken = confidence.features("a group of a group of a group of", -9.0, None)
-    assert broken["defects"] >= 2 and broken["top_label"] == 0.0 and broken["objects_not_person"] == 0
+    assert math.isnan(cat["unfamiliar"])  # no evidence: unknown
+    man = confidence.features("a man runs", -2.0, None, Evidence(0.9, 0.05))
+    assert man["person_doubt"] == pytest.approx(math.log(0.051)) and man["objects_not_person"] == 0
+    assert math.isnan(confidence.features("a man runs", -2.0, None)["person_doubt"])
 
 
 def test_an_unknown_feature_counts_as_its_mean(shipped) -> None:
-    x = confidence.features("a dog runs on the grass", -3.0, [{"word": "dog", "p": 0.9}])
-    at_mean = x | {"min_word_logprob": shipped.means[FEATURES.index("min_word_logprob")],
+    x = confidence.features("a man runs on the grass", -3.0, [{"word": "dog", "p": 0.9}])
+    at_mean = x | {"person_doubt": shipped.means[FEATURES.index("person_doubt")],
                    "unfamiliar": shipped.means[FEATURES.index("unfamiliar")]}
     assert shipped.probability(x) == pytest.approx(shipped.probability(at_mean))
-    # and a photo far off the training photos gets less confidence than a familiar one, all else alike
-    i = FEATURES.index("unfamiliar")
-    assert shipped.coef[i] < 0
+    # a photo far off the training photos gets less confidence than a familiar one, all else alike; a person named
+    # where the photo's classes say no person, less than where they say one
+    i, j = FEATURES.index("unfamiliar"), FEATURES.index("person_doubt")
+    assert shipped.coef[i] < 0 and shipped.coef[j] > 0
     assert shipped.probability(x | {"unfamiliar": 1.3}) < shipped.probability(x | {"unfamiliar": 0.8})
+    no_person, person = Evidence(0.9, 0.05), Evidence(0.9, 0.95)
+    assert shipped("a man runs on the grass", -3.0, None, no_person) < shipped("a man runs on the grass", -3.0,
+                                                                                 None, person)
 
 
-def test_word_logprobs_read_back_the_search_score(example_photos) -> None:
-    # float32, no grounding: the caption is vocabulary words only, and beam search scores it by the same
-    # log-softmax the teacher-forced pass computes, so the per-word log-probabilities sum to its logprob
-    cap = Captioner.load(device="cpu", precision="float32", grounding="off")
-    images = torch.stack([cap.spec.read(p) for p in example_photos[:3]])
-    feats, _ = cap._encode(images)
-    recs = cap._decode(feats, None, cap.search_options(3, 20, 1, 0.0), False)
-    tokens = [cap.vocab.encode(r["caption"], add_special=False) for r in recs]
-    per_word = confidence.word_logprobs(cap.model, feats, tokens, cap.vocab.start_id, cap.vocab.end_id)
-    for r, t, w in zip(recs, tokens, per_word, strict=True):
-        assert len(w) == len(t) + 1 and all(x <= 0 for x in w)
-        assert sum(w) == pytest.approx(r["logprob"], abs=2e-3)
+def test_records_confidence_is_the_plans_evidence(grounded, example_photos) -> None:
+    """The confidence a record carries is the model's probability of its caption's features with the photo's
+    familiarity distance and person evidence as grounding planned them (no other pass over the photo)."""
+    images = torch.stack([grounded.spec.read(p) for p in example_photos])
+    feats, plans = grounded._encode(images)
+    recs = grounded._decode(feats, plans, grounded.search_options(3, 20, 1, 0.0), False)
+    assert grounded.familiarity is not None
+    pooled = grounded.encoder(images).float().mean(1)
+    want = (grounded.familiarity.distance(pooled) / grounded.familiarity.threshold).tolist()
+    for rec, plan, d in zip(recs, plans, want, strict=True):
+        assert plan.distance == pytest.approx(d, abs=1e-4) and 0.0 <= plan.person <= 1.0
+        assert rec["confidence"] == round(grounded.confidence(rec["caption"], rec["logprob"], rec["labels"],
+                                                              Evidence(plan.distance, plan.person)), 4)
 
 
 def test_no_confidence_without_a_calibration(tmp_path, example_photos) -> None:
