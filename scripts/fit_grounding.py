@@ -16,7 +16,8 @@ photo's caption then comes from a model that never saw it, as a test photo's doe
     python scripts/fit_grounding.py score --fold flickr8k:val=capcli/assets/flickr8k-attention.pt [--set hold=0.01]
 
 The captions are those of ``capcli evaluate`` (beam 3, float32, the plain search, then the repair search where a
-caption breaks its plan), read from the cached features instead of the photos. The scores are pycocoevalcap's
+caption breaks its plan, kept as ``grounding.repair_kept`` keeps it; the sentence rules on in both), read from the
+cached features instead of the photos. The scores are pycocoevalcap's
 quantities on capcli's Python tokenisation: BLEU-4 pooled over the photos (the "closest" reference length), CIDEr-D
 with document frequencies from the scored photos' references (capcli/cider.py), CHAIR_s (capcli/chair.py).
 
@@ -47,13 +48,16 @@ from capcli.captioner import Captioner
 from capcli.chair import objects_in
 from capcli.cider import CiderD
 from capcli.features import FeatureStore
-from capcli.grounding import Grounder, GroundingPolicy, Plan
+from capcli.grounding import Grounder, GroundingPolicy, Plan, repair_kept
 from capcli.grounding_table import load_word_table
 from capcli.layout import open_dataset
-from capcli.models.decoding import beam_search
+from capcli.search import search
 from capcli.vocab import tokenize
 
 BEAM, MAX_LEN, BATCH = 3, 20, 50
+# Cached captions are of the search of this name: the shipped one (Captioner.search_options: sentence rules, banned
+# specials), a repair kept as grounding.repair_kept keeps it. A change to the search renames it.
+SEARCH = "search-2026-12-07"
 # CHAIR_s differences below this (points; 12 of 6,091 captions) are noise next to a CIDEr margin: a tie.
 CHAIR_TIE = 0.2
 # The hold words select_hold_words.py found the evidence never misses (without the words said out of habit).
@@ -126,7 +130,7 @@ def load_fold(spec: str, features: Path, cache: Path) -> Fold:
     store = FeatureStore(features)
     ids = [r.id for r in recs]
     grids = torch.from_numpy(store.get_many(ids, "grid"))
-    tag = hashlib.sha1(f"{Path(ckpt).resolve()}:{os.path.getmtime(ckpt)}:{ids}".encode()).hexdigest()[:12]
+    tag = hashlib.sha1(f"{SEARCH}:{Path(ckpt).resolve()}:{os.path.getmtime(ckpt)}:{ids}".encode()).hexdigest()[:12]
     path = cache / f"{dataset}-{split or 'test'}-{tag}.pt"
     if path.is_file():
         saved = torch.load(path)
@@ -145,16 +149,15 @@ def load_fold(spec: str, features: Path, cache: Path) -> Fold:
 
 def _plain(cap: Captioner, grids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, list[list[int]]]:
     """The ImageNet logits, the familiarity and the plain beam-3 caption of every photo."""
-    v, logits, outside, plain = cap.vocab, [], [], []
+    opts, logits, outside, plain = cap.search_options(BEAM, MAX_LEN), [], [], []
     with torch.inference_mode():
         for s in range(0, len(grids), BATCH):
             grid = grids[s: s + BATCH].float()
             logits.append(cap.encoder.imagenet_logits(grid))
             if cap.familiarity is not None:
                 outside.append(cap.familiarity.outside(grid))
-            hyps = beam_search(cap.model, cap.model.features_of_kind(grid, cap.model.feature_kind), v.start_id,
-                               v.end_id, beam_size=BEAM, max_len=MAX_LEN, banned=(v.pad_id, v.start_id, v.unk_id),
-                               with_alphas=False)
+            hyps = search(cap.model, cap.model.features_of_kind(grid, cap.model.feature_kind), opts,
+                          greedy_at_1=False)
             plain += [h[0].tokens for h in hyps]
             print(f"  plain captions {len(plain)}/{len(grids)}", flush=True)
     return torch.cat(logits), torch.cat(outside) if outside else None, plain
@@ -163,8 +166,9 @@ def _plain(cap: Captioner, grids: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 def grounded(fold: Fold, policy: GroundingPolicy) -> tuple[dict[int, str], int]:
     """The grounded caption of every photo under ``policy`` (as ``Captioner._grounded_search``), and how many
     were searched again. Repair searches are cached by what they depend on."""
-    cap, v = fold.cap, fold.cap.vocab
-    g = Grounder(load_word_table(), v, policy)
+    cap = fold.cap
+    opts = cap.search_options(BEAM, MAX_LEN)
+    g = Grounder(load_word_table(), cap.vocab, policy)
     plans = g.plans(fold.logits, fold.outside)
     redo = [i for i, (p, t) in enumerate(zip(plans, fold.plain, strict=True)) if not g.keeps(p, t)]
     keys = {i: _key(g, plans[i], i, policy.repair_beams) for i in redo}
@@ -173,13 +177,13 @@ def grounded(fold: Fold, policy: GroundingPolicy) -> tuple[dict[int, str], int]:
         for s in range(0, len(todo), BATCH):
             rows = todo[s: s + BATCH]
             grid = fold.grids[rows].float()
-            hyps = beam_search(cap.model, cap.model.features_of_kind(grid, cap.model.feature_kind), v.start_id,
-                               v.end_id, beam_size=BEAM + policy.repair_beams, max_len=MAX_LEN,
-                               banned=(v.pad_id, v.start_id, v.unk_id), with_alphas=False,
-                               constraints=g.constraints([plans[i] for i in rows], grid.device))
+            hyps = search(cap.model, cap.model.features_of_kind(grid, cap.model.feature_kind), opts,
+                          extra_beams=policy.repair_beams,
+                          constraints=g.constraints([plans[i] for i in rows], grid.device))
             for i, h in zip(rows, hyps, strict=True):
                 fold.repaired[keys[i]] = h[0].tokens
-    tokens = {i: fold.repaired[keys[i]] for i in redo}
+    tokens = {i: fold.repaired[keys[i]] for i in redo
+              if repair_kept(g, plans[i], fold.plain[i], fold.repaired[keys[i]])}
     return ({fold.ids[i]: " ".join(g.words_of(plans[i], tokens.get(i, fold.plain[i]))) for i in range(len(plans))},
             len(redo))
 

@@ -30,8 +30,9 @@ from capcli.familiar import Familiarity
 from capcli.features import FeatureStore
 from capcli.layout import Dataset
 from capcli.models import build
-from capcli.models.decoding import beam_search, greedy
+from capcli.models.decoding import greedy
 from capcli.progress import Progress
+from capcli.search import SearchOptions, search
 from capcli.train import epoch_order, train
 from capcli.vocab import Vocabulary, tokenize
 
@@ -176,14 +177,15 @@ def test_resume_gives_identical_weights(small_flickr8k, small_flickr8k_features,
 def test_refuses_to_overwrite_a_run(small_flickr8k, small_flickr8k_features, tmp_path):
     cfg = tiny(small_flickr8k, small_flickr8k_features, tmp_path / "run", epochs=1, arch="basic", val_beam=3)
     best = train(cfg).best_metrics
-    # validation captions by beam search: best.pt's own beam-3 captions of the 10 val photos score the same
+    # validation captions by the search caption and evaluate use: best.pt's own beam-3 captions of the 10 val
+    # photos score the same
     ck = load_checkpoint(tmp_path / "run" / "best.pt")
     model = build(ck["config"]).eval()
     model.load_state_dict(ck["model"])
     vocab = Vocabulary.from_dict(ck["vocab"])
     recs = small_flickr8k.split("val")
     feats = FeatureStore(small_flickr8k_features).get_many([r.id for r in recs], model.feature_kind)
-    beams = beam_search(model, torch.from_numpy(feats).float(), vocab.start_id, vocab.end_id, max_len=20, beam_size=3)
+    beams = search(model, torch.from_numpy(feats).float(), SearchOptions.of(vocab, beam_size=3, max_len=20))
     hyps = {r.id: vocab.to_text(b[0].tokens) for r, b in zip(recs, beams, strict=True)}
     again = score(hyps, {r.id: r.captions for r in recs}, metrics=("bleu", "cider"), tokenizer="python").values
     assert (best["epoch"], best["split"], best["images"], best["select"]) == (1, "val", 10, "CIDEr")
