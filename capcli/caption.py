@@ -28,7 +28,7 @@ from .errors import ImageError, UsageError
 from .images import load_image
 from .metadata import SIDECAR_NAMINGS, sidecar_path
 from .names import display, name_bytes, path_fields, record_key
-from .outputs import Found, Writer, finishing, open_writer, output_format, read_records
+from .outputs import Found, Writer, finishing, open_writer, output_format
 from .progress import NULL, Progress
 from .provenance import Provenance
 from .search import SearchOptions
@@ -191,9 +191,7 @@ def caption_files(captioner: Captioner, inputs: Sequence[str | Path], out: str |
         summary.outside_shard = len(inputs_found) - len(items)
     made_by = Provenance.of(captioner, beam_size, max_len, top_k, length_penalty)
     with lock.output(out):
-        if resume and out.is_file():
-            made_by.check_resume(read_records(out), str(out))
-        writer = open_writer(out, resume)
+        writer = open_writer(out, resume, check=lambda records: made_by.check_resume(records, str(out)))
         records = _caption_into(captioner, items, writer, summary, _Run(
             opts, made_by, batch_size, workers, Path(attention_maps) if attention_maps is not None else None,
             keep_records), progress)

@@ -111,7 +111,7 @@ class Captioner:
         twin = self.model.for_search(precision) if precision != "float32" else None
         self._search_model: Searchable = twin if twin is not None else self.model
         self.precision = precision if twin is not None else "float32"
-        # P(the caption names no object not in the photo), for a checkpoint with a fitted calibration (load()).
+        # P(the caption is not wrong), for a checkpoint with a fitted calibration (load(); capcli/confidence.py).
         self.confidence: ConfidenceModel | None = None
 
     @classmethod

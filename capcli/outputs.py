@@ -213,9 +213,11 @@ class Writer:
     ends at a whole record (.jsonl/.csv, cut back) or is the last complete array (.json).
     """
 
-    def __init__(self, path: Path, resume: bool) -> None:
+    def __init__(self, path: Path, resume: bool, found: Found | None = None) -> None:
         self.path = path
-        self.found = read_output(path) if resume and path.is_file() else Found()
+        if found is None:  # ``found``: the file as the caller read it already
+            found = read_output(path) if resume and path.is_file() else Found()
+        self.found = found
         # a photo that failed is tried again (it may have been mended since): its error record is not kept
         self.kept: list[dict[str, Any]] = [r for r in self.found.records if "error" not in r]
         self.safe = 0  # records known to be in the file
@@ -292,8 +294,8 @@ class _StreamWriter(Writer):
     On resume the file is first rewritten as it was (BOM, CSV columns) without its damaged or cut lines.
     """
 
-    def __init__(self, path: Path, resume: bool, layout: Layout) -> None:
-        super().__init__(path, resume)
+    def __init__(self, path: Path, resume: bool, layout: Layout, found: Found | None = None) -> None:
+        super().__init__(path, resume, found)
         self.head, self.encode = layout(self.found)
         if self.found.kept:
             atomic.write_bytes(path, self.file_bytes(self.kept))
@@ -352,8 +354,9 @@ class _JsonWriter(Writer):
     periodic saves cost under 5 % even when the array grows large (use .jsonl for huge collections).
     """
 
-    def __init__(self, path: Path, resume: bool, every_s: float = JSON_SAVE_EVERY_S) -> None:
-        super().__init__(path, resume)
+    def __init__(self, path: Path, resume: bool, every_s: float = JSON_SAVE_EVERY_S,
+                 found: Found | None = None) -> None:
+        super().__init__(path, resume, found)
         self.records = list(self.kept)
         self.every_s = every_s
         self.safe = len(self.kept)  # the earlier run's file holds them until the first save
@@ -420,14 +423,19 @@ def finishing(writer: Any) -> Iterator[Any]:
         writer.close()
 
 
-def open_writer(out: Path, resume: bool = False) -> Writer:
-    """A writer of ``out`` in its format; with ``resume`` it keeps the records ``out`` holds (``kept``)."""
+def open_writer(out: Path, resume: bool = False,
+                check: Callable[[list[dict[str, Any]]], None] | None = None) -> Writer:
+    """A writer of ``out`` in its format; with ``resume`` it keeps the records ``out`` holds (``kept``).
+    ``check`` sees those records (errors too) before the file is touched: it may refuse the resume by raising."""
     fmt = output_format(out)
     if out.is_dir():
         raise OutputError(f"cannot write {display(str(out))}: it is a folder; give -o a file name")
     try:
+        found = read_output(out) if resume and out.is_file() else None
+        if found is not None and check is not None:
+            check(found.records)
         out.parent.mkdir(parents=True, exist_ok=True)
-        return fmt.open(out, resume)
+        return fmt.open(out, resume, found)
     except OSError as e:
         raise OutputError(f"cannot write {display(str(out))}: {os_reason(e)}") from None
 
@@ -458,16 +466,18 @@ class Format:
 
     name: str
     read: Callable[[Path], Found]  # raises UsageError for a file that is no capcli caption list
-    open: Callable[[Path, bool], Writer]  # (path, resume) -> a writer (it reads the file back on resume)
+    open: Callable[[Path, bool, Found | None], Writer]  # (path, resume, the file as read if it was) -> a writer
     file_bytes: Callable[[Sequence[dict[str, Any]], Found], bytes]  # a whole file of records, laid out as found
     laid_out: bool = True  # whether a rewrite keeps the file's layout (so reads it first)
 
 
+def _streamed(layout: Layout) -> Callable[[Path, bool, Found | None], Writer]:
+    return lambda path, resume, found: _StreamWriter(path, resume, layout, found)
+
+
 FORMATS: dict[str, Format] = {
-    ".json": Format("json", _read_json, _JsonWriter, lambda records, _: atomic.json_bytes(list(records)),
-                    laid_out=False),
-    ".jsonl": Format("jsonl", _read_jsonl, lambda path, resume: _StreamWriter(path, resume, _jsonl_layout),
-                     _streamed_bytes(_jsonl_layout)),
-    ".csv": Format("csv", _read_csv, lambda path, resume: _StreamWriter(path, resume, _csv_layout),
-                   _streamed_bytes(_csv_layout)),
+    ".json": Format("json", _read_json, lambda path, resume, found: _JsonWriter(path, resume, found=found),
+                    lambda records, _: atomic.json_bytes(list(records)), laid_out=False),
+    ".jsonl": Format("jsonl", _read_jsonl, _streamed(_jsonl_layout), _streamed_bytes(_jsonl_layout)),
+    ".csv": Format("csv", _read_csv, _streamed(_csv_layout), _streamed_bytes(_csv_layout)),
 }

@@ -59,11 +59,9 @@ def _open_writer(job: CaptionJob, made_by: Provenance) -> tuple[Any, Kept]:
         return w, w.kept
     if is_remote(job.out):
         raise UsageError(f"{display(job.out)}: an s3:// output must be .parquet")
-    from ..outputs import open_writer, read_records
+    from ..outputs import open_writer
 
-    if job.resume and Path(job.out).is_file():
-        made_by.check_resume(read_records(job.out), job.out)
-    w = open_writer(Path(job.out), job.resume)
+    w = open_writer(Path(job.out), job.resume, check=lambda records: made_by.check_resume(records, job.out))
     kept = Kept()
     for rec in w.kept:
         kept.add(record_key(rec), str(rec.get("source", "")))

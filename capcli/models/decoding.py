@@ -250,11 +250,8 @@ def beam_search(model: Searchable, features: torch.Tensor, start_id: int, end_id
     if max_len < 1:
         raise ValueError("max_len must be at least 1")
     _check_rules(block_ngram)
-    search = _BeamSearch(model, features, start_id, end_id, beam_size, max_len, length_penalty, top_k, banned,
-                         with_alphas, constraints)
-    search.block_ngram = block_ngram
-    search.grammar = grammar.to(features.device) if grammar is not None else None
-    return search.run()
+    return _BeamSearch(model, features, start_id, end_id, beam_size, max_len, length_penalty, top_k, banned,
+                       with_alphas, constraints, block_ngram, grammar).run()
 
 
 class _BeamSearch:
@@ -263,7 +260,7 @@ class _BeamSearch:
 
     def __init__(self, model: Searchable, features: torch.Tensor, start_id: int, end_id: int, K: int, max_len: int,
                  length_penalty: float, top_k: int, banned: Sequence[int], with_alphas: bool,
-                 constraints: Constraints | None) -> None:
+                 constraints: Constraints | None, block_ngram: int, grammar: Grammar | None) -> None:
         self.model, self.K, self.max_len, self.lp, self.top_k = model, K, max_len, length_penalty, top_k
         self.end_id, self.with_alphas = end_id, with_alphas
         self.dev = dev = features.device
@@ -289,8 +286,8 @@ class _BeamSearch:
         self.fin_tok = torch.zeros(B, K, max_len, dtype=torch.long, device=dev)
         self.fin_att: torch.Tensor | None = None
         self.ban = torch.tensor(banned, device=dev) if banned else None
-        self.block_ngram = 0
-        self.grammar: Grammar | None = None
+        self.block_ngram = block_ngram
+        self.grammar = grammar.to(dev) if grammar is not None else None
         self.phrase = torch.zeros(B, S, dtype=torch.long, device=dev)  # (Bact, H): see Grammar
 
     def merge(self, rows: torch.Tensor, norm: torch.Tensor, logp: torch.Tensor, length: torch.Tensor,
