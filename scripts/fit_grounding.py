@@ -72,6 +72,7 @@ GRID: dict[str, tuple] = {
     "known": (100, 200, 400, 1500),
     "scene": (0.4, 0.5, 0.6, 0.8, 1.01),
     "hold_unfamiliar": (0.03, 0.1, 0.2),
+    "hold_objects": (0.0, 0.003, 0.01, 0.03, 0.1),
     "person_unfamiliar": (0.5, 0.77, 0.9, 0.95),
     "say_unfamiliar": (0.2, 0.3, 0.5, 1.01),
     "animal": (0.05, 0.1, 0.2),

@@ -91,3 +91,20 @@ def test_an_unfamiliar_photo_holds_its_people_to_a_stricter_bar() -> None:
     familiar, unfamiliar = g.plans(logits, torch.tensor([False, True]))
     assert not familiar.hold_people and unfamiliar.hold_people
     assert [pl.hold_people for pl in g.plans(logits)] == [False, False]  # no familiarity: the word rule alone
+
+
+def test_an_unfamiliar_photo_holds_back_the_objects_its_evidence_does_not_see() -> None:
+    """A photo the head sees as a golden retriever on a bench: in an unfamiliar photo every COCO object it gives
+    next to nothing (a car, a pizza) is held back, what it sees (the bench) is not; a familiar photo holds back only
+    the decoder's habitual words."""
+    cap = Captioner.load(precision="float32")
+    g = cap.grounder
+    assert g is not None
+    logits = torch.full((2, 1000), -30.0)
+    logits[:, 207], logits[:, 703] = 0.0, 0.0  # golden retriever, park bench: half the evidence each
+    familiar, unfamiliar = g.plans(logits, torch.tensor([False, True]))
+    assert {"car", "pizza", "stove", "bus"} <= set(unfamiliar.hold) and not {"bench", "dog"} & set(unfamiliar.hold)
+    assert not {"car", "pizza", "stove", "bus"} & set(familiar.hold)
+    assert set(unfamiliar.hold) - set(familiar.hold) <= set(g.objects)
+    car = g.tokens["car"]
+    assert set(car) <= set(g.banned(unfamiliar)) and not set(car) & set(g.banned(familiar))
