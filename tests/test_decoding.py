@@ -15,7 +15,7 @@ from capcli.errors import UsageError
 from capcli.fluency import defects
 from capcli.images import load_image
 from capcli.models import build
-from capcli.models.decoding import Constraints, Decoded, beam_search, greedy, sample
+from capcli.models.decoding import Constraints, Decoded, beam_search, block_repeats, greedy, sample
 from capcli.models.grammar import Grammar
 from capcli.runtime import PRECISIONS, resolve_device, resolve_precision
 from capcli.vocab import Vocabulary
@@ -340,3 +340,24 @@ def test_sampled_captions_carry_their_teacher_forced_log_probability(real_grids,
         assert torch.allclose(total[i], forced, atol=1e-4), (i, float(total[i]), float(forced))
     total.sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("prefix", [
+    "a man is riding a bike on a",  # "bike" would say "a bike" again three words on
+    "a black and white group of a group",  # "of" would say "group of" again
+    "a dog on a rock on a",  # "on a" may come back ("on a hill"), "a rock" may not
+    "a dog and a man in a",  # "man" would say "a man" again; "a dog", six words on, is a new phrase
+    "two dogs two",
+])
+def test_the_masks_are_the_definition(prefix):
+    """Every search path's masks (repeats, then the grammar) forbid exactly the words after which
+    fluency.defects finds a new defect: the masks are derived from the one definition, word for word."""
+    ids = [WORDS.index(w) for w in prefix.split()]
+    seqs = torch.tensor([ids])
+    logp = torch.zeros(1, len(WORDS))
+    block_repeats(logp, seqs, 3)
+    phrase = torch.zeros(1, dtype=torch.long)
+    for i in range(len(ids)):
+        phrase = GRAMMAR.advance(phrase, seqs[:, i - 1] if i else None, seqs[:, i])
+    GRAMMAR.mask(logp, seqs, phrase)
+    assert torch.equal(logp[0].isinf(), ~allowed(ids, rules=True))

@@ -71,7 +71,7 @@ def greedy(model: Searchable, features: torch.Tensor, start_id: int, end_id: int
         last = tokens if t else None
         block_repeats(step_logp, seqs, block_ngram)
         if grammar is not None:
-            grammar.mask(step_logp, last, phrase)
+            grammar.mask(step_logp, seqs, phrase)
         best, tokens = step_logp.max(-1)
         if grammar is not None:
             phrase = grammar.advance(phrase, last, tokens)
@@ -397,7 +397,7 @@ class _BeamSearch:
         seqs = self.seqs.flatten(0, 1)  # (Bact*H, t)
         block_repeats(logp, seqs, self.block_ngram)
         if self.grammar is not None:
-            self.grammar.mask(logp, seqs[:, -1] if t else None, self.phrase.flatten())
+            self.grammar.mask(logp, seqs, self.phrase.flatten())
 
     def narrow(self, parent: torch.Tensor, word: torch.Tensor, H: int) -> bool:
         """Stop images whose top_k-th best finished caption no live hypothesis can still beat; reorder the state

@@ -5,6 +5,8 @@ Per hypothesis the search keeps one small number, its noun phrase: 0 outside one
 phrase's colours and adjectives so far), 2 after another opener ("the", "his", ...). Then:
 
 - no word twice in a row ("a sheep sheep");
+- no two words in a row again within three words of themselves, unless both are function words ("a bike on a
+  bike", but "on a rock on a hill");
 - no ``<end>`` after a bad-ending word ("with", "the", "is"), nor inside a noun phrase ("a man in a black");
 - inside a noun phrase, none of the words that cannot go on with it ("a black is", "the in"); "and" goes on after
   a colour ("a black and white dog");
@@ -33,6 +35,7 @@ class Grammar:
     opener: torch.Tensor  # (V,) long: 1 "a" / "an", 2 another opener, 0 none
     goes_on: torch.Tensor  # (V,) bool: modifiers (colours, adjectives): a noun phrase goes on through them
     colour: torch.Tensor  # (V,) bool
+    function: torch.Tensor  # (V,) bool: words that carry no thing of their own ("a", "on", "is")
     and_id: int  # -1 where the vocabulary has no "and"
     table: torch.Tensor  # (3 * 2, V) bool: masked words by (phrase, last word is a colour)
 
@@ -58,25 +61,32 @@ class Grammar:
                 if after_colour and and_id >= 0:
                     row[and_id] = False
                 table[phrase, after_colour] = row
-        return cls(end_id, end_after, opener, mask(fluency.MODIFIERS), mask(fluency.COLOURS), and_id,
-                   table.view(6, V))
+        return cls(end_id, end_after, opener, mask(fluency.MODIFIERS), mask(fluency.COLOURS),
+                   mask(fluency.FUNCTION_WORDS), and_id, table.view(6, V))
 
     def to(self, device: torch.device | str) -> Grammar:
         if self.table.device == torch.device(device):
             return self
         return Grammar(self.end_id, self.end_after.to(device), self.opener.to(device), self.goes_on.to(device),
-                       self.colour.to(device), self.and_id, self.table.to(device))
+                       self.colour.to(device), self.function.to(device), self.and_id, self.table.to(device))
 
-    def mask(self, logp: torch.Tensor, last: torch.Tensor | None, phrase: torch.Tensor) -> None:
-        """Mask in place the words each hypothesis may not say next: logp (R, V), its last word (R,) (None before
-        the first word) and noun phrase (R,)."""
-        if last is None:
+    def mask(self, logp: torch.Tensor, seqs: torch.Tensor, phrase: torch.Tensor) -> None:
+        """Mask in place the words each hypothesis may not say next: logp (R, V), its words so far seqs (R, t)
+        and its noun phrase (R,)."""
+        t = seqs.size(1)
+        if t == 0:
             return
+        last = seqs[:, -1]
         V = logp.size(1)
         key = phrase * 2 + self.colour[last].long()
         logp.masked_fill_(self.table[key, :V], float("-inf"))
         logp.scatter_(1, last[:, None], float("-inf"))  # not the same word again
         logp[:, self.end_id].masked_fill_(self.end_after[last], float("-inf"))
+        for gap in range(2, min(fluency.PHRASE_WINDOW, t - 1) + 1):  # the phrase (last, next) began gap words ago
+            before, after = seqs[:, t - 1 - gap], seqs[:, t - gap]
+            again = (before == last) & ~(self.function[last] & self.function[after])  # (R,)
+            pen = torch.zeros(again.shape, device=logp.device).masked_fill_(again, float("-inf"))
+            logp.scatter_add_(1, after[:, None], pen[:, None])  # not the word that followed it then
 
     def advance(self, phrase: torch.Tensor, last: torch.Tensor | None, word: torch.Tensor) -> torch.Tensor:
         """The noun phrase (R,) after ``word`` (R,), from the one before it (``phrase``, after word ``last``)."""
