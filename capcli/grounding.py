@@ -113,7 +113,8 @@ class GroundingPolicy:
     # In an unfamiliar photo or scene, each of the word table's COCO objects (60: stove, pizza, car, bench...) with
     # less evidence than this is held back too: there the decoder's objects are its habits, and one the head gives
     # next to nothing is not in view. Out of fold (docs/grounding-cv.md) CHAIR_s 10.97% -> 10.41% (the unfamiliar
-    # photos 13.1% -> 10.2%) at equal BLEU-4 and CIDEr; 0.03 would hold more (10.03%) but costs val 0.5 CIDEr.
+    # photos 13.1% -> 10.2%) at equal BLEU-4 and CIDEr; 0.03 holds more (10.03%) but cost val's 100 unfamiliar
+    # photos 4 CIDEr, val 0.4 below --grounding off.
     hold_objects: float = 0.003
     # Words held back without evidence, chosen on Flickr8k val (scripts/select_hold_words.py):
     # - words the evidence never misses: of the table's words named by the references of at least 5 photos, those
