@@ -73,6 +73,17 @@ ANIMATE_VERBS = (
     # collectives of people or dogs: "a group of" with its people held back ends as "a group of standing..."
     "group", "groups", "team", "teams",
 )
+# The vocabulary's other names for a table word's thing, which the ImageNet head has no class of its own for
+# (reviewed from the words CHAIR counts as the same COCO object: a "bike" may be a motorbike, a "stool" is no chair):
+# a word held back is held back by all of its names, or "dog" held gives "a black and white puppy".
+ALSO_NAMED = {
+    "dog": ("puppy", "puppies", "greyhound", "greyhounds", "retriever", "poodle", "poodles", "terrier", "terriers",
+            "collie", "pitbull", "beagle", "husky", "labrador", "dachshund", "dalmatian", "hound", "pugs"),
+    "cat": ("kitty",), "horse": ("pony",), "sheep": ("lambs",), "sofa": ("couch",), "purse": ("handbag",),
+    "racket": ("racquet",), "phone": ("cellphone", "cellphones"), "airplane": ("jet", "plane"),
+    "motorbike": ("motorcycle", "motorcycles"), "bird": ("pigeons", "seagull", "seagulls"),
+    "canoe": ("kayak", "kayaks"), "boat": ("raft", "rafts", "rowboat"), "car": ("suv",), "ball": ("football",),
+}
 # How much each ImageNet class says a person is in the photo, learned on Flickr8k train (scripts/fit_person_evidence.py)
 PERSON_EVIDENCE = Path(__file__).parent / "assets" / "person-evidence.json"
 ANIMAL_CLASSES = range(398)  # ImageNet-1k orders WordNet's animal subtree first: tench (0) ... puffer (397)
@@ -209,6 +220,9 @@ class Grounder:
                       for w, t in self.tokens.items() if w not in self.alias}
         self.names.update({w: self.tokens[w] for w in self.alias})
         self.index = {w: i for i, w in enumerate(self.words)}
+        # the tokens a held-back word may not be said by: its own, and its other names'
+        self.held = {w: t + [vocab.index(n) for n in ALSO_NAMED.get(w, ()) if n in vocab and w not in self.alias]
+                     for w, t in self.tokens.items()}
         self.matrix = torch.zeros(len(usable), 1000)  # (W, 1000): class c is evidence for word w
         for i, (_, idx) in enumerate(usable):
             self.matrix[i, torch.as_tensor(idx)] = 1.0
@@ -295,7 +309,7 @@ class Grounder:
 
     def banned(self, plan: Plan) -> list[int]:
         """Token ids a photo's caption must not contain: its held-back words (and person words)."""
-        ids = [t for w in plan.hold for t in self.tokens[w]]
+        ids = [t for w in plan.hold for t in self.held[w]]
         if plan.hold_people:
             ids += self.person_ids
         if plan.hold_animate:

@@ -165,6 +165,23 @@ def test_plans_follow_the_evidence(grounded) -> None:
     assert strict.plans(logits)[0].say == []
 
 
+def test_a_word_held_back_is_held_back_by_all_its_names(grounded) -> None:
+    """"dog" held back holds back "puppy" and the breeds too (the head's dog evidence is all its breeds'), "sofa"
+    holds back "couch"; a caption that says the thing by another name breaks its plan."""
+    g = grounded.grounder
+    assert g is not None
+    v = g.vocab
+    plan = Plan(hold=["dog", "sofa"])
+    banned = set(g.banned(plan))
+    assert {v.index(w) for w in ("dog", "dogs", "puppy", "puppies", "terrier", "sofa", "couch")} <= banned
+    assert not {v.index(w) for w in ("cat", "kitty", "bench")} & banned
+    def ids(caption: str) -> list[int]:
+        return [v.index(w) for w in caption.split()]
+
+    assert not g.keeps(plan, ids("a puppy is sitting on a bench"))
+    assert g.keeps(plan, ids("a cat is sitting on a bench"))
+
+
 def test_person_evidence_counts_only_for_people() -> None:
     """Non-negative weights: a class Flickr8k's photos never showed with people adds nothing, none takes away."""
     w, bias = person_weights()
