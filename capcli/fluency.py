@@ -7,6 +7,8 @@ A caption is a list of lower-case word tokens (``vocab.tokenize``). Its defects:
 - ``repeated_word``: one word twice in a row ("a sheep sheep", "is is");
 - ``repeated_phrase``: two words in a row, not both function words, said again within three words of the first
   ("riding a bike on a bike", "a table at a table", "a group of a group of");
+- ``repeated_modifier``: a colour or adjective said twice in one noun phrase ("a yellow and yellow shirt", "a small
+  black and white small brown toy");
 - ``bad_ending``: it ends on a word that needs another after it: an article, a preposition, a conjunction, an
   auxiliary, a possessive, or a colour or adjective without its noun ("a man in a black");
 - ``orphan_modifier``: an article or a number, or its colour or adjective, followed by a word that cannot begin
@@ -21,7 +23,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-DEFECTS = ("repeated_trigram", "repeated_word", "repeated_phrase", "bad_ending", "orphan_modifier", "article_number")
+DEFECTS = ("repeated_trigram", "repeated_word", "repeated_phrase", "repeated_modifier", "bad_ending", "orphan_modifier",
+           "article_number")
 
 ARTICLES = frozenset(["a", "an", "the"])
 SINGULAR_ARTICLES = frozenset(["a", "an"])
@@ -126,8 +129,12 @@ def _noun_phrase_defects(words: Sequence[str]) -> set[str]:
     for i, w in enumerate(words):
         if w not in OPENERS:
             continue
-        j = i + 1
+        j, said = i + 1, set()
         while j < len(words) and (words[j] in MODIFIERS or (words[j] == "and" and words[j - 1] in COLOURS)):
+            if words[j] in MODIFIERS:
+                if words[j] in said:
+                    found.add("repeated_modifier")
+                said.add(words[j])
             j += 1
         if j == len(words):
             if j > i + 1:

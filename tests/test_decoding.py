@@ -348,6 +348,8 @@ def test_sampled_captions_carry_their_teacher_forced_log_probability(real_grids,
     "a dog on a rock on a",  # "on a" may come back ("on a hill"), "a rock" may not
     "a dog and a man in a",  # "man" would say "a man" again; "a dog", six words on, is a new phrase
     "two dogs two",
+    "a small black and white",  # neither "small", "black" nor "white" again in this noun phrase
+    "a black dog and a black",  # "black" may: another noun phrase
 ])
 def test_the_masks_are_the_definition(prefix):
     """Every search path's masks (repeats, then the grammar) forbid exactly the words after which

@@ -16,6 +16,8 @@ from capcli.vocab import tokenize
     ("a woman is sitting on a table at a table", {"repeated_phrase"}),
     ("a black and white group of a group of dogs", {"repeated_phrase"}),
     ("a man a man is running", {"repeated_phrase"}),
+    ("a yellow and yellow shirt is on a slide", {"repeated_modifier"}),
+    ("a small black and white small brown toy", {"repeated_modifier"}),
     ("a sheep sheep stands on a hill", {"repeated_word"}),
     ("two little are sitting on a tree", {"orphan_modifier"}),
     ("two are playing on the water", {"orphan_modifier"}),
@@ -44,6 +46,7 @@ def test_broken_captions(caption, want):
     "two dogs look at each other",
     "a man in a kilt follows a girl",
     "a dog on a rock on a hill",  # function words may come back at once
+    "a dog in a white shirt and a white hat",  # a colour again, in another noun phrase
     "a dog and a cat chase a dog",  # a phrase again, but four words on
     "a bus drives past",
     "a boy in shorts jumps into a pool",

@@ -5,6 +5,7 @@ Per hypothesis the search keeps one small number, its noun phrase: 0 outside one
 phrase's colours and adjectives so far), 2 after another opener ("the", "his", ...). Then:
 
 - no word twice in a row ("a sheep sheep");
+- no colour or adjective twice in one noun phrase ("a yellow and yellow shirt");
 - no two words in a row again within three words of themselves, unless both are function words ("a bike on a
   bike", but "on a rock on a hill");
 - no ``<end>`` after a bad-ending word ("with", "the", "is"), nor inside a noun phrase ("a man in a black");
@@ -82,11 +83,29 @@ class Grammar:
         logp.masked_fill_(self.table[key, :V], float("-inf"))
         logp.scatter_(1, last[:, None], float("-inf"))  # not the same word again
         logp[:, self.end_id].masked_fill_(self.end_after[last], float("-inf"))
+        self._no_modifier_twice(logp, seqs, phrase)
         for gap in range(2, min(fluency.PHRASE_WINDOW, t - 1) + 1):  # the phrase (last, next) began gap words ago
             before, after = seqs[:, t - 1 - gap], seqs[:, t - gap]
             again = (before == last) & ~(self.function[last] & self.function[after])  # (R,)
             pen = torch.zeros(again.shape, device=logp.device).masked_fill_(again, float("-inf"))
             logp.scatter_add_(1, after[:, None], pen[:, None])  # not the word that followed it then
+
+    def _no_modifier_twice(self, logp: torch.Tensor, seqs: torch.Tensor, phrase: torch.Tensor) -> None:
+        """Mask the modifiers each hypothesis's noun phrase has said: walking back from its last word through the
+        phrase's modifiers (and the "and"s between colours) to its opener."""
+        t = seqs.size(1)
+        run = phrase > 0  # (R,) rows inside a noun phrase, still walking back through it
+        for k in range(1, t + 1):
+            word = seqs[:, t - k]
+            member = self.goes_on[word]
+            if self.and_id >= 0 and k < t:
+                member = member | ((word == self.and_id) & self.colour[seqs[:, t - k - 1]])
+            run = run & member
+            if not bool(run.any()):
+                return
+            said = run & self.goes_on[word]
+            pen = torch.zeros(said.shape, device=logp.device).masked_fill_(said, float("-inf"))
+            logp.scatter_add_(1, word[:, None], pen[:, None])
 
     def advance(self, phrase: torch.Tensor, last: torch.Tensor | None, word: torch.Tensor) -> torch.Tensor:
         """The noun phrase (R,) after ``word`` (R,), from the one before it (``phrase``, after word ``last``)."""
