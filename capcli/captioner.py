@@ -178,8 +178,7 @@ class Captioner:
             grid = self.encoder(images.to(self.device, non_blocking=True))  # (B, N, D)
             plans = None
             if self.grounder is not None:
-                fam = self.familiarity
-                distance = fam.distance(grid.float().mean(1)) / fam.threshold if fam is not None else None  # (B,)
+                distance = self.familiarity.relative(grid) if self.familiarity is not None else None  # (B,)
                 plans = self.grounder.plans(self.encoder.imagenet_logits(grid), None if distance is None
                                             else distance > 1)
                 if distance is not None:

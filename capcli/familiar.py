@@ -71,6 +71,10 @@ class Familiarity:
         d = torch.cdist(_normalise(pooled), ref)  # (B, n)
         return d.topk(self.k, dim=1, largest=False).values[:, -1]
 
+    def relative(self, grid: torch.Tensor) -> torch.Tensor:
+        """Grids (B, N, D) -> (B,) each photo's distance over the threshold (1: the edge, > 1: outside)."""
+        return self.distance(grid.float().mean(1)) / self.threshold
+
     def outside(self, grid: torch.Tensor) -> torch.Tensor:
         """Grids (B, N, D) -> (B,) bool: the photos unlike the training photos."""
         return self.distance(grid.float().mean(1)) > self.threshold
