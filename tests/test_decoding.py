@@ -273,6 +273,30 @@ def test_a_banned_form_never_says_a_word_to_say(real_grids):
             assert all(bicyclist not in h.tokens for h in hyps)
 
 
+def test_a_word_to_say_takes_its_number(real_grids):
+    """A word to say ("dog": dog, dogs) in captions of a model that favours "two" and "dog": without the grammar
+    the captions say "two dog" and go on as if it were sound ("two dog is"); with it, no caption does, plain or
+    constrained, and the constrained ones still say the word."""
+    model = _model("attention", ending=True)
+    feats = model.features_of_kind(real_grids, model.feature_kind)
+    B, V = feats.size(0), len(WORDS)
+    two, dog, dogs = (WORDS.index(w) for w in ("two", "dog", "dogs"))
+    with torch.no_grad():
+        model.L_o.bias[two] += 5.0
+        model.L_o.bias[dog] += 5.0
+    constraints = Constraints.of([[[dog, dogs]]] * B, [[]] * B, V)
+
+    def number_defects(rules: dict) -> int:
+        said = [h[0].tokens for h in beam_search(model, feats, START, END, beam_size=3, max_len=12, **rules)]
+        hyps = beam_search(model, feats, START, END, beam_size=3, max_len=12, constraints=constraints, **rules)
+        assert all({dog, dogs} & set(h[0].tokens) for h in hyps)
+        said += [h[0].tokens for h in hyps]
+        return sum("number_singular" in defects([WORDS[w] for w in c]) for c in said)
+
+    assert number_defects({"block_ngram": 3}) > 0
+    assert number_defects({"grammar": GRAMMAR}) == 0
+
+
 def test_precision_resolution():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for p in PRECISIONS[1:]:
@@ -350,6 +374,17 @@ def test_sampled_captions_carry_their_teacher_forced_log_probability(real_grids,
     "two dogs two",
     "a small black and white",  # neither "small", "black" nor "white" again in this noun phrase
     "a black dog and a black",  # "black" may: another noun phrase
+    "two dog",  # the number's phrase goes on ("two dog toys") or takes its plural, never "two dog is"
+    "the two black and white soccer",
+    "two dog brown",  # "and" goes on after a colour, in a number's phrase too
+    "two black and one brown",  # but once a phrase
+    "three young",  # not "three young three"
+    "a black and brown",  # colours joined by "and" once a phrase: not "a black and brown and white hat"
+    "a two",  # "a two year old": this number counts nothing
+    "a small black and white two",
+    "young two",  # this one counts
+    "a dog is jumping into the water on a dog",  # not in or on itself: go on ("a dog bed") or not end there
+    "a dog on a",
 ])
 def test_the_masks_are_the_definition(prefix):
     """Every search path's masks (repeats, then the grammar) forbid exactly the words after which

@@ -11,8 +11,8 @@ from capcli.vocab import tokenize
 
 
 @pytest.mark.parametrize(("caption", "want"), [
-    ("a dog runs on a ramp on a ramp", {"repeated_trigram", "repeated_phrase"}),
-    ("a man is riding a bike on a bike", {"repeated_phrase"}),
+    ("a dog runs on a ramp on a ramp", {"repeated_trigram", "repeated_phrase", "bad_ending"}),
+    ("a man is riding a bike on a bike", {"repeated_phrase", "bad_ending"}),  # a bike on itself, at the end
     ("a woman is sitting on a table at a table", {"repeated_phrase"}),
     ("a black and white group of a group of dogs", {"repeated_phrase"}),
     ("a man a man is running", {"repeated_phrase"}),
@@ -31,8 +31,18 @@ from capcli.vocab import tokenize
     ("a lamps on a table", {"article_number"}),
     ("a small dogs runs", {"article_number"}),
     ("a child and a children play", {"article_number"}),
+    ("two microwave are standing in the kitchen", {"number_singular"}),
+    ("a bird is in a bird", {"bad_ending"}),
+    ("a baby is laying on a bed in the bed and smiles", {"repeated_object"}),
+    ("a sheep is running through a sheep in the snow", {"repeated_object"}),
+    ("three small dog in the snow", {"number_singular"}),
+    ("two dog", {"bad_ending"}),
+    ("a group of three young three sitting on a wall", {"number_singular"}),
+    ("a group of young three sitting on a wall", {"number_singular"}),
+    ("a small black and brown and white hat is on a ball", {"colour_list"}),
+    ("two black and one brown and white dogs", {"colour_list"}),
     ("a black and white is running on a ramp on a ramp in", {"orphan_modifier", "repeated_trigram", "repeated_phrase",
-                                                              "bad_ending"}),
+                                                              "repeated_object", "bad_ending"}),
 ])
 def test_broken_captions(caption, want):
     assert defects(caption.split()) == frozenset(want)
@@ -53,6 +63,14 @@ def test_broken_captions(caption, want):
     "a man wearing sunglasses and a red hat",
     "the two dogs run",  # a number may follow an article
     "a two year old boy",
+    "two football players are running",  # singular nouns before the number's plural
+    "two sheep and two kids",
+    "two policemen stand on two skis",
+    "a small two story house",  # this number is a modifier
+    "a black and white dog with a brown and white ball",
+    "the flag is red and white and blue",  # colours outside a noun phrase
+    "a bird is in a bird feeder",
+    "a man rides a dirt bike in the dirt",  # the first "dirt" ends no phrase
     "A Dog Runs",  # case does not matter
     "",
 ])
@@ -61,7 +79,7 @@ def test_sound_captions(caption):
 
 
 def test_plurals():
-    assert all(is_plural(w) for w in ("dogs", "lamps", "men", "children", "boxes", "runs"))
+    assert all(is_plural(w) for w in ("dogs", "lamps", "men", "children", "boxes", "runs", "policemen", "skis"))
     assert not any(is_plural(w) for w in ("dog", "bus", "grass", "dress", "sunglasses", "is", "tennis", "'s"))
 
 
