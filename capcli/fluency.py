@@ -21,9 +21,8 @@ A caption is a list of lower-case word tokens (``vocab.tokenize``). Its defects:
   phrase ending on it: a thing in or on itself ("a bird is in a bird", "a bed in the bed"; not "a dirt bike in the
   dirt", where the first is no phrase's last word);
 - ``number_singular``: a number whose noun phrase ends without its plural ("two microwave are", "three dog in",
-  "three young three"):
-  the phrase may hold singular nouns before it ("two football players"), and ending the caption there is a
-  bad ending.
+  "three young three"): the phrase may hold singular nouns before it ("two football players"), and ending the
+  caption there is a bad ending.
 
 The word lists below are data, reviewed against Flickr8k's reference captions (train + val: the lists flag few
 of the people's own sentences, see tests/test_fluency.py).
@@ -34,8 +33,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 DEFECTS = ("repeated_trigram", "repeated_word", "repeated_phrase", "repeated_modifier", "colour_list", "bad_ending",
-           "orphan_modifier",
-           "article_number", "repeated_object", "number_singular")
+           "orphan_modifier", "article_number", "repeated_object", "number_singular")
 
 ARTICLES = frozenset(["a", "an", "the"])
 SINGULAR_ARTICLES = frozenset(["a", "an"])

@@ -60,11 +60,10 @@ class Grammar:
         end_after = mask(fluency.BAD_ENDINGS)
         opener = torch.tensor([1 if w in fluency.SINGULAR_ARTICLES else 3 if w in fluency.NUMBERS else
                                2 if w in fluency.OPENERS else 0 for w in words], dtype=torch.long)
-        singular = ~mask(fluency.SAME_IN_PLURAL | fluency.NUMBERS) & torch.tensor([not fluency.is_plural(w)
-                                                                                   for w in words])
         stops = mask(fluency.NOT_IN_NOUN_PHRASE)
         stops[end_id] = True  # the phrase's noun is missing
         plural = torch.tensor([fluency.is_plural(w) for w in words], dtype=torch.bool)
+        singular = ~plural & ~mask(fluency.SAME_IN_PLURAL | fluency.NUMBERS)
         and_id = words.index("and") if "and" in words else -1
         table = torch.zeros(10, 2, V, dtype=torch.bool)
         numbers = mask(fluency.NUMBERS)
