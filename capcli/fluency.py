@@ -153,7 +153,7 @@ def _noun_phrase_defects(words: Sequence[str]) -> set[str]:
         if w not in OPENERS:
             continue
         j, said, ands = i + 1, set(), 0
-        while j < len(words) and (words[j] in MODIFIERS or (words[j] == "and" and words[j - 1] in COLOURS)):
+        while j < len(words) and (words[j] in MODIFIERS or _colour_and(words, j)):
             if words[j] in MODIFIERS:
                 if words[j] in said:
                     found.add("repeated_modifier")
@@ -179,11 +179,16 @@ def _noun_phrase_defects(words: Sequence[str]) -> set[str]:
     return found
 
 
+def _colour_and(words: Sequence[str], k: int) -> bool:
+    """Whether word ``k`` is an "and" between colours, which goes on with a noun phrase ("a black and white dog")."""
+    return words[k] == "and" and k > 0 and words[k - 1] in COLOURS
+
+
 def _in_a_phrase(words: Sequence[str], i: int) -> bool:
     """Whether word ``i`` is inside a noun phrase that "a" / "an" opened (after it and its modifiers): a number
     there counts nothing ("a two year old boy", "a small two story house")."""
     k = i - 1
-    while k >= 0 and (words[k] in MODIFIERS or (words[k] == "and" and k > 0 and words[k - 1] in COLOURS)):
+    while k >= 0 and (words[k] in MODIFIERS or _colour_and(words, k)):
         k -= 1
     return k >= 0 and words[k] in SINGULAR_ARTICLES
 
@@ -196,7 +201,7 @@ def _number_defects(words: Sequence[str], j: int, ands: int) -> set[str]:
     singular = False
     for k in range(j, len(words)):
         x = words[k]
-        if x == "and" and words[k - 1] in COLOURS:
+        if _colour_and(words, k):
             ands += 1
             if ands == 2:
                 return {"colour_list"}
