@@ -485,6 +485,18 @@ def test_an_output_folder_removed_during_the_run_is_one_error(many_dir, captione
     assert again.captioned == 24
 
 
+def _holds_lock(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` holds a ``flock`` on the file at ``path``, as the kernel lists it (/proc/locks):
+    the lock itself, not its file's appearing (a lock file exists before it is locked)."""
+    try:
+        st = path.stat()
+        rows = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return False
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    return any(f[1] == "FLOCK" and f[4] == str(pid) and f[5] == inode for f in (r.split() for r in rows) if len(f) > 5)
+
+
 def test_a_second_writer_is_refused_while_the_first_runs(many_dir, tmp_path):
     out = tmp_path / "caps.jsonl"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -493,7 +505,7 @@ def test_a_second_writer_is_refused_while_the_first_runs(many_dir, tmp_path):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         hang = time.monotonic() + 900  # bounds a hang only: starting up on a busy machine may take minutes
-        while not lock.sidecar(out).is_file():  # the first run holds the lock: it is about to caption
+        while not _holds_lock(first.pid, lock.sidecar(out)):  # the first run holds the lock: about to caption
             assert first.poll() is None and time.monotonic() < hang, first.communicate()
             time.sleep(0.01)
         first.send_signal(signal.SIGSTOP)  # paused mid-run (a slow disk, a big folder): it still holds the lock
@@ -529,7 +541,7 @@ def test_a_second_writer_through_another_name_of_the_output_is_refused(many_dir,
     first = subprocess.Popen([*cmd, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         hang = time.monotonic() + 900  # bounds a hang only
-        while not lock.sidecar(out).is_file():  # the first run holds the lock
+        while not _holds_lock(first.pid, out):  # the first run holds the lock (the file's own, taken last)
             assert first.poll() is None and time.monotonic() < hang, first.communicate()
             time.sleep(0.01)
         first.send_signal(signal.SIGSTOP)  # paused mid-run: it still holds the lock
